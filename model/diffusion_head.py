@@ -1,0 +1,182 @@
+"""The residual diffusion head: SimpleMLPAdaLN plus its iDDPM loss and sampler (MODEL_SPEC section 3).
+
+Reference: LTH14/mar ``models/diffloss.py`` (Li et al., "Autoregressive Image Generation without Vector
+Quantization", 2024), used unchanged by HART and DC-AR. The head is per token: each position's residual
+(32-d, divided by ``vae_scale``) is denoised conditioned on that position's transformer hidden state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import DiffusionHeadConfig
+from model.diffusion import DiffusionSchedule
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """256-d sinusoidal embedding ([cos | sin], DiT/MAR order) -> Linear, SiLU, Linear."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(channels, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, channels: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(channels, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(channels, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 2 * channels))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class SimpleMLPAdaLN(nn.Module):
+    """x_t (M, C), t (M,), condition (M, Z) -> [eps | variance interpolation] (M, 2C)."""
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, z_channels: int, depth: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(z_channels, width)
+        self.input_proj = nn.Linear(in_channels, width)
+        self.res_blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
+        self.final_layer = FinalLayer(width, out_channels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = self.input_proj(x)
+        y = self.time_embed(t) + self.cond_embed(c)
+        for block in self.res_blocks:
+            x = block(x, y)
+        return self.final_layer(x, y)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, uc: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor:
+        """Both branches on the same x_t (M, C) in one batch; eps = (1 + s) eps_c - s eps_u per row.
+
+        ``t`` is (M,) for both branches or (2M,) with the unconditional half's own timesteps (the
+        official wrapper takes the doubled batch). The variance channels are the conditional branch's.
+        """
+        t = t if t.shape[0] == 2 * x.shape[0] else torch.cat([t, t])
+        out = self.forward(torch.cat([x, x]), t, torch.cat([c, uc]))
+        cond, uncond = out.chunk(2)
+        c_in = self.in_channels
+        s = scale.to(out.dtype).view(-1, 1)
+        eps = cond[:, :c_in] + s * (cond[:, :c_in] - uncond[:, :c_in])
+        return torch.cat([eps, cond[:, c_in:]], dim=1)
+
+
+NoiseFn = Callable[[str], torch.Tensor]
+"""``noise(kind)`` returns standard normal noise (M, C) for kind "init" or "step"."""
+
+
+class DiffusionHead(nn.Module):
+    """Holds the network as ``net`` (official key prefix ``diffloss.net``) and the two schedules."""
+
+    def __init__(self, cfg: DiffusionHeadConfig, target_channels: int, cond_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.in_channels = target_channels
+        self.net = SimpleMLPAdaLN(target_channels, cfg.width, 2 * target_channels, cond_channels, cfg.depth)
+        self.train_schedule = DiffusionSchedule.create(cfg.train_steps, cfg.noise_schedule)
+        self._sample_schedules: dict[int, DiffusionSchedule] = {}
+
+    def initialize_weights(self) -> None:
+        """MAR init: xavier linears, N(0, .02) time MLP, zero adaLN outputs and final linear."""
+        for m in self.net.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.net.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.net.time_embed.mlp[2].weight, std=0.02)
+        for block in self.net.res_blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.net.final_layer.adaLN_modulation[-1], self.net.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def schedule(self, steps: int | None = None) -> DiffusionSchedule:
+        steps = steps or self.cfg.num_sampling_steps
+        if steps not in self._sample_schedules:
+            self._sample_schedules[steps] = DiffusionSchedule.create(
+                self.cfg.train_steps, self.cfg.noise_schedule, respace=steps)
+        return self._sample_schedules[steps]
+
+    def loss(self, target: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+        """Training loss on residuals (M, C) (unscaled) conditioned on hidden states (M, Z).
+
+        Each pair is repeated ``batch_mul`` times with independent t and noise; loss = MSE(eps) + VB
+        (the VB term trains only the variance: its mean is detached), improved-diffusion's hybrid loss.
+        """
+        mul = self.cfg.batch_mul
+        x0 = (target / self.cfg.vae_scale).repeat(mul, 1)
+        cond = cond.repeat(mul, 1)
+        sched = self.train_schedule
+        t = torch.randint(0, sched.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        xt = sched.q_sample(x0, t, noise)
+        out = self.net(xt, t, cond)
+        eps, v = out[:, : self.in_channels], out[:, self.in_channels:]
+        mse = F.mse_loss(eps, noise, reduction="none").mean(dim=1)
+        frozen = torch.cat([eps.detach(), v], dim=1)
+        mean, log_var, _ = sched.p_mean_variance(frozen, xt, t, clip=False)
+        vb = sched.vb_term(x0, xt, t, mean, log_var)
+        return (mse + vb).mean()
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, noise: NoiseFn, uncond: torch.Tensor | None = None,
+               guidance: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
+               steps: int | None = None) -> torch.Tensor:
+        """Ancestral sampling of residuals for conditions (M, Z); returns (M, C) multiplied by vae_scale.
+
+        With ``uncond`` given, classifier-free guidance per row with ``guidance`` (M,). ``temperature``
+        scales the per-step noise (scalar or (M,)). Noise is drawn through ``noise`` only, in the official
+        order: one "init" draw, then one "step" draw per step (the last is multiplied by 0).
+        """
+        sched = self.schedule(steps)
+        x = noise("init").to(cond.dtype)
+        temp = torch.as_tensor(temperature, dtype=x.dtype, device=x.device).reshape(-1, 1)
+        tmap = torch.from_numpy(sched.timestep_map).to(x.device)
+        for i in reversed(range(sched.num_steps)):
+            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
+            if uncond is None:
+                out = self.net(x, tmap[t], cond)
+            else:
+                out = self.net.forward_with_cfg(x, tmap[t], cond, uncond, guidance)
+            mean, log_var, _ = sched.p_mean_variance(out, x, t, clip=True)
+            z = noise("step").to(x.dtype)
+            x = mean + (float(i != 0) * torch.exp(0.5 * log_var) * z * temp)
+        return x * self.cfg.vae_scale

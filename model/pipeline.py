@@ -1,0 +1,198 @@
+"""``Pipeline``: DC-HT + DC-AR + T5 loaded once, with the sampler on top. The one entry point of model/.
+
+Two weight layouts go through the same code (weights/README.md):
+
+* ours: ``model_index.json`` + ``tokenizer/``, ``generator/`` (config.json + model.safetensors each) and
+  ``text_encoder/`` (a transformers T5 directory);
+* the official one, unchanged: ``dc-ht/`` (config.json with model_type dc_ht + weights),
+  ``dc-ar-512/pytorch_model.bin`` (a bare state dict; architecture from the ``dc-ar-512`` preset) and
+  ``t5-base/``. Both are loaded strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from model.config import (
+    DC_AR_512,
+    T5_BASE,
+    GeneratorConfig,
+    PipelineConfig,
+    SamplingDefaults,
+    TextEncoderConfig,
+    TokenizerConfig,
+)
+from model.images import mask_to_tensor, pil_to_tensor
+from model.loading import LoadError, default_dtype, find_weights, load_strict, parse_dtype, read_state_dict
+from model.params import EditSpec, RowResult, SamplingParams
+from model.sampler import Sampler
+from model.text_encoder import TextEncoder
+from model.tokenizer import DCHT
+from model.transformer import DCARTransformer
+
+OFFICIAL_DIRS = {"tokenizer": "dc-ht", "generator": "dc-ar-512", "text_encoder": "t5-base"}
+INDEX = "model_index.json"
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise LoadError(f"{path}: file not found") from e
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path}: not valid JSON: {e}") from e
+
+
+def build_tokenizer(cfg: TokenizerConfig, state: dict | None, source: str | Path = "") -> DCHT:
+    if state is None:
+        return DCHT(cfg)
+    with torch.device("meta"):
+        model = DCHT(cfg)
+    return load_strict(model, state, source)
+
+
+def build_generator(cfg: GeneratorConfig, state: dict | None, source: str | Path = "") -> DCARTransformer:
+    if state is None:
+        return DCARTransformer(cfg)
+    with torch.device("meta"):
+        model = DCARTransformer(cfg)
+    return load_strict(model, state, source)
+
+
+class Pipeline:
+    """Text-to-image and inpainting with DC-AR. Build with ``from_pretrained`` or ``from_config``."""
+
+    def __init__(self, config: PipelineConfig, tokenizer: DCHT, generator: DCARTransformer,
+                 text_encoder: TextEncoder, name: str = "dcar", device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype | None = None):
+        self.config = config
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = parse_dtype(dtype) or default_dtype(self.device)
+        self.tokenizer = tokenizer.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.generator = generator.to(self.device, self.dtype).eval().requires_grad_(False)
+        # T5 overflows in fp16 (known for the T5 family); it is small, so fp16 pipelines keep it in fp32.
+        text_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        self.text_encoder = text_encoder.to(self.device, text_dtype).eval().requires_grad_(False)
+        self.sampler = Sampler(self.generator, self.tokenizer, self.text_encoder)
+
+    # --- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig, device: str | torch.device = "cpu",
+                    dtype: str | torch.dtype | None = None, seed: int = 0, name: str = "random") -> Pipeline:
+        """Randomly initialised modules (tests, training). The global RNG is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # module initialisers only know the global generator
+            tok, gen = DCHT(config.tokenizer), DCARTransformer(config.generator)
+            text = TextEncoder.from_config(config.text_encoder)
+        return cls(config, tok, gen, text, name=name, device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None) -> Pipeline:
+        """Load a weights directory in our layout or the official one (detected by its files)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise LoadError(f"{path}: weights directory not found")
+        if (path / INDEX).is_file():
+            return cls._from_ours(path, device, dtype)
+        if (path / OFFICIAL_DIRS["tokenizer"] / "config.json").is_file():
+            return cls._from_official(path, device, dtype)
+        raise LoadError(f"{path}: neither {INDEX} (dcar layout) nor {OFFICIAL_DIRS['tokenizer']}/config.json "
+                        "(official layout) found; see weights/README.md")
+
+    @classmethod
+    def _from_ours(cls, path: Path, device, dtype) -> Pipeline:
+        index = _json(path / INDEX)
+        if index.get("format") != "dcar":
+            raise LoadError(f"{path / INDEX}: format={index.get('format')!r}, expected 'dcar'")
+        tdir, gdir, xdir = (path / index[k] for k in ("tokenizer", "generator", "text_encoder"))
+        tcfg = TokenizerConfig.from_dict(_json(tdir / "config.json"))
+        gcfg = GeneratorConfig.from_dict(_json(gdir / "config.json"))
+        xcfg = TextEncoderConfig(**index["text_encoder_config"])
+        sampling = SamplingDefaults(**index.get("sampling", {}))
+        config = PipelineConfig(tcfg, gcfg, xcfg, sampling)
+        tw, gw = find_weights(tdir), find_weights(gdir)
+        tok = build_tokenizer(tcfg, read_state_dict(tw), tw)
+        gen = build_generator(gcfg, read_state_dict(gw), gw)
+        text = TextEncoder.from_pretrained(xdir, xcfg.max_length)
+        return cls(config, tok, gen, text, name=index.get("name", path.name), device=device, dtype=dtype)
+
+    @classmethod
+    def _from_official(cls, path: Path, device, dtype) -> Pipeline:
+        tdir = path / OFFICIAL_DIRS["tokenizer"]
+        tcfg = TokenizerConfig.from_official(_json(tdir / "config.json"))
+        gdir = path / OFFICIAL_DIRS["generator"]
+        tw, gw = find_weights(tdir), find_weights(gdir)
+        tok = build_tokenizer(tcfg, read_state_dict(tw), tw)
+        gen = build_generator(DC_AR_512, read_state_dict(gw), gw)
+        text = TextEncoder.from_pretrained(path / OFFICIAL_DIRS["text_encoder"], DC_AR_512.text_token_length)
+        config = PipelineConfig(tcfg, DC_AR_512, replace(T5_BASE, d_model=text.d_model))
+        return cls(config, tok, gen, text, name="dc-ar-512", device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path, name: str | None = None) -> None:
+        """Write our layout (fp32 safetensors under the official key names)."""
+        path = Path(path)
+        for sub, module, cfg in (("tokenizer", self.tokenizer, self.config.tokenizer),
+                                 ("generator", self.generator, self.config.generator)):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+            (path / sub / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+            state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
+                     for k, v in module.state_dict().items()}
+            save_file(state, str(path / sub / "model.safetensors"))
+        self.text_encoder.float().save_pretrained(path / "text_encoder")
+        index = {"format": "dcar", "version": 1, "name": name or self.name, "tokenizer": "tokenizer",
+                 "generator": "generator", "text_encoder": "text_encoder",
+                 "text_encoder_config": asdict(self.config.text_encoder), "sampling": asdict(self.config.sampling)}
+        (path / INDEX).write_text(json.dumps(index, indent=1))
+
+    # --- use ---------------------------------------------------------------------------------------
+
+    def params(self, prompt: str, **overrides) -> SamplingParams:
+        """SamplingParams with this model's defaults (its native size, head steps, ...) and overrides."""
+        d = self.config.sampling
+        base = dict(steps=d.steps, guidance_scale=d.guidance_scale, randomize_temperature=d.randomize_temperature,
+                    softmax_temperature_annealing=d.softmax_temperature_annealing, residual_steps=d.residual_steps,
+                    residual_temperature=d.residual_temperature, height=d.size, width=d.size)
+        base.update(overrides)
+        return SamplingParams(prompt=prompt, **base)
+
+    def generate(self, params: Sequence[SamplingParams], edits: Sequence[EditSpec | None] | None = None,
+                 callback=None) -> list[RowResult]:
+        return self.sampler.generate(params, edits, callback=callback)
+
+    @torch.inference_mode()
+    def prepare_edit(self, image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor,
+                     blend: bool = True) -> EditSpec:
+        """Tokenize the input image and map the pixel mask (1 = regenerate) to tokens.
+
+        A token is regenerated when any pixel of its patch is marked.
+        """
+        x = pil_to_tensor(image) if isinstance(image, Image.Image) else image
+        m = mask_to_tensor(mask) if isinstance(mask, Image.Image) else mask.float()
+        m = m.reshape(1, *m.shape[-2:])
+        if x.shape[-2:] != m.shape[-2:]:
+            raise ValueError(f"mask size {tuple(m.shape[-2:])} differs from image size {tuple(x.shape[-2:])}")
+        q = self.tokenizer.encode(x.unsqueeze(0).to(self.device, self.dtype))
+        f = self.tokenizer.compression
+        token_mask = torch.nn.functional.max_pool2d(m.unsqueeze(0), f).flatten() > 0
+        return EditSpec(tokens=q.tokens[0].cpu(), residual=q.residual[0].float().cpu(), token_mask=token_mask,
+                        image=x.cpu(), pixel_mask=m.cpu(), blend=blend)
+
+    def info(self) -> dict:
+        g = self.config.generator
+        return {
+            "name": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "generator_parameters": sum(p.numel() for p in self.generator.parameters()),
+            "tokenizer_parameters": sum(p.numel() for p in self.tokenizer.parameters()),
+            "native_size": g.grid_size * self.tokenizer.compression,
+            "compression": self.tokenizer.compression, "codebook_size": g.codebook_size,
+        }

@@ -1,0 +1,306 @@
+"""DC-AR's hybrid sampler as a state machine: ``start`` -> ``step`` x N -> ``finish`` (DESIGN section 3).
+
+The algorithm is the official ``generate()`` (MODEL_SPEC section 5), written per row:
+
+1. encode the prompt once; the caption K/V of every block are cached for the conditional branch and for
+   the null caption (unconditional branch), interleaved so row i is at 2i (cond) and 2i+1 (uncond);
+2. start from all-[MASK] ids (an edit starts with its known ids in place);
+3. each step: one forward over the 2B batch, CFG on the logits, softmax-temperature annealing, Gumbel
+   sampling at temperature 1.5 (1 - r), confidence = sampled logit + Gumbel noise, re-mask the
+   lowest-confidence positions down to the arccos schedule's count (the last step keeps everything);
+4. after a row's last step, its final hidden states (both branches) condition the diffusion head, which
+   samples the residuals with CFG on epsilon; codewords + residuals go through the DC-HT decoder.
+
+Rows may sit at different steps, use different step counts and knobs, and be admitted or dropped
+between steps (``merge``/``select``), so a server can batch at iteration level. Each row draws its
+randomness from its own generator (model/noise.py), so an image does not depend on its batch mates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model.maskgit import gumbel, guidance_at, masked_after_step, softmax_temperature
+from model.noise import OfficialOrderNoise, RowNoise
+from model.params import EditSpec, RowResult, SamplingParams
+from model.text_encoder import TextEncoder
+from model.tokenizer import DCHT
+from model.transformer import DCARTransformer, TextKV
+
+
+@dataclass
+class Row:
+    """Sampler-side state of one image."""
+
+    params: SamplingParams
+    edit: EditSpec | None = None
+    tag: object = None
+    step: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    final_hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # (cond, uncond) (L, C) after last step
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.params.steps
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+
+@dataclass
+class BatchState:
+    """A running batch. ``ids`` (B, L); ``text`` holds 2B interleaved rows (cond 2i, uncond 2i+1)."""
+
+    grid: tuple[int, int]
+    rows: list[Row]
+    ids: torch.Tensor
+    text: TextKV
+    noise: RowNoise | OfficialOrderNoise
+    predicted: torch.Tensor  # (B, L) the latest sampled ids, for previews
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, idx: Sequence[int]) -> BatchState:
+        """The same batch restricted to rows ``idx`` (dropping cancelled or finished rows)."""
+        idx = list(idx)
+        pairs = [j for i in idx for j in (2 * i, 2 * i + 1)]
+        return BatchState(self.grid, [self.rows[i] for i in idx], self.ids[idx], self.text.select(pairs),
+                          self.noise.subset(idx), self.predicted[idx])
+
+    @staticmethod
+    def merge(a: BatchState, b: BatchState) -> BatchState:
+        """Admit the rows of ``b`` into ``a``; both must use the same token grid."""
+        if a.grid != b.grid:
+            raise ValueError(f"cannot merge batches with token grids {a.grid} and {b.grid}")
+        if not (isinstance(a.noise, RowNoise) and isinstance(b.noise, RowNoise)):
+            raise ValueError("only per-row noise sources can be merged")
+        return BatchState(a.grid, a.rows + b.rows, torch.cat([a.ids, b.ids]), TextKV.cat([a.text, b.text]),
+                          RowNoise(a.noise.generators + b.noise.generators), torch.cat([a.predicted, b.predicted]))
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress of one row after a step: ``step`` of ``steps`` done, ``revealed`` tokens fixed so far."""
+
+    tag: object
+    step: int
+    steps: int
+    revealed: int
+    tokens: int
+
+
+class Sampler:
+    def __init__(self, generator: DCARTransformer, tokenizer: DCHT, text_encoder: TextEncoder | None):
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.x_embedder.weight.device
+
+    def _sync(self) -> None:
+        # Stage timings are wall-clock; on CUDA the host must wait for the kernels to mean anything.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        f = self.tokenizer.compression
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"size {width}x{height} must be positive multiples of {f}")
+        return height // f, width // f
+
+    # --- 1. admission ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def start(self, params: Sequence[SamplingParams], edits: Sequence[EditSpec | None] | None = None,
+              tags: Sequence[object] | None = None,
+              text: tuple[torch.Tensor, torch.Tensor] | None = None,
+              noise: RowNoise | OfficialOrderNoise | None = None) -> BatchState:
+        """Encode the prompts and set up rows at step 0. ``text`` = (states, mask) skips the T5 encoder."""
+        if not params:
+            raise ValueError("start() needs at least one row")
+        grids = {self.grid_for(p.height, p.width) for p in params}
+        if len(grids) != 1:
+            raise ValueError(f"rows of one batch must share a token grid, got {sorted(grids)}")
+        grid = grids.pop()
+        n, length, dev = len(params), grid[0] * grid[1], self.device
+        edits = list(edits) if edits is not None else [None] * n
+        tags = list(tags) if tags is not None else list(range(n))
+        rows = [Row(p, e, t) for p, e, t in zip(params, edits, tags)]
+
+        t0 = time.perf_counter()
+        if text is None:
+            if self.text_encoder is None:
+                raise ValueError("this sampler has no text encoder; pass text=(states, mask)")
+            text = self.text_encoder([p.prompt for p in params])
+        states, mask = text[0].to(dev), text[1].to(dev)
+        valid = int(mask.sum(1).max())
+        states, mask = states[:, :valid], mask[:, :valid]  # padding beyond the longest prompt is dead weight
+        drop = torch.tensor([False, True], device=dev).repeat(n)
+        kv = self.generator.text_kv(states.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), drop)
+        self._sync()
+        for r in rows:
+            r.add_time("text_encode", time.perf_counter() - t0)
+
+        mask_id = self.generator.cfg.mask_token_id
+        ids = torch.full((n, length), mask_id, dtype=torch.long, device=dev)
+        for i, e in enumerate(edits):
+            if e is not None:
+                if e.tokens.shape != (length,):
+                    raise ValueError(f"edit tokens have shape {tuple(e.tokens.shape)}, expected ({length},)")
+                tm = e.token_mask.to(dev).bool()
+                ids[i] = torch.where(tm, torch.full_like(ids[i], mask_id), e.tokens.to(dev))
+        if noise is None:
+            noise = RowNoise([torch.Generator(device=dev).manual_seed(p.seed) for p in params])
+        return BatchState(grid, rows, ids, kv, noise, ids.clone())
+
+    # --- 2. one unmasking step -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, state: BatchState) -> list[StepEvent]:
+        """Advance every unfinished row by one unmasking step."""
+        t0 = time.perf_counter()
+        dev, rows = self.device, state.rows
+        b, length = state.ids.shape
+        mask_id = self.generator.cfg.mask_token_id
+        f32 = dict(dtype=torch.float32, device=dev)
+
+        g = torch.tensor([guidance_at(r.params.guidance_decay, r.params.guidance_scale, r.step, r.params.steps)
+                          for r in rows], **f32)
+        ratio = torch.tensor([(r.step + 1) / r.params.steps for r in rows], dtype=torch.float64)
+        temp = torch.tensor([r.params.randomize_temperature for r in rows], dtype=torch.float64) * (1 - ratio)
+        soft = torch.where(torch.tensor([r.params.softmax_temperature_annealing for r in rows]),
+                           softmax_temperature(ratio), torch.ones_like(ratio))
+        temp, soft = temp.to(**f32), soft.to(**f32)
+        last = torch.tensor([r.step == r.params.steps - 1 for r in rows], device=dev)
+
+        # Forward both branches as one batch of 2B; CFG on logits: cond + g (cond - uncond).
+        state.noise.caption_dropout()
+        logits, hidden = self.generator(state.ids.repeat_interleave(2, 0), state.text, state.grid)
+        lc, lu = logits[0::2].float(), logits[1::2].float()
+        logits = lc + g.view(-1, 1, 1) * (lc - lu)
+        logits = logits / soft.view(-1, 1, 1)
+
+        # Sample every position; positions already decoded keep their ids.
+        is_mask = state.ids == mask_id
+        u = state.noise.uniform("token", (length, logits.shape[-1]), dev)
+        sampled = (logits + temp.view(-1, 1, 1) * gumbel(u)).argmax(dim=-1)
+        sampled_logits = logits.gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        sampled = torch.where(is_mask, sampled, state.ids)
+        sampled_logits = torch.where(is_mask, sampled_logits, torch.full_like(sampled_logits, float("inf")))
+
+        # Re-mask the least confident positions down to the schedule's count.
+        keep_masked = masked_after_step(length, ratio.to(dev), is_mask.sum(dim=1))
+        confidence = sampled_logits + temp.view(-1, 1) * gumbel(state.noise.uniform("confidence", (length,), dev))
+        cutoff = confidence.sort(dim=-1).values.gather(1, (keep_masked - 1).unsqueeze(1))
+        remasked = torch.where(confidence <= cutoff, torch.full_like(sampled, mask_id), sampled)
+        new_ids = torch.where(last.unsqueeze(1), sampled, remasked)
+        # A row with nothing left to generate (an edit whose mask covers no token) keeps its ids.
+        new_ids = torch.where(is_mask.any(dim=1, keepdim=True), new_ids, state.ids)
+        state.ids, state.predicted = new_ids, sampled
+
+        events = []
+        revealed = (new_ids != mask_id).sum(dim=1).tolist()
+        self._sync()
+        dt = time.perf_counter() - t0
+        for i, r in enumerate(rows):
+            r.step += 1
+            r.add_time("unmask", dt)
+            if r.done:
+                r.final_hidden = (hidden[2 * i].clone(), hidden[2 * i + 1].clone())
+            events.append(StepEvent(r.tag, r.step, r.params.steps, revealed[i], length))
+        return events
+
+    # --- 3. residuals and decoding -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def finish(self, state: BatchState) -> tuple[list[RowResult], BatchState]:
+        """Run the head and the decoder for rows that took their last step.
+
+        Returns their results and the batch without them (the running rows keep going).
+        """
+        done = [i for i, r in enumerate(state.rows) if r.done]
+        if not done:
+            return [], state
+        results: dict[int, RowResult] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i in done:
+            p = state.rows[i].params
+            groups.setdefault((p.residual_steps, p.use_residuals), []).append(i)
+        for (steps, use_res), idx in groups.items():
+            for i, res in zip(idx, self._finish_group(state, idx, steps, use_res)):
+                results[i] = res
+        rest = [i for i in range(len(state)) if i not in results]
+        return [results[i] for i in done], state.select(rest)
+
+    def _finish_group(self, state: BatchState, idx: list[int], steps: int, use_res: bool) -> list[RowResult]:
+        rows = [state.rows[i] for i in idx]
+        ids = state.ids[idx]
+        n, length = ids.shape
+        dev = self.device
+        residual = None
+        t0 = time.perf_counter()
+        if use_res:
+            cond = torch.stack([r.final_hidden[0] for r in rows]).reshape(n * length, -1)
+            uncond = torch.stack([r.final_hidden[1] for r in rows]).reshape(n * length, -1)
+            g = torch.tensor([guidance_at(r.params.guidance_decay, r.params.guidance_scale, r.params.steps - 1,
+                                          r.params.steps) for r in rows], device=dev)
+            temp = torch.tensor([r.params.residual_temperature for r in rows], device=dev)
+            noise = state.noise.subset(idx)
+            c = self.generator.cfg.token_size
+
+            def draw(kind: str) -> torch.Tensor:
+                return noise.normal(f"head_{kind}", (length, c), dev).reshape(n * length, c)
+
+            residual = self.generator.diffloss.sample(
+                cond, draw, uncond=uncond, guidance=g.repeat_interleave(length),
+                temperature=temp.repeat_interleave(length), steps=steps,
+            ).float().view(n, length, c)
+            for j, r in enumerate(rows):
+                if r.edit is not None:  # known positions keep the input image's own residuals
+                    tm = r.edit.token_mask.to(dev).bool().unsqueeze(-1)
+                    residual[j] = torch.where(tm, residual[j], r.edit.residual.to(dev).float())
+        self._sync()
+        t1 = time.perf_counter()
+        images = self.tokenizer.decode_tokens(ids, state.grid, residual).float()
+        images = (images * 0.5 + 0.5).clamp(0, 1)
+        for j, r in enumerate(rows):
+            e = r.edit
+            if e is not None and e.blend and e.image is not None and e.pixel_mask is not None:
+                pm = e.pixel_mask.to(dev).float()
+                images[j] = pm * images[j] + (1 - pm) * (e.image.to(dev).float() * 0.5 + 0.5).clamp(0, 1)
+        self._sync()
+        t2 = time.perf_counter()
+        out = []
+        for j, r in enumerate(rows):
+            r.add_time("residual", t1 - t0)
+            r.add_time("decode", t2 - t1)
+            out.append(RowResult(images[j].cpu(), ids[j].cpu(), r.params.seed, dict(r.timings), r.tag))
+        return out
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def generate(self, params: Sequence[SamplingParams], edits: Sequence[EditSpec | None] | None = None,
+                 callback=None, **start_kwargs) -> list[RowResult]:
+        """Sample a static batch to completion, results in input order; ``callback(events, state)`` per step."""
+        state = self.start(params, edits, tags=list(range(len(params))), **start_kwargs)
+        results: list[RowResult] = []
+        while len(state):
+            events = self.step(state)
+            if callback is not None:
+                callback(events, state)
+            done, state = self.finish(state)
+            results.extend(done)
+        return sorted(results, key=lambda r: r.tag)
+
+    @torch.inference_mode()
+    def preview(self, state: BatchState, index: int) -> torch.Tensor:
+        """A cheap look at a running row: its latest sampled ids decoded without residuals, [0, 1]."""
+        img = self.tokenizer.decode_tokens(state.predicted[index: index + 1], state.grid).float()
+        return (img[0] * 0.5 + 0.5).clamp(0, 1).cpu()
