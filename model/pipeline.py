@@ -28,6 +28,7 @@ from model.config import (
     SamplingDefaults,
     TextEncoderConfig,
     TokenizerConfig,
+    pipeline_preset,
 )
 from model.images import mask_to_tensor, pil_to_tensor
 from model.loading import LoadError, default_dtype, find_weights, load_strict, parse_dtype, read_state_dict
@@ -37,6 +38,8 @@ from model.text_encoder import TextEncoder
 from model.tokenizer import DCHT
 from model.transformer import DCARTransformer
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "dcar-tiny-shapes"
 OFFICIAL_DIRS = {"tokenizer": "dc-ht", "generator": "dc-ar-512", "text_encoder": "t5-base"}
 INDEX = "model_index.json"
 
@@ -96,16 +99,32 @@ class Pipeline:
         return cls(config, tok, gen, text, name=name, device=device, dtype=dtype)
 
     @classmethod
+    def load(cls, spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+             ) -> Pipeline:
+        """``preset:NAME`` builds a randomly initialised preset (e.g. ``preset:tiny``); anything else is a path."""
+        spec = str(spec)
+        if spec.startswith("preset:"):
+            name = spec.removeprefix("preset:")
+            return cls.from_config(pipeline_preset(name), device=device, dtype=dtype, name=f"{name}-random")
+        return cls.from_pretrained(spec, device=device, dtype=dtype)
+
+    @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None) -> Pipeline:
-        """Load a weights directory in our layout or the official one (detected by its files)."""
+                        dtype: str | torch.dtype | None = None, official_generator: GeneratorConfig = DC_AR_512,
+                        official_autoencoder: dict | None = None) -> Pipeline:
+        """Load a weights directory in our layout or the official one (detected by its files).
+
+        The official layout carries no generator architecture (the official code takes it from its YAML):
+        ``official_generator`` supplies it (the dc-ar-512 preset by default). ``official_autoencoder``
+        overrides the DC-AE structure that DC-HT's ``model_name`` selects (small official-format test models).
+        """
         path = Path(path)
         if not path.is_dir():
             raise LoadError(f"{path}: weights directory not found")
         if (path / INDEX).is_file():
             return cls._from_ours(path, device, dtype)
         if (path / OFFICIAL_DIRS["tokenizer"] / "config.json").is_file():
-            return cls._from_official(path, device, dtype)
+            return cls._from_official(path, device, dtype, official_generator, official_autoencoder)
         raise LoadError(f"{path}: neither {INDEX} (dcar layout) nor {OFFICIAL_DIRS['tokenizer']}/config.json "
                         "(official layout) found; see weights/README.md")
 
@@ -127,16 +146,21 @@ class Pipeline:
         return cls(config, tok, gen, text, name=index.get("name", path.name), device=device, dtype=dtype)
 
     @classmethod
-    def _from_official(cls, path: Path, device, dtype) -> Pipeline:
+    def _from_official(cls, path: Path, device, dtype, gcfg: GeneratorConfig, dc_ae: dict | None) -> Pipeline:
         tdir = path / OFFICIAL_DIRS["tokenizer"]
-        tcfg = TokenizerConfig.from_official(_json(tdir / "config.json"))
+        dcht = _json(tdir / "config.json")
+        if dcht.get("model_type") != "dc_ht":
+            raise LoadError(f"{tdir / 'config.json'}: model_type={dcht.get('model_type')!r}, expected 'dc_ht'")
+        tcfg = TokenizerConfig.from_official(dcht, dc_ae)
         gdir = path / OFFICIAL_DIRS["generator"]
         tw, gw = find_weights(tdir), find_weights(gdir)
         tok = build_tokenizer(tcfg, read_state_dict(tw), tw)
-        gen = build_generator(DC_AR_512, read_state_dict(gw), gw)
-        text = TextEncoder.from_pretrained(path / OFFICIAL_DIRS["text_encoder"], DC_AR_512.text_token_length)
-        config = PipelineConfig(tcfg, DC_AR_512, replace(T5_BASE, d_model=text.d_model))
-        return cls(config, tok, gen, text, name="dc-ar-512", device=device, dtype=dtype)
+        gen = build_generator(gcfg, read_state_dict(gw), gw)
+        text = TextEncoder.from_pretrained(path / OFFICIAL_DIRS["text_encoder"], gcfg.text_token_length)
+        xcfg = replace(T5_BASE, d_model=text.d_model, max_length=gcfg.text_token_length)
+        sampling = SamplingDefaults(size=gcfg.grid_size * tcfg.spatial_compression)
+        config = PipelineConfig(tcfg, gcfg, xcfg, sampling)
+        return cls(config, tok, gen, text, name=path.name or "dc-ar-512", device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | Path, name: str | None = None) -> None:
         """Write our layout (fp32 safetensors under the official key names)."""

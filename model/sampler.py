@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.maskgit import gumbel, guidance_at, masked_after_step, softmax_temperature
+from model.maskgit import guidance_at, gumbel, masked_after_step, softmax_temperature
 from model.noise import OfficialOrderNoise, RowNoise
 from model.params import EditSpec, RowResult, SamplingParams
 from model.text_encoder import TextEncoder

@@ -1,0 +1,76 @@
+"""Per-stage time and images/s of the sampler (direct Pipeline calls, no HTTP).
+
+Rows: the tiny preset at 256 and 512 px, batch 1 and 8, and the full-size dc-ar-512 preset with random
+weights at 512 px, batch 1 (skip with --no-full). Medians over --repeat runs after one warm-up run.
+
+    python benchmarks/sampler.py [--device cuda] [--dtype float16] [--repeat 3] [--no-full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from model.config import PIPELINE_PRESETS, T5_BASE
+from model.pipeline import Pipeline
+
+STAGES = ("text_encode", "unmask", "residual", "decode")
+
+
+def measure(pipe: Pipeline, size: int, batch: int, repeat: int) -> dict:
+    params = [pipe.params(f"a red circle number {i}", seed=i, height=size, width=size) for i in range(batch)]
+    pipe.generate(params)  # warm-up: allocator, kernels, position tables
+    walls, stages = [], {s: [] for s in STAGES}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        results = pipe.generate(params)
+        walls.append(time.perf_counter() - t0)
+        for s in STAGES:
+            stages[s].append(results[0].timings.get(s, 0.0))
+    wall = statistics.median(walls)
+    return {"wall": wall, "img_s": batch / wall, **{s: statistics.median(v) for s, v in stages.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-full", action="store_true", help="skip the full-size dc-ar-512 row")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+
+    cases = [("tiny", s, b) for s in (256, 512) for b in (1, 8)]
+    if not args.no_full:
+        cases.append(("dc-ar-512", 512, 1))
+    pipes: dict[str, Pipeline] = {}
+    rows = []
+    for preset, size, batch in cases:
+        if preset not in pipes:
+            cfg = PIPELINE_PRESETS[preset]
+            if preset == "dc-ar-512":  # no T5 vocabulary here: a T5-base-sized encoder on bytes
+                cfg = replace(cfg, text_encoder=replace(T5_BASE, tokenizer="byt5", vocab_size=384))
+            pipes[preset] = Pipeline.from_config(cfg, device=args.device, dtype=args.dtype, name=preset)
+        rows.append((preset, size, batch, measure(pipes[preset], size, batch, args.repeat)))
+
+    pipe = next(iter(pipes.values()))
+    print(f"# sampler benchmark: device={pipe.device} dtype={str(pipe.dtype).replace('torch.', '')} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__} cpu={platform.processor() or platform.machine()}")
+    print("# 12 unmasking steps, CFG 4.5; head steps = preset default (tiny 8, dc-ar-512 32); median of "
+          f"{args.repeat} runs; stage times are per batch (every row shares them)")
+    head = (f"| {'preset':<10} | {'size':>4} | {'batch':>5} | {'text ms':>8} | {'unmask ms':>9} | {'head ms':>8} "
+            f"| {'decode ms':>9} | {'total ms':>9} | {'images/s':>8} |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for preset, size, batch, m in rows:
+        print(f"| {preset:<10} | {size:>4} | {batch:>5} | {m['text_encode'] * 1e3:>8.1f} | {m['unmask'] * 1e3:>9.1f} "
+              f"| {m['residual'] * 1e3:>8.1f} | {m['decode'] * 1e3:>9.1f} | {m['wall'] * 1e3:>9.1f} | {m['img_s']:>8.2f} |")
+
+
+if __name__ == "__main__":
+    main()

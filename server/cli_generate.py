@@ -1,0 +1,29 @@
+"""``dcar generate "prompt" -o out.png``: text-to-image from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from server.cli_common import (
+    add_sampling_arguments,
+    load_pipeline,
+    output_paths,
+    run_with_progress,
+    sampling_params,
+    save_results,
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_sampling_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    pipe = load_pipeline(args)
+    try:
+        params = sampling_params(pipe, args)
+    except ValueError as e:
+        raise SystemExit(f"dcar generate: {e}") from e
+    results = run_with_progress(pipe, params)
+    save_results(results, output_paths(args.output, len(results)))
+    return 0

@@ -1,0 +1,147 @@
+"""Loading both layouts strictly; every failure names the file and the key."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import GeneratorConfig, TextEncoderConfig
+from model.inspect import verify_official
+from model.loading import LoadError, read_state_dict
+from model.pipeline import Pipeline
+from model.text_encoder import TextEncoder
+
+
+class _Payload:
+    """Any importable class: weights_only unpickling must refuse to build it."""
+
+
+@pytest.fixture()
+def saved(tiny_pipe, tmp_path):
+    path = tmp_path / "tiny"
+    tiny_pipe.save_pretrained(path, name="tiny-test")
+    return path
+
+
+def test_our_layout_round_trips(tiny_pipe, saved):
+    loaded = Pipeline.from_pretrained(saved)
+    assert loaded.name == "tiny-test"
+    params = tiny_pipe.params("a red circle", seed=3)
+    a, b = tiny_pipe.generate([params])[0], loaded.generate([params])[0]
+    assert torch.equal(a.tokens, b.tokens) and (a.image - b.image).abs().max() < 1e-6
+
+
+def test_missing_weights_file_is_named(saved):
+    (saved / "generator" / "model.safetensors").unlink()
+    with pytest.raises(LoadError, match=r"generator.*no weights file"):
+        Pipeline.from_pretrained(saved)
+
+
+def test_truncated_file_is_named(saved):
+    f = saved / "tokenizer" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(LoadError, match=r"tokenizer/model\.safetensors.*truncated or corrupt"):
+        Pipeline.from_pretrained(saved)
+
+
+def test_wrong_shape_is_named(saved):
+    f = saved / "generator" / "model.safetensors"
+    state = load_file(str(f))
+    state["final_layer.linear.bias"] = torch.zeros(65)
+    save_file(state, str(f))
+    with pytest.raises(LoadError, match=r"final_layer\.linear\.bias: file \(65,\) vs model \(64,\)"):
+        Pipeline.from_pretrained(saved)
+
+
+def test_missing_and_unexpected_keys_are_named(saved):
+    f = saved / "tokenizer" / "model.safetensors"
+    state = load_file(str(f))
+    del state["quantize.embedding.weight"]
+    state["module.extra"] = torch.zeros(1)
+    save_file(state, str(f))
+    with pytest.raises(LoadError) as err:
+        Pipeline.from_pretrained(saved)
+    msg = str(err.value)
+    assert "tokenizer/model.safetensors" in msg
+    assert "1 missing keys: quantize.embedding.weight" in msg and "1 unexpected keys: module.extra" in msg
+
+
+def test_pickle_with_objects_is_refused(tmp_path):
+    f = tmp_path / "evil.bin"
+    torch.save({"weight": torch.zeros(1), "obj": _Payload()}, f)
+    with pytest.raises(LoadError, match=r"evil\.bin: refused: the pickle holds objects other than plain tensors"):
+        read_state_dict(f)
+
+
+def test_wrapped_state_dict_is_refused(tmp_path):
+    f = tmp_path / "wrapped.bin"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, f)
+    with pytest.raises(LoadError, match=r"key 'state_dict' holds a dict, not a tensor \(a wrapper"):
+        read_state_dict(f)
+
+
+def test_missing_and_truncated_pickles_are_named(tmp_path):
+    with pytest.raises(LoadError, match=r"nope\.bin: file not found"):
+        read_state_dict(tmp_path / "nope.bin")
+    f = tmp_path / "cut.bin"
+    torch.save({"w": torch.zeros(1000)}, f)
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(LoadError, match=r"cut\.bin: not a readable checkpoint"):
+        read_state_dict(f)
+
+
+def test_missing_directory_and_unknown_layout(tmp_path):
+    with pytest.raises(LoadError, match="weights directory not found"):
+        Pipeline.from_pretrained(tmp_path / "absent")
+    with pytest.raises(LoadError, match="neither model_index.json"):
+        Pipeline.from_pretrained(tmp_path)
+
+
+def _official_dir(golden_dir, tmp_path):
+    """The golden small models in the official layout: dc-ht/ (config.json + safetensors),
+    dc-ar-512/pytorch_model.bin (a bare pickled state dict) and a T5 directory."""
+    root = tmp_path / "official"
+    cfg = json.loads((golden_dir / "tokenizer_config.json").read_text())
+    (root / "dc-ht").mkdir(parents=True)
+    (root / "dc-ht" / "config.json").write_text(json.dumps({"model_type": "dc_ht", **cfg["dcht_config"]}))
+    shutil.copy(golden_dir / "tokenizer_state_dict.safetensors", root / "dc-ht" / "model.safetensors")
+    (root / "dc-ar-512").mkdir()
+    torch.save(load_file(str(golden_dir / "generator_state_dict.safetensors")), root / "dc-ar-512" / "pytorch_model.bin")
+    gcfg = GeneratorConfig.from_official(json.loads((golden_dir / "generator_config.json").read_text()))
+    text = TextEncoder.from_config(TextEncoderConfig(tokenizer="byt5", max_length=8, d_model=32, num_layers=1,
+                                                     num_heads=2, d_kv=16, d_ff=64, vocab_size=384))
+    text.save_pretrained(root / "t5-base")
+    return root, gcfg, cfg["dc_ae"]
+
+
+def test_official_layout_loads_and_generates(golden_dir, tmp_path):
+    root, gcfg, dc_ae = _official_dir(golden_dir, tmp_path)
+    pipe = Pipeline.from_pretrained(root, official_generator=gcfg, official_autoencoder=dc_ae)
+    assert pipe.config.sampling.size == 128
+    out = pipe.generate([pipe.params("a prompt", seed=0)])[0]
+    assert out.image.shape == (3, 128, 128)
+    assert verify_official(root, generator=gcfg, autoencoder=dc_ae)[0].startswith("ok")
+
+
+def test_official_layout_is_strict(golden_dir, tmp_path):
+    root, gcfg, dc_ae = _official_dir(golden_dir, tmp_path)
+    state = torch.load(root / "dc-ar-512" / "pytorch_model.bin", weights_only=True)
+    state = {f"module.{k}": v for k, v in state.items()}  # a prefixed checkpoint: every key "missing"
+    torch.save(state, root / "dc-ar-512" / "pytorch_model.bin")
+    with pytest.raises(LoadError, match=r"dc-ar-512/pytorch_model\.bin: does not match the model: \d+ missing keys"):
+        Pipeline.from_pretrained(root, official_generator=gcfg, official_autoencoder=dc_ae)
+    with pytest.raises(LoadError, match="missing keys"):
+        verify_official(root, generator=gcfg, autoencoder=dc_ae)
+
+
+def test_official_tokenizer_config_must_name_an_f32_model(golden_dir, tmp_path):
+    root, gcfg, dc_ae = _official_dir(golden_dir, tmp_path)
+    cfg = json.loads((root / "dc-ht" / "config.json").read_text())
+    cfg["model_name"] = "dc-ae-f32-proxy-in-1.0"
+    (root / "dc-ht" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_name='dc-ae-f32-proxy-in-1.0' is not supported"):
+        Pipeline.from_pretrained(root, official_generator=gcfg, official_autoencoder=dc_ae)

@@ -1,0 +1,2 @@
+"""Training side of dcar: procedural captioned scenes, the tokenizer and generator training loops,
+ShapesEval, and the export of a weights directory."""
