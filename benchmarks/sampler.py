@@ -69,7 +69,7 @@ def main() -> None:
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for preset, size, batch, m in rows:
         print(f"| {preset:<10} | {size:>4} | {batch:>5} | {m['text_encode'] * 1e3:>8.1f} | {m['unmask'] * 1e3:>9.1f} "
-              f"| {m['residual'] * 1e3:>8.1f} | {m['decode'] * 1e3:>9.1f} | {m['wall'] * 1e3:>9.1f} | {m['img_s']:>8.2f} |")
+              f"| {m['residual'] * 1e3:>8.1f} | {m['decode'] * 1e3:>9.1f} | {m['wall'] * 1e3:>9.1f} | {m['img_s']:>8.3g} |")
 
 
 if __name__ == "__main__":
