@@ -1,0 +1,137 @@
+"""``create_app(settings)``: the FastAPI app, its lifespan and the edge middleware.
+
+The lifespan starts ``Runtime.boot`` as a task and returns at once (server/runtime.py); on shutdown it
+drains: admission stops (503), accepted rows finish (up to ``drain_timeout_s``), then the worker stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from model.pipeline import Pipeline
+from server.errors import error_body, install_handlers
+from server.routes import router
+from server.routes_openai import router as openai_router
+from server.runtime import Runtime
+from server.settings import Settings
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class EdgeMiddleware:
+    """Request id, body-size limit (413) and per-request metrics, as plain ASGI (streaming-safe).
+
+    The endpoint label is the matched route's path template (``other`` for unknown paths), so it stays
+    bounded whatever clients send.
+    """
+
+    def __init__(self, app, runtime: Runtime):
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if REQUEST_ID.match(incoming) else f"req-{uuid.uuid4().hex[:16]}"
+        scope.setdefault("state", {})["request_id"] = rid
+        limit = self.runtime.settings.max_body_bytes
+        status = {"code": 500, "started": False}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                status["started"] = True
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            length = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            length = 0
+        try:
+            if length > limit:
+                await self._too_large(send_wrapper, length, limit)
+            else:
+                await self.app(scope, _limited(receive, limit), send_wrapper)
+        except BodyTooLarge as e:
+            if not status["started"]:
+                await self._too_large(send_wrapper, e.size, limit)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            self.runtime.metrics.request(endpoint, status["code"], time.perf_counter() - t0)
+
+    async def _too_large(self, send, size: int, limit: int) -> None:
+        self.runtime.metrics.rejected("too_large")
+        body = error_body("body_too_large", f"the request body is at least {size} bytes; the limit is "
+                          f"max_body_bytes={limit}", None)
+        response = JSONResponse(body, status_code=413)
+        await response({"type": "http"}, _no_receive, send)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised by ``receive`` mid-body; an HTTPException so that FastAPI's body parsing lets it through as 413."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(413, f"the request body is over {limit} bytes (read {size}); the limit is "
+                              f"max_body_bytes={limit}")
+        self.size = size
+
+
+async def _no_receive():
+    return {"type": "http.disconnect"}
+
+
+def _limited(receive, limit: int):
+    """``receive`` that raises ``BodyTooLarge`` once more than ``limit`` body bytes arrived (chunked uploads)."""
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(seen, limit)
+        return message
+
+    return wrapped
+
+
+def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None) -> FastAPI:
+    """The app for ``settings``; ``pipeline`` injects an already built model (tests, benchmarks)."""
+    settings = settings or Settings()
+    runtime = Runtime(settings, pipeline)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        boot = asyncio.create_task(runtime.boot(), name="dcar-boot")
+        app.state.boot = boot
+        try:
+            yield
+        finally:
+            runtime.begin_drain()
+            if not boot.done():
+                await asyncio.wait({boot}, timeout=settings.drain_timeout_s)
+            await runtime.shutdown()
+
+    app = FastAPI(title="dcar", version="0.1.0", lifespan=lifespan,
+                  description="DC-AR text-to-image and inpainting server (iteration-level batching).")
+    app.state.runtime = runtime
+    install_handlers(app, runtime.metrics)
+    app.include_router(router)
+    app.include_router(openai_router)
+    app.add_middleware(EdgeMiddleware, runtime=runtime)
+    return app

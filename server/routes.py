@@ -1,0 +1,367 @@
+"""The native API (/v1/generate, /v1/edit), the operational endpoints, and the helpers the OpenAI routes share.
+
+Routes only parse, validate, submit and translate (STYLE lesson 10): the engine on ``app.state.runtime``
+does the work. A request becomes a ``Job`` of n rows; the route waits for it while watching the client, so a
+client that disconnects has its rows dropped from the running batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.images import mask_to_tensor, pil_to_tensor
+from model.params import RowResult
+from server.engine import Engine
+from server.errors import ApiError, describe_validation, error_body, invalid
+from server.imaging import decode_base64, decode_image, encode_image, media_type, too_large
+from server.jobs import EditInput, Job
+from server.runtime import Runtime
+from server.schemas import (
+    EditFields,
+    EditJSONRequest,
+    GenerateRequest,
+    GenerateResponse,
+    ImageOut,
+    Limits,
+    check_knobs,
+    check_size,
+    check_timeout,
+    to_params,
+)
+
+router = APIRouter()
+DEADLINE_GRACE_S = 1.0  # the engine ends late jobs at a step boundary; the route is only the backstop
+
+
+# --- dependencies --------------------------------------------------------------------------------------
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def require_api_key(request: Request, runtime: RuntimeDep) -> None:
+    """``Authorization: Bearer <key>`` when keys are configured; compared in constant time."""
+    keys = runtime.settings.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing_api_key", "Authorization: Bearer <key> is required", "Authorization",
+                       headers=challenge, reason="unauthorized")
+    given = token.strip().encode()
+    matched = False
+    for key in keys:  # no early exit: the time taken does not depend on which key matched
+        matched |= hmac.compare_digest(given, key.encode())
+    if not matched:
+        raise ApiError(401, "invalid_api_key", "the API key is not valid", "Authorization", headers=challenge,
+                       reason="unauthorized")
+
+
+Authorized = Annotated[None, Depends(require_api_key)]
+
+
+# --- shared helpers ------------------------------------------------------------------------------------
+
+
+def request_id(request: Request) -> str:
+    return request.scope["state"]["request_id"]
+
+
+def validate(model: type[BaseModel], data) -> BaseModel:
+    """pydantic validation outside FastAPI's body parsing (forms, manual JSON), with our error shape."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        message, param = describe_validation(list(e.errors()))
+        raise ApiError(422, "invalid_request", message, param, reason="invalid") from e
+
+
+async def read_json(request: Request) -> object:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}", reason="invalid") from e
+
+
+async def read_form(request: Request, max_image_bytes: int) -> tuple[dict[str, str], dict[str, bytes]]:
+    """A multipart body -> (text fields, file fields). Files above ``max_image_bytes`` give 413."""
+    try:
+        form = await request.form(max_files=4, max_fields=64)
+    except StarletteHTTPException as e:
+        if e.status_code != 400:  # 413 from the body limit passes through
+            raise
+        raise ApiError(400, "invalid_multipart", f"the multipart body is malformed: {e.detail}",
+                       reason="invalid") from e
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        name = key[:-2] if key.endswith("[]") else key  # OpenAI clients may send image[]
+        if isinstance(value, UploadFile):
+            if name in files:
+                raise invalid(name, f"{name}: send one file, got several")
+            if value.size is not None and value.size > max_image_bytes:
+                raise too_large(name, value.size, max_image_bytes)
+            files[name] = await value.read()
+        else:
+            fields[name] = value
+    await form.close()
+    return fields, files
+
+
+def take_file(fields: dict[str, str], files: dict[str, bytes], name: str, required: bool = True) -> bytes | None:
+    if name in files:
+        return files[name]
+    if name in fields:
+        raise invalid(name, f"{name} must be a file upload (multipart file part), got a text field")
+    if required:
+        raise ApiError(422, "invalid_request", f"{name} is required (a multipart file)", name, reason="invalid")
+    return None
+
+
+def decode_edit(image_bytes: bytes, mask_bytes: bytes | None, runtime: Runtime, limits: Limits,
+                transparent_means_edit: bool, blend: bool = True) -> tuple[EditInput, tuple[int, int]]:
+    """Uploaded image and mask -> model tensors; the image must be an allowed size and the mask match it.
+
+    Without a mask (OpenAI only) the image's own transparency is the mask, as in OpenAI's API.
+    """
+    s = runtime.settings
+    image = decode_image(image_bytes, "image", s.max_image_bytes, s.max_image_pixels)
+    if image.size not in limits.sizes:
+        raise invalid("image", f"image is {image.width}x{image.height}; an edit keeps the input size, which must "
+                               f"be one of the allowed sizes: {limits.size_list()}")
+    if mask_bytes is None:
+        mask_image = image
+    else:
+        mask_image = decode_image(mask_bytes, "mask", s.max_image_bytes, s.max_image_pixels)
+        if mask_image.size != image.size:
+            raise invalid("mask", f"mask is {mask_image.width}x{mask_image.height} but image is "
+                                  f"{image.width}x{image.height}; they must be the same size")
+    try:
+        mask = mask_to_tensor(mask_image, transparent_means_edit=transparent_means_edit)
+    except ValueError as e:
+        raise invalid("mask", f"mask: {e}") from e
+    return EditInput(pil_to_tensor(image), mask, blend), image.size
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so only a disconnect can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def wait_for(request: Request, engine: Engine, job: Job) -> list[RowResult]:
+    """The job's results; drops its rows if the client leaves, 504 once its deadline passes."""
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        remaining = job.deadline - time.monotonic() + DEADLINE_GRACE_S
+        await asyncio.wait({job.future, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        if job.future.done():
+            return job.future.result()
+        if watcher.done():
+            engine.cancel(job, "disconnected")
+            raise ApiError(499, "client_closed_request", "the client disconnected")
+        error = engine.deadline_error(job)
+        engine.cancel(job, "deadline", error)
+        raise error
+    finally:
+        watcher.cancel()
+
+
+async def encode_all(runtime: Runtime, results: list[RowResult], fmt: str, quality: int | None) -> list[tuple[bytes, float]]:
+    """Encode every image off the event loop; each with its encoding time (the image_encode stage)."""
+
+    def work() -> list[tuple[bytes, float]]:
+        out = []
+        for r in results:
+            t0 = time.perf_counter()
+            data = encode_image(r.image, fmt, quality)
+            out.append((data, time.perf_counter() - t0))
+        return out
+
+    encoded = await asyncio.to_thread(work)
+    for _, seconds in encoded:
+        runtime.metrics.image_encoded(seconds)
+    return encoded
+
+
+def raw_format(request: Request) -> str | None:
+    """The image format named by ``Accept`` when the client wants raw bytes instead of JSON."""
+    accept = request.headers.get("accept", "").lower()
+    if "application/json" in accept or "text/event-stream" in accept:
+        return None
+    for fmt, mime in (("png", "image/png"), ("jpeg", "image/jpeg"), ("webp", "image/webp")):
+        if mime in accept:
+            return fmt
+    return None
+
+
+def native_body(runtime: Runtime, job: Job, results: list[RowResult], encoded: list[tuple[bytes, float]],
+                fmt: str) -> dict:
+    images = []
+    for i, (r, (data, enc_s)) in enumerate(zip(results, encoded)):
+        ticket = r.tag
+        timings = {k: round(v, 6) for k, v in r.timings.items()}
+        timings["image_encode"] = round(enc_s, 6)
+        timings["queue_wait"] = round((ticket.admitted or ticket.enqueued) - ticket.enqueued, 6)
+        images.append(ImageOut(index=i, seed=r.seed, b64_json=base64.b64encode(data).decode("ascii"),
+                               timings=timings))
+    p = job.params[0]
+    body = GenerateResponse(
+        id=job.id, created=int(time.time()), model=runtime.pipeline.name, size=f"{p.width}x{p.height}",
+        output_format=fmt, images=images,
+        timings={"queue_wait": max(im.timings["queue_wait"] for im in images),
+                 "total": round(time.monotonic() - job.submitted, 6)})
+    return body.model_dump()
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | None):
+    """SSE: ``progress`` per row and step (with a preview if asked), then ``images`` (or ``error``)."""
+    try:
+        while (ev := await job.events.get()) is not None:
+            data = {"index": ev.index, "step": ev.step, "steps": ev.steps, "revealed": ev.revealed,
+                    "tokens": ev.tokens}
+            if ev.preview is not None:
+                data["preview"] = ev.preview
+            yield sse("progress", data)
+        try:
+            results = job.future.result()
+        except ApiError as e:
+            yield sse("error", error_body(e.code, e.message, e.param, job.id))
+            return
+        encoded = await encode_all(runtime, results, fmt, quality)
+        yield sse("images", native_body(runtime, job, results, encoded, fmt))
+    finally:
+        runtime.engine.cancel(job, "disconnected")  # no-op once the job is done
+
+
+async def run_native(request: Request, runtime: Runtime, job: Job, fmt: str, quality: int | None) -> Response:
+    engine = runtime.engine
+    raw = None if job.stream else raw_format(request)
+    if raw is not None and len(job.params) != 1:
+        raise ApiError(406, "not_acceptable", f"Accept: {media_type(raw)} returns one raw image, but n="
+                       f"{len(job.params)}; ask for application/json or n=1", "n", reason="invalid")
+    engine.submit(job)
+    if job.stream:
+        return StreamingResponse(stream_events(runtime, job, fmt, quality), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    results = await wait_for(request, engine, job)
+    if raw is not None:
+        (data, seconds), = await encode_all(runtime, results, raw, quality)
+        return Response(data, media_type=media_type(raw), headers={"X-Seed": str(results[0].seed)})
+    encoded = await encode_all(runtime, results, fmt, quality)
+    return JSONResponse(native_body(runtime, job, results, encoded, fmt))
+
+
+# --- native API ----------------------------------------------------------------------------------------
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, tags=["images"],
+             responses={200: {"content": {"image/png": {}, "text/event-stream": {}}}})
+async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep, _: Authorized) -> Response:
+    """Text to image. JSON in; JSON out, the raw image with ``Accept: image/png`` and n=1, or SSE with stream."""
+    engine, limits = runtime.serving()
+    check_knobs(body)
+    size = check_size(body.size, limits)
+    params = to_params(body, limits, size)
+    job = Job(request_id(request), "generate", params, check_timeout(body.timeout, limits), stream=body.stream,
+              preview=body.preview)
+    return await run_native(request, runtime, job, body.output_format, body.quality)
+
+
+@router.post("/v1/edit", response_model=GenerateResponse, tags=["images"], openapi_extra={"requestBody": {
+    "content": {"multipart/form-data": {"schema": EditFields.model_json_schema()},
+                "application/json": {"schema": EditJSONRequest.model_json_schema()}}}})
+async def edit(request: Request, runtime: RuntimeDep, _: Authorized) -> Response:
+    """Inpainting. Multipart (files ``image`` and ``mask``, knobs as fields) or JSON with base64 images.
+
+    Mask: white (and opaque) = regenerate; a token is regenerated when any pixel of its patch is marked.
+    """
+    engine, limits = runtime.serving()
+    s = runtime.settings
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        fields, files = await read_form(request, s.max_image_bytes)
+        image_bytes = take_file(fields, files, "image")
+        mask_bytes = take_file(fields, files, "mask")
+        body = validate(EditFields, fields)
+    elif ctype == "application/json":
+        body = validate(EditJSONRequest, await read_json(request))
+        image_bytes = decode_base64(body.image, "image", s.max_image_bytes)
+        mask_bytes = decode_base64(body.mask, "mask", s.max_image_bytes)
+    else:
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data (files image and mask) or "
+                       f"application/json (base64 image and mask), got Content-Type {ctype or 'none'!r}",
+                       "Content-Type", reason="invalid")
+    check_knobs(body)
+    edit_input, size = await asyncio.to_thread(decode_edit, image_bytes, mask_bytes, runtime, limits, False,
+                                              body.blend)
+    if body.size not in (None, "auto") and check_size(body.size, limits) != size:
+        raise invalid("size", f"size {body.size} differs from the image's {size[0]}x{size[1]}; "
+                              "an edit keeps the input size")
+    params = to_params(body, limits, size)
+    job = Job(request_id(request), "edit", params, check_timeout(body.timeout, limits), edit=edit_input,
+              stream=body.stream, preview=body.preview)
+    return await run_native(request, runtime, job, body.output_format, body.quality)
+
+
+# --- operations ----------------------------------------------------------------------------------------
+
+
+@router.get("/healthz", tags=["operations"])
+async def healthz(runtime: RuntimeDep) -> JSONResponse:
+    """Liveness: 200 while the process can still serve (503 only after the engine failed for good)."""
+    ok = runtime.status != "failed"
+    return JSONResponse({"status": "alive" if ok else "failed"}, status_code=200 if ok else 503)
+
+
+@router.get("/readyz", tags=["operations"])
+async def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """Readiness: 200 once loaded and warmed up; 503 while loading, draining, or after the engine failed."""
+    status = runtime.status
+    body: dict = {"status": status}
+    if runtime.engine is not None:
+        body.update(queued_rows=runtime.engine.queued_rows, running_rows=runtime.engine.running_rows)
+    error = runtime.error or (runtime.engine.failure if runtime.engine is not None else None)
+    if error:
+        body["error"] = error
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+
+@router.get("/metrics", tags=["operations"])
+async def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus text exposition of this app's registry."""
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", tags=["models"])
+async def models(runtime: RuntimeDep, _: Authorized) -> dict:
+    """The served model, in OpenAI's list shape, with its sizes and device."""
+    engine, limits = runtime.serving()
+    info = runtime.pipeline.info()
+    return {"object": "list", "data": [{
+        "id": info["name"], "object": "model", "created": runtime.created, "owned_by": "dcar",
+        "native_size": f"{limits.native[0]}x{limits.native[1]}", "sizes": limits.size_list().split(", "),
+        "device": info["device"], "dtype": info["dtype"], "max_n": limits.max_n,
+        "max_prompt_tokens": limits.max_prompt_tokens,
+    }]}

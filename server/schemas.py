@@ -1,0 +1,240 @@
+"""Request and response types of the HTTP API, and their one-time validation into ``SamplingParams``.
+
+pydantic checks types (422 naming the field); ``to_params`` checks values against the served model and the
+settings (400 naming the field, the limit and the value, e.g. ``steps must be between 1 and 50, got 80``)
+and returns the plain frozen dataclasses of model/ (STYLE lesson 11). A prompt longer than the text
+encoder takes is refused, never truncated.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.params import MAX_SEED, SamplingParams
+from server.errors import ApiError, invalid
+from server.settings import parse_size
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+# --- requests ------------------------------------------------------------------------------------------
+
+
+class Knobs(BaseModel):
+    """Sampling knobs shared by /v1/generate and /v1/edit. Unset knobs take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="what to draw; at most the text encoder's token limit")
+    n: int = Field(1, description="images to generate (rows), seeds seed, seed+1, ...")
+    size: str | None = Field(None, description="WIDTHxHEIGHT, one of the allowed sizes; default: native size")
+    seed: int | None = Field(None, description="seed of the first image; random when omitted (echoed back)")
+    guidance_scale: float | None = None
+    guidance_decay: str | None = Field(None, description="constant, linear or power-cosine")
+    steps: int | None = Field(None, description="unmasking steps (default 12)")
+    randomize_temperature: float | None = Field(None, description="Gumbel temperature of token sampling")
+    softmax_temperature_annealing: bool | None = None
+    residual_steps: int | None = Field(None, description="diffusion-head sampling steps")
+    residual_temperature: float | None = None
+    use_residuals: bool | None = None
+    output_format: OutputFormat = "png"
+    quality: int | None = Field(None, description="JPEG/WebP quality 1..100 (default 95)")
+    timeout: float | None = Field(None, description="seconds; may only shorten the server's request_timeout_s")
+    stream: bool = Field(False, description="answer with Server-Sent Events: progress per step, then images")
+    preview: bool = Field(False, description="with stream: a small PNG preview in every progress event")
+
+
+class GenerateRequest(Knobs):
+    """POST /v1/generate."""
+
+
+class EditFields(Knobs):
+    """POST /v1/edit without its two images (multipart form fields)."""
+
+    blend: bool = Field(True, description="keep the input's pixels outside the mask")
+
+
+class EditJSONRequest(EditFields):
+    """POST /v1/edit as JSON: the images as base64 strings (a data: URL prefix is accepted)."""
+
+    image: str
+    mask: str
+
+
+class OpenAIImageRequest(BaseModel):
+    """POST /v1/images/generations, and the form fields of /v1/images/edits (OpenAI's shapes).
+
+    OpenAI fields without meaning here (quality, style, user, background, moderation, ...) are accepted and
+    ignored; seed, guidance_scale, steps and the other sampling knobs of /v1/generate are extensions.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    response_format: str | None = None
+    output_format: OutputFormat | None = None
+    output_compression: int | None = None
+    stream: bool | None = None
+    # extensions (the knobs of /v1/generate), typed so that multipart strings are parsed like JSON values
+    seed: int | None = None
+    guidance_scale: float | None = None
+    guidance_decay: str | None = None
+    steps: int | None = None
+    randomize_temperature: float | None = None
+    softmax_temperature_annealing: bool | None = None
+    residual_steps: int | None = None
+    residual_temperature: float | None = None
+    use_residuals: bool | None = None
+    timeout: float | None = None
+
+
+# --- responses -----------------------------------------------------------------------------------------
+
+
+class ImageOut(BaseModel):
+    index: int
+    seed: int
+    b64_json: str
+    timings: dict[str, float] = Field(description="seconds per stage for this image, plus queue_wait")
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    created: int
+    model: str
+    size: str
+    output_format: OutputFormat
+    images: list[ImageOut]
+    timings: dict[str, float] = Field(description="request-level seconds: queue_wait (longest row), total")
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    output_format: OutputFormat = "png"
+    size: str | None = None
+
+
+# --- validation ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may ask of this server: the served sizes and the settings' bounds."""
+
+    sizes: tuple[tuple[int, int], ...]  # (width, height)
+    max_n: int
+    max_steps: int
+    max_residual_steps: int
+    max_guidance_scale: float
+    max_prompt_chars: int
+    max_prompt_tokens: int
+    request_timeout_s: float
+    count_tokens: Callable[[str], int]
+    defaults: Callable[..., SamplingParams]  # Pipeline.params
+
+    @property
+    def native(self) -> tuple[int, int]:
+        return self.sizes[0]
+
+    def size_list(self) -> str:
+        return ", ".join(f"{w}x{h}" for w, h in self.sizes)
+
+
+def check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:  # also refuses NaN
+        raise invalid(name, f"{name} must be between {low:g} and {high:g}, got {value!r}")
+
+
+def check_prompt(prompt: str, limits: Limits) -> None:
+    if not prompt.strip():
+        raise invalid("prompt", "prompt must not be empty")
+    if len(prompt) > limits.max_prompt_chars:
+        raise invalid("prompt", f"prompt is {len(prompt)} characters; the limit is "
+                                f"max_prompt_chars={limits.max_prompt_chars}")
+    tokens = limits.count_tokens(prompt)
+    if tokens > limits.max_prompt_tokens:
+        raise invalid("prompt", f"prompt is {tokens} tokens; the text encoder takes at most "
+                                f"{limits.max_prompt_tokens} (prompts are never truncated)")
+
+
+def check_size(size: str | None, limits: Limits, param: str = "size") -> tuple[int, int]:
+    """"WxH" (or None / "auto": the native size) -> (width, height), one of the allowed sizes."""
+    if size is None or size.strip().lower() == "auto":
+        return limits.native
+    try:
+        wh = parse_size(size)
+    except ValueError as e:
+        raise invalid(param, str(e)) from e
+    if wh not in limits.sizes:
+        raise invalid(param, f"{param} {wh[0]}x{wh[1]} is not served; allowed sizes: {limits.size_list()}")
+    return wh
+
+
+def check_timeout(timeout: float | None, limits: Limits) -> float:
+    if timeout is None:
+        return limits.request_timeout_s
+    if not math.isfinite(timeout) or not 0 < timeout <= limits.request_timeout_s:
+        raise invalid("timeout", f"timeout must be above 0 and at most request_timeout_s="
+                                 f"{limits.request_timeout_s:g} seconds, got {timeout!r}")
+    return timeout
+
+
+def to_params(k: Knobs | OpenAIImageRequest, limits: Limits, size: tuple[int, int]) -> list[SamplingParams]:
+    """Validated knobs -> one ``SamplingParams`` per image (seeds seed, seed+1, ...)."""
+    check_prompt(k.prompt, limits)
+    check_range("n", k.n, 1, limits.max_n)
+    seed = k.seed if k.seed is not None else secrets.randbelow(2**32)
+    check_range("seed", seed, 0, MAX_SEED - (k.n - 1))
+    overrides: dict = {}
+    if k.steps is not None:
+        check_range("steps", k.steps, 1, limits.max_steps)
+        overrides["steps"] = k.steps
+    if k.guidance_scale is not None:
+        check_range("guidance_scale", k.guidance_scale, 0, limits.max_guidance_scale)
+        overrides["guidance_scale"] = k.guidance_scale
+    for name, high in (("randomize_temperature", 10.0), ("residual_temperature", 10.0)):
+        value = getattr(k, name)
+        if value is not None:
+            check_range(name, value, 0, high)
+            overrides[name] = value
+    if k.residual_steps is not None:
+        check_range("residual_steps", k.residual_steps, 1, limits.max_residual_steps)
+        overrides["residual_steps"] = k.residual_steps
+    for name in ("guidance_decay", "softmax_temperature_annealing", "use_residuals"):
+        value = getattr(k, name)
+        if value is not None:
+            overrides[name] = value
+    width, height = size
+    try:
+        return [limits.defaults(k.prompt, seed=seed + i, height=height, width=width, **overrides)
+                for i in range(k.n)]
+    except ValueError as e:  # SamplingParams' own checks, e.g. an unknown guidance_decay
+        param = str(e).split("=", 1)[0] if "=" in str(e) else None
+        raise invalid(param or "request", str(e)) from e
+
+
+def check_knobs(k: Knobs) -> None:
+    """Cross-field rules of the native API."""
+    if k.preview and not k.stream:
+        raise invalid("preview", "preview needs stream=true (previews travel in the progress events)")
+    if k.quality is not None:
+        check_range("quality", k.quality, 1, 100)
+
+
+def unsupported(param: str, message: str) -> ApiError:
+    return ApiError(400, "unsupported", message, param, reason="invalid")

@@ -1,0 +1,131 @@
+"""``dcar serve``: run the app under uvicorn, with a drain on SIGTERM.
+
+uvicorn's own SIGTERM handling closes the listening socket at once, so a load balancer would see refused
+connections rather than a failing readiness probe. Here the first SIGTERM (or Ctrl-C) only starts a drain:
+``/readyz`` turns 503, new work gets 503, accepted rows finish (up to ``drain_timeout_s``); then uvicorn
+shuts down as usual and the process exits 0. A second signal exits at once. Exit status 1 means the model
+failed to load (the reason is logged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.app import create_app
+from server.runtime import Runtime
+from server.settings import Settings
+
+log = logging.getLogger("dcar.server")
+
+# CLI flag -> settings field; every flag defaults to None so that DCAR_* variables and defaults stay in force.
+FLAGS = {
+    "weights": ("--weights", str, "weights directory, or preset:tiny for a random tiny model"),
+    "device": ("--device", str, "auto, cpu, cuda, cuda:N"),
+    "dtype": ("--dtype", str, "float32, float16 or bfloat16"),
+    "host": ("--host", str, "address to bind (default 127.0.0.1)"),
+    "port": ("--port", int, "port to bind (default 8000)"),
+    "max_batch_size": ("--max-batch-size", int, "rows (images) in flight at once"),
+    "max_wait_ms": ("--max-wait-ms", float, "how long an idle engine collects rows before starting"),
+    "max_queue": ("--max-queue", int, "rows waiting before 429"),
+    "request_timeout_s": ("--request-timeout", float, "default request deadline in seconds"),
+    "drain_timeout_s": ("--drain-timeout", float, "seconds in-flight rows may take after SIGTERM"),
+    "allowed_sizes": ("--allowed-sizes", str, "comma-separated WIDTHxHEIGHT sizes (default: native only)"),
+    "log_level": ("--log-level", str, "debug, info, warning, error"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``dcar serve``; each overrides the matching ``DCAR_*`` setting."""
+    for field, (flag, kind, help_text) in FLAGS.items():
+        parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    parser.add_argument("--api-key", dest="api_keys", action="append", default=None,
+                        help="accepted bearer key (repeatable); default: DCAR_API_KEYS, or no auth")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, default=None,
+                        help="report ready without the warm-up generations")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    fields = [*FLAGS, "api_keys", "warmup"]
+    return Settings(**{f: getattr(args, f) for f in fields if getattr(args, f, None) is not None})
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the engine before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime):
+        super().__init__(config)
+        self.runtime = runtime
+        self.exit_code = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        self._tasks: set[asyncio.Task] = set()
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        self._spawn(self._watch_boot())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_boot(self) -> None:
+        while self.runtime.booting:
+            await asyncio.sleep(0.05)
+        if self.runtime.error is not None:
+            log.error("exiting with status 1 (the model did not load)")
+            self.exit_code = 1
+            self.should_exit = True
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._draining or self._loop is None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self._draining = True
+        log.info("received %s: draining (readiness 503, no new work)", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._spawn, self._drain())
+
+    async def _drain(self) -> None:
+        self.runtime.begin_drain()
+        if self.runtime.engine is not None:
+            await self.runtime.engine.drain(self.runtime.settings.drain_timeout_s)
+        self.should_exit = True
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM; 0 after a clean drain, 1 if the model failed to load, 2 for bad settings."""
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        print(f"dcar serve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    server = DrainingServer(config, app.state.runtime)
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits this way when it cannot start (port in use, ...)
+        return int(e.code or 1)
+    return server.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dcar serve", description="Serve DC-AR over HTTP.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Server settings: typed, validated, read from the environment with the ``DCAR_`` prefix.
+
+Built once in ``dcar serve`` (or a test) and passed to ``create_app(settings)``; nothing reads the
+environment after that. Knob names follow the common servers (shared/SERVING_NOTES.md section 1):
+``max_batch_size`` and ``max_wait_ms`` as in Triton / Ray Serve, ``max_queue`` as Triton's
+``max_queue_size``, ``request_timeout_s`` as Ray's ``request_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "dcar-tiny-shapes"
+PRESET_PREFIX = "preset:"
+SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (width, height); ValueError naming the expected form otherwise."""
+    m = SIZE_RE.match(text.strip().lower())
+    if not m:
+        raise ValueError(f"size must look like WIDTHxHEIGHT (e.g. 512x512), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _split_list(value):
+    # Env values arrive as one string: accept "a,b" as well as a JSON list.
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            return json.loads(value)
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Environment: ``DCAR_<NAME>`` (e.g. ``DCAR_MAX_BATCH_SIZE=16``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DCAR_", extra="forbid", validate_default=True)
+
+    # --- model -------------------------------------------------------------------------------------
+    weights: str = Field(str(DEFAULT_WEIGHTS), description="weights directory, or 'preset:tiny' for a random tiny model")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str | None = Field(None, description="float32 / float16 / bfloat16; default fp16 on CUDA, fp32 on CPU")
+    warmup: bool = Field(True, description="run one real generation per allowed size before reporting ready")
+
+    # --- network -----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted bearer keys (comma-separated); empty = no auth")
+
+    # --- batching and backpressure -----------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, le=1024, description="rows (images) in flight at once")
+    max_wait_ms: float = Field(10.0, ge=0, le=60_000, description="how long an idle engine collects rows before starting")
+    max_queue: int = Field(256, ge=1, description="rows waiting for admission before 429")
+    request_timeout_s: float = Field(120.0, gt=0, description="default deadline; a request may only shorten it")
+    drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, how long in-flight rows may take to finish")
+
+    # --- request limits ----------------------------------------------------------------------------
+    allowed_sizes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="servable WIDTHxHEIGHT sizes; empty = the model's native size only")
+    max_n: int = Field(8, ge=1, le=64)
+    max_steps: int = Field(50, ge=1, le=1000)
+    max_residual_steps: int = Field(100, ge=1, le=10_000)
+    max_guidance_scale: float = Field(20.0, gt=0)
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="413 above this (whole request body)")
+    max_image_bytes: int = Field(16 * 2**20, ge=1024, description="413 above this (one uploaded image)")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="413 above this (decompression-bomb guard)")
+    preview_size: int = Field(64, ge=8, le=1024, description="longest side of SSE preview images")
+    log_level: str = "info"
+
+    @field_validator("api_keys", "allowed_sizes", mode="before")
+    @classmethod
+    def _lists(cls, value):
+        return _split_list(value)
+
+    @field_validator("allowed_sizes")
+    @classmethod
+    def _sizes(cls, value: list[str]) -> list[str]:
+        out = []
+        for s in value:
+            w, h = parse_size(s)
+            out.append(f"{w}x{h}")
+        return out
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        for k in value:
+            if len(k) < 8:
+                raise ValueError("api keys must be at least 8 characters long")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        if value.startswith(PRESET_PREFIX) and not value[len(PRESET_PREFIX):]:
+            raise ValueError("weights='preset:' needs a preset name, e.g. preset:tiny")
+        return value
+
+    @model_validator(mode="after")
+    def _cross(self) -> Settings:
+        if self.max_queue < self.max_n:
+            raise ValueError(f"max_queue={self.max_queue} is below max_n={self.max_n}: "
+                             "a request of max_n images could never be queued; raise max_queue")
+        return self
+
+    def size_list(self) -> list[tuple[int, int]]:
+        return [parse_size(s) for s in self.allowed_sizes]

@@ -1,0 +1,93 @@
+"""/v1/edit and /v1/images/edits: both body kinds, the mask conventions and the token-patch rule."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from PIL import Image
+from server_harness import decode, png_bytes, same_image, serve
+
+pytestmark = pytest.mark.anyio
+
+STRIPES = np.zeros((128, 128, 3), np.uint8)
+STRIPES[:, ::8] = (250, 200, 20)
+STRIPES[::16, :] = (20, 60, 240)
+IMAGE = png_bytes(Image.fromarray(STRIPES))
+
+
+def mask(box=None, pixel=None, mode="L") -> bytes:
+    """White = regenerate; ``box`` (x0, y0, x1, y1) or a single ``pixel`` (x, y)."""
+    m = Image.new(mode, (128, 128), 0)
+    if box is not None:
+        m.paste(255, box)
+    if pixel is not None:
+        m.putpixel(pixel, 255)
+    return png_bytes(m)
+
+
+async def edit(client, mask_bytes: bytes, **fields):
+    data = {"prompt": "a yellow star", "seed": "9", "steps": "4", **{k: str(v) for k, v in fields.items()}}
+    r = await client.post("/v1/edit", data=data, files={"image": ("in.png", IMAGE, "image/png"),
+                                                        "mask": ("mask.png", mask_bytes, "image/png")})
+    assert r.status_code == 200, r.text
+    return decode(r.json()["images"][0]["b64_json"])
+
+
+async def test_pixels_outside_the_mask_are_kept(pipe):
+    async with serve(pipe) as client:
+        out = await edit(client, mask(box=(32, 32, 96, 96)))
+        outside = np.ones((128, 128), bool)
+        outside[32:96, 32:96] = False
+        assert np.array_equal(out[outside], STRIPES[outside])
+        assert not np.array_equal(out[32:96, 32:96], STRIPES[32:96, 32:96])
+
+
+async def test_a_token_is_regenerated_when_any_pixel_of_its_patch_is_marked(pipe):
+    async with serve(pipe) as client:
+        one_pixel = await edit(client, mask(pixel=(40, 70)), blend="false")  # patch (row 2, col 1)
+        whole_patch = await edit(client, mask(box=(32, 64, 64, 96)), blend="false")
+        nothing = await edit(client, mask(), blend="false")
+        assert same_image(one_pixel, whole_patch)
+        assert not same_image(one_pixel, nothing)
+
+
+async def test_json_edit_with_base64_and_data_url_equals_multipart(pipe):
+    m = mask(box=(0, 0, 64, 64))
+    async with serve(pipe) as client:
+        multipart = await edit(client, m)
+        body = {"prompt": "a yellow star", "seed": 9, "steps": 4,
+                "image": "data:image/png;base64," + base64.b64encode(IMAGE).decode(),
+                "mask": base64.b64encode(m).decode()}
+        r = await client.post("/v1/edit", json=body)
+        assert r.status_code == 200, r.text
+        assert same_image(decode(r.json()["images"][0]["b64_json"]), multipart)
+
+
+async def test_white_on_transparent_mask_marks_only_opaque_white(pipe):
+    rgba = Image.new("RGBA", (128, 128), (255, 255, 255, 0))  # white but transparent: not marked
+    rgba.paste((255, 255, 255, 255), (0, 0, 64, 64))
+    async with serve(pipe) as client:
+        assert same_image(await edit(client, png_bytes(rgba)), await edit(client, mask(box=(0, 0, 64, 64))))
+
+
+async def test_openai_edit_uses_transparent_as_regenerate(pipe):
+    openai_mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
+    openai_mask.paste((0, 0, 0, 0), (0, 0, 64, 64))  # transparent = regenerate
+    with_alpha = Image.fromarray(STRIPES).convert("RGBA")
+    with_alpha.paste((0, 0, 0, 0), (0, 0, 64, 64))
+    async with serve(pipe) as client:
+        native = await edit(client, mask(box=(0, 0, 64, 64)))
+        fields = {"prompt": "a yellow star", "seed": "9", "steps": "4", "response_format": "b64_json"}
+        r = await client.post("/v1/images/edits", data=fields,
+                              files={"image": ("in.png", IMAGE, "image/png"),
+                                     "mask": ("mask.png", png_bytes(openai_mask), "image/png")})
+        assert r.status_code == 200, r.text
+        assert same_image(decode(r.json()["data"][0]["b64_json"]), native)
+        # Without a mask, the image's own transparency is the mask (OpenAI's rule); image[] is accepted.
+        r = await client.post("/v1/images/edits", data=fields,
+                              files={"image[]": ("in.png", png_bytes(with_alpha), "image/png")})
+        assert r.status_code == 200, r.text
+        out = decode(r.json()["data"][0]["b64_json"])
+        assert np.array_equal(out[64:, 64:], STRIPES[64:, 64:])

@@ -1,0 +1,44 @@
+"""Settings from the environment (prefix DCAR_) and their validation."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from server.settings import DEFAULT_WEIGHTS, REPO_ROOT, Settings, parse_size
+
+
+def test_defaults_point_at_the_embedded_weights():
+    s = Settings()
+    assert s.weights == str(DEFAULT_WEIGHTS) and DEFAULT_WEIGHTS == REPO_ROOT / "weights" / "dcar-tiny-shapes"
+    assert (s.host, s.port, s.api_keys, s.allowed_sizes) == ("127.0.0.1", 8000, [], [])
+
+
+def test_environment_lists_and_numbers(monkeypatch):
+    monkeypatch.setenv("DCAR_API_KEYS", "first-key-123, second-key-456")
+    monkeypatch.setenv("DCAR_ALLOWED_SIZES", '["512x512", "256X512"]')
+    monkeypatch.setenv("DCAR_MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("DCAR_WEIGHTS", "preset:tiny")
+    s = Settings()
+    assert s.api_keys == ["first-key-123", "second-key-456"]
+    assert s.allowed_sizes == ["512x512", "256x512"]
+    assert s.max_batch_size == 32 and s.weights == "preset:tiny"
+
+
+@pytest.mark.parametrize("field,value,text", [
+    ("max_batch_size", 0, "max_batch_size"),
+    ("allowed_sizes", "512", "WIDTHxHEIGHT"),
+    ("api_keys", "short", "at least 8"),
+    ("weights", "preset:", "preset name"),
+    ("max_queue", 2, "max_queue=2 is below max_n=8"),
+    ("unknown_knob", 1, "unknown_knob"),
+])
+def test_invalid_settings_name_the_field(field, value, text):
+    with pytest.raises(ValidationError, match=text):
+        Settings(**{field: value})
+
+
+def test_parse_size():
+    assert parse_size(" 512x256 ") == (512, 256)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_size("512*256")

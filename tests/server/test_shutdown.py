@@ -1,0 +1,92 @@
+"""SIGTERM drains a real ``dcar serve`` process: readiness 503, no new work, in-flight rows finish, exit 0.
+
+Also the ``dcar serve`` argument wiring (server/serve.py) that the CLI mounts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from server_harness import metric
+
+from server.serve import add_arguments, settings_from_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_flags_override_settings():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--weights", "preset:tiny", "--port", "9001", "--max-batch-size", "3",
+                              "--allowed-sizes", "128x128,64x64", "--api-key", "key-a-12345", "--api-key",
+                              "key-b-12345", "--no-warmup", "--request-timeout", "9"])
+    s = settings_from_args(args)
+    assert (s.weights, s.port, s.max_batch_size, s.warmup, s.request_timeout_s) == ("preset:tiny", 9001, 3, False, 9)
+    assert s.allowed_sizes == ["128x128", "64x64"] and s.api_keys == ["key-a-12345", "key-b-12345"]
+    assert settings_from_args(parser.parse_args([])).port == 8000
+
+
+def test_sigterm_drains_in_flight_rows_then_exits(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DCAR_DRAIN_TIMEOUT_S": "60"}
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--weights", "preset:tiny", "--port", str(port),
+                             "--allowed-sizes", "128x128,256x256", "--max-batch-size", "4", "--max-wait-ms", "0",
+                             "--log-level", "info"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, "server exited during startup"
+            time.sleep(0.1)
+        else:
+            raise AssertionError("server never became ready")
+
+        work = {"prompt": "drain me", "n": 4, "size": "256x256", "steps": 20}
+        with ThreadPoolExecutor(3) as pool:
+            inflight = [pool.submit(httpx.post, f"{url}/v1/generate", json={**work, "seed": 10 * i}, timeout=120)
+                        for i in range(3)]
+            while True:  # all three accepted (12 rows queued, running or done): they are in flight
+                text = httpx.get(f"{url}/metrics").text
+                accepted = sum(metric(text, name) for name in ("dcar_queue_size", "dcar_rows_running"))
+                if accepted + metric(text, "dcar_images_generated_total", task="generate") == 12:
+                    break
+                assert time.monotonic() < deadline + 120, "the requests were never accepted"
+                time.sleep(0.005)
+            assert accepted > 0, "the work finished before SIGTERM could be sent; make it longer"
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            ready = httpx.get(f"{url}/readyz", timeout=5)
+            assert ready.status_code == 503 and ready.json()["status"] == "draining"
+            refused = httpx.post(f"{url}/v1/generate", json={"prompt": "too late"}, timeout=5)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            responses = [f.result() for f in inflight]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert all(len(r.json()["images"]) == 4 for r in responses)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.seek(0)
+        print(log.read())
+        log.close()

@@ -1,0 +1,87 @@
+"""Acceptance 7: ``stream=true`` answers Server-Sent Events: one progress event per unmasking step, in order,
+with a small preview when asked, then the images; a client that leaves mid-stream has its rows dropped."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from server_harness import StepHook, decode, live_server, metric, same_image, serve
+
+pytestmark = pytest.mark.anyio
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+async def test_stream_sends_each_step_in_order_then_the_images(pipe):
+    async with serve(pipe) as client:
+        request = {"prompt": "streamed circle", "seed": 4, "steps": 7, "stream": True, "preview": True}
+        r = await client.post("/v1/generate", json=request)
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(r.text)
+        kinds = [kind for kind, _ in events]
+        assert kinds == ["progress"] * 7 + ["images"]
+        progress = [data for _, data in events[:-1]]
+        assert [p["step"] for p in progress] == list(range(1, 8))
+        assert all(p["steps"] == 7 and p["tokens"] == 16 and p["index"] == 0 for p in progress)
+        revealed = [p["revealed"] for p in progress]
+        assert revealed == sorted(revealed) and revealed[-1] == 16 and revealed[0] < 16
+        for p in progress:
+            preview = decode(p["preview"])
+            assert max(preview.shape[:2]) <= 64
+        final = events[-1][1]
+        streamed = decode(final["images"][0]["b64_json"])
+        plain = await client.post("/v1/generate", json={**request, "stream": False, "preview": False})
+        assert same_image(streamed, decode(plain.json()["images"][0]["b64_json"]))
+
+
+async def test_stream_without_preview_and_with_several_images(pipe):
+    async with serve(pipe) as client:
+        r = await client.post("/v1/generate", json={"prompt": "two", "n": 2, "steps": 3, "stream": True})
+        events = parse_sse(r.text)
+        progress = [d for k, d in events if k == "progress"]
+        assert len(progress) == 6 and all("preview" not in d for d in progress)
+        for index in (0, 1):
+            assert [d["step"] for d in progress if d["index"] == index] == [1, 2, 3]
+        assert events[-1][0] == "images" and len(events[-1][1]["images"]) == 2
+
+
+async def test_stream_reports_a_failure_as_an_error_event(pipe, monkeypatch):
+    def explode(state):
+        if state.rows[0].params.prompt == "fragile" and state.rows[0].step == 2:
+            raise RuntimeError("broke at step 3")
+
+    StepHook(pipe, monkeypatch, fail=explode)
+    async with serve(pipe) as client:
+        r = await client.post("/v1/generate", json={"prompt": "fragile", "steps": 5, "stream": True})
+        events = parse_sse(r.text)
+        assert [k for k, _ in events] == ["progress", "progress", "error"]
+        assert events[-1][1]["error"]["code"] == "internal_error"
+
+
+def test_leaving_a_stream_drops_the_rows(pipe, monkeypatch):
+    hook = StepHook(pipe, monkeypatch)
+    with live_server(pipe, max_wait_ms=0) as (url, app):
+        hook.delay, hook.calls = 0.05, []
+        with httpx.stream("POST", f"{url}/v1/generate", json={"prompt": "bye", "steps": 30, "stream": True},
+                          timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: progress"):
+                    break  # leave after the first step
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            text = httpx.get(f"{url}/metrics").text
+            if metric(text, "dcar_dropped_rows_total", reason="disconnected") == 1:
+                break
+            time.sleep(0.05)
+        assert metric(text, "dcar_dropped_rows_total", reason="disconnected") == 1
+        assert len(hook.calls) < 30
