@@ -82,14 +82,15 @@ class SimpleMLPAdaLN(nn.Module):
         return self.final_layer(x, y)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, uc: torch.Tensor,
-                         scale: torch.Tensor) -> torch.Tensor:
+                         scale: torch.Tensor, forward: Callable | None = None) -> torch.Tensor:
         """Both branches on the same x_t (M, C) in one batch; eps = (1 + s) eps_c - s eps_u per row.
 
         ``t`` is (M,) for both branches or (2M,) with the unconditional half's own timesteps (the
         official wrapper takes the doubled batch). The variance channels are the conditional branch's.
+        ``forward`` replaces the plain network call (e.g. by a compiled one).
         """
         t = t if t.shape[0] == 2 * x.shape[0] else torch.cat([t, t])
-        out = self.forward(torch.cat([x, x]), t, torch.cat([c, uc]))
+        out = (self.forward if forward is None else forward)(torch.cat([x, x]), t, torch.cat([c, uc]))
         cond, uncond = out.chunk(2)
         c_in = self.in_channels
         s = scale.to(out.dtype).view(-1, 1)
@@ -159,13 +160,15 @@ class DiffusionHead(nn.Module):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, noise: NoiseFn, uncond: torch.Tensor | None = None,
                guidance: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
-               steps: int | None = None) -> torch.Tensor:
+               steps: int | None = None, forward: Callable | None = None) -> torch.Tensor:
         """Ancestral sampling of residuals for conditions (M, Z); returns (M, C) multiplied by vae_scale.
 
         With ``uncond`` given, classifier-free guidance per row with ``guidance`` (M,). ``temperature``
         scales the per-step noise (scalar or (M,)). Noise is drawn through ``noise`` only, in the official
         order: one "init" draw, then one "step" draw per step (the last is multiplied by 0).
+        ``forward`` replaces the network call (e.g. a compiled ``net``).
         """
+        forward = self.net if forward is None else forward
         sched = self.schedule(steps)
         x = noise("init").to(cond.dtype)
         temp = torch.as_tensor(temperature, dtype=x.dtype, device=x.device).reshape(-1, 1)
@@ -173,9 +176,9 @@ class DiffusionHead(nn.Module):
         for i in reversed(range(sched.num_steps)):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
             if uncond is None:
-                out = self.net(x, tmap[t], cond)
+                out = forward(x, tmap[t], cond)
             else:
-                out = self.net.forward_with_cfg(x, tmap[t], cond, uncond, guidance)
+                out = self.net.forward_with_cfg(x, tmap[t], cond, uncond, guidance, forward=forward)
             mean, log_var, _ = sched.p_mean_variance(out, x, t, clip=True)
             z = noise("step").to(x.dtype)
             x = mean + (float(i != 0) * torch.exp(0.5 * log_var) * z * temp)

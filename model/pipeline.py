@@ -33,7 +33,7 @@ from model.config import (
 from model.images import mask_to_tensor, pil_to_tensor
 from model.loading import LoadError, default_dtype, find_weights, load_strict, parse_dtype, read_state_dict
 from model.params import EditSpec, RowResult, SamplingParams
-from model.sampler import Sampler
+from model.sampler import Sampler, SamplerOptions
 from model.text_encoder import TextEncoder
 from model.tokenizer import DCHT
 from model.transformer import DCARTransformer
@@ -74,7 +74,7 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig, tokenizer: DCHT, generator: DCARTransformer,
                  text_encoder: TextEncoder, name: str = "dcar", device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None):
+                 dtype: str | torch.dtype | None = None, options: SamplerOptions | None = None):
         self.config = config
         self.name = name
         self.device = torch.device(device)
@@ -84,34 +84,36 @@ class Pipeline:
         # T5 overflows in fp16 (known for the T5 family); it is small, so fp16 pipelines keep it in fp32.
         text_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
         self.text_encoder = text_encoder.to(self.device, text_dtype).eval().requires_grad_(False)
-        self.sampler = Sampler(self.generator, self.tokenizer, self.text_encoder)
+        self.sampler = Sampler(self.generator, self.tokenizer, self.text_encoder, options)
 
     # --- construction ------------------------------------------------------------------------------
 
     @classmethod
     def from_config(cls, config: PipelineConfig, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype | None = None, seed: int = 0, name: str = "random") -> Pipeline:
+                    dtype: str | torch.dtype | None = None, seed: int = 0, name: str = "random",
+                    options: SamplerOptions | None = None) -> Pipeline:
         """Randomly initialised modules (tests, training). The global RNG is left as it was."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # module initialisers only know the global generator
             tok, gen = DCHT(config.tokenizer), DCARTransformer(config.generator)
             text = TextEncoder.from_config(config.text_encoder)
-        return cls(config, tok, gen, text, name=name, device=device, dtype=dtype)
+        return cls(config, tok, gen, text, name=name, device=device, dtype=dtype, options=options)
 
     @classmethod
-    def load(cls, spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
-             ) -> Pipeline:
+    def load(cls, spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+             options: SamplerOptions | None = None) -> Pipeline:
         """``preset:NAME`` builds a randomly initialised preset (e.g. ``preset:tiny``); anything else is a path."""
         spec = str(spec)
         if spec.startswith("preset:"):
             name = spec.removeprefix("preset:")
-            return cls.from_config(pipeline_preset(name), device=device, dtype=dtype, name=f"{name}-random")
-        return cls.from_pretrained(spec, device=device, dtype=dtype)
+            return cls.from_config(pipeline_preset(name), device=device, dtype=dtype, name=f"{name}-random",
+                                   options=options)
+        return cls.from_pretrained(spec, device=device, dtype=dtype, options=options)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype | None = None, official_generator: GeneratorConfig = DC_AR_512,
-                        official_autoencoder: dict | None = None) -> Pipeline:
+                        official_autoencoder: dict | None = None, options: SamplerOptions | None = None) -> Pipeline:
         """Load a weights directory in our layout or the official one (detected by its files).
 
         The official layout carries no generator architecture (the official code takes it from its YAML):
@@ -122,11 +124,15 @@ class Pipeline:
         if not path.is_dir():
             raise LoadError(f"{path}: weights directory not found")
         if (path / INDEX).is_file():
-            return cls._from_ours(path, device, dtype)
-        if (path / OFFICIAL_DIRS["tokenizer"] / "config.json").is_file():
-            return cls._from_official(path, device, dtype, official_generator, official_autoencoder)
-        raise LoadError(f"{path}: neither {INDEX} (dcar layout) nor {OFFICIAL_DIRS['tokenizer']}/config.json "
-                        "(official layout) found; see weights/README.md")
+            pipe = cls._from_ours(path, device, dtype)
+        elif (path / OFFICIAL_DIRS["tokenizer"] / "config.json").is_file():
+            pipe = cls._from_official(path, device, dtype, official_generator, official_autoencoder)
+        else:
+            raise LoadError(f"{path}: neither {INDEX} (dcar layout) nor {OFFICIAL_DIRS['tokenizer']}/config.json "
+                            "(official layout) found; see weights/README.md")
+        if options is not None:
+            pipe.sampler = Sampler(pipe.generator, pipe.tokenizer, pipe.text_encoder, options)
+        return pipe
 
     @classmethod
     def _from_ours(cls, path: Path, device, dtype) -> Pipeline:

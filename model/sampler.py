@@ -32,6 +32,40 @@ from model.tokenizer import DCHT
 from model.transformer import DCARTransformer, TextKV
 
 
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How the sampler computes, never what: every combination gives the same tokens (tested).
+
+    ``cache_text_kv``: caption keys/values once per row (False: recomputed at every step, as the official
+    loop does). ``batch_cfg``: conditional and unconditional branches in one forward of 2B (False: two
+    forwards of B). ``compile``: ``torch.compile`` the transformer step and the head network.
+    """
+
+    cache_text_kv: bool = True
+    batch_cfg: bool = True
+    compile: bool = False
+
+
+@dataclass
+class Caption:
+    """Raw caption inputs of 2B interleaved rows, for the uncached path: states (2B, L, C), mask, drop."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    drop: torch.Tensor
+
+    def select(self, idx: list[int]) -> Caption:
+        return Caption(self.states[idx], self.mask[idx], self.drop[idx])
+
+    @staticmethod
+    def cat(parts: list[Caption]) -> Caption:
+        n = max(p.states.shape[1] for p in parts)
+        pad = [(torch.nn.functional.pad(p.states, (0, 0, 0, n - p.states.shape[1])),
+                torch.nn.functional.pad(p.mask, (0, n - p.mask.shape[1]))) for p in parts]
+        return Caption(torch.cat([s for s, _ in pad]), torch.cat([m for _, m in pad]),
+                       torch.cat([p.drop for p in parts]))
+
+
 @dataclass
 class Row:
     """Sampler-side state of one image."""
@@ -53,12 +87,13 @@ class Row:
 
 @dataclass
 class BatchState:
-    """A running batch. ``ids`` (B, L); ``text`` holds 2B interleaved rows (cond 2i, uncond 2i+1)."""
+    """A running batch. ``ids`` (B, L); ``text`` holds 2B interleaved rows (cond 2i, uncond 2i+1):
+    cached keys/values, or the raw captions when the sampler recomputes them every step."""
 
     grid: tuple[int, int]
     rows: list[Row]
     ids: torch.Tensor
-    text: TextKV
+    text: TextKV | Caption
     noise: RowNoise | OfficialOrderNoise
     predicted: torch.Tensor  # (B, L) the latest sampled ids, for previews
 
@@ -79,7 +114,7 @@ class BatchState:
             raise ValueError(f"cannot merge batches with token grids {a.grid} and {b.grid}")
         if not (isinstance(a.noise, RowNoise) and isinstance(b.noise, RowNoise)):
             raise ValueError("only per-row noise sources can be merged")
-        return BatchState(a.grid, a.rows + b.rows, torch.cat([a.ids, b.ids]), TextKV.cat([a.text, b.text]),
+        return BatchState(a.grid, a.rows + b.rows, torch.cat([a.ids, b.ids]), type(a.text).cat([a.text, b.text]),
                           RowNoise(a.noise.generators + b.noise.generators), torch.cat([a.predicted, b.predicted]))
 
 
@@ -95,10 +130,18 @@ class StepEvent:
 
 
 class Sampler:
-    def __init__(self, generator: DCARTransformer, tokenizer: DCHT, text_encoder: TextEncoder | None):
+    def __init__(self, generator: DCARTransformer, tokenizer: DCHT, text_encoder: TextEncoder | None,
+                 options: SamplerOptions | None = None):
         self.generator = generator
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.options = options or SamplerOptions()
+        self._forward = generator.forward
+        self._head_net = generator.diffloss.net
+        if self.options.compile:
+            # Batch size and caption length change between steps: one dynamic graph, not one per shape.
+            self._forward = torch.compile(generator.forward, dynamic=True)
+            self._head_net = torch.compile(generator.diffloss.net, dynamic=True)
 
     @property
     def device(self) -> torch.device:
@@ -143,7 +186,8 @@ class Sampler:
         valid = int(mask.sum(1).max())
         states, mask = states[:, :valid], mask[:, :valid]  # padding beyond the longest prompt is dead weight
         drop = torch.tensor([False, True], device=dev).repeat(n)
-        kv = self.generator.text_kv(states.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), drop)
+        caption = Caption(states.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), drop)
+        kv = self._text_kv(caption) if self.options.cache_text_kv else caption
         self._sync()
         for r in rows:
             r.add_time("text_encode", time.perf_counter() - t0)
@@ -180,10 +224,9 @@ class Sampler:
         temp, soft = temp.to(**f32), soft.to(**f32)
         last = torch.tensor([r.step == r.params.steps - 1 for r in rows], device=dev)
 
-        # Forward both branches as one batch of 2B; CFG on logits: cond + g (cond - uncond).
+        # Forward both branches (one batch of 2B); CFG on logits: cond + g (cond - uncond).
         state.noise.caption_dropout()
-        logits, hidden = self.generator(state.ids.repeat_interleave(2, 0), state.text, state.grid)
-        lc, lu = logits[0::2].float(), logits[1::2].float()
+        lc, lu, hidden = self._forward_cfg(state)
         logits = lc + g.view(-1, 1, 1) * (lc - lu)
         logits = logits / soft.view(-1, 1, 1)
 
@@ -213,9 +256,23 @@ class Sampler:
             r.step += 1
             r.add_time("unmask", dt)
             if r.done:
-                r.final_hidden = (hidden[2 * i].clone(), hidden[2 * i + 1].clone())
+                r.final_hidden = (hidden[0][i].clone(), hidden[1][i].clone())
             events.append(StepEvent(r.tag, r.step, r.params.steps, revealed[i], length))
         return events
+
+    def _text_kv(self, caption: Caption) -> TextKV:
+        return self.generator.text_kv(caption.states, caption.mask, caption.drop)
+
+    def _forward_cfg(self, state: BatchState):
+        """Cond and uncond logits (B, L, V) in fp32 and hidden states ((B, L, C), (B, L, C))."""
+        text = state.text if isinstance(state.text, TextKV) else self._text_kv(state.text)
+        if self.options.batch_cfg:
+            logits, hidden = self._forward(state.ids.repeat_interleave(2, 0), text, state.grid)
+            return logits[0::2].float(), logits[1::2].float(), (hidden[0::2], hidden[1::2])
+        b = len(state)
+        lc, hc = self._forward(state.ids, text.select(list(range(0, 2 * b, 2))), state.grid)
+        lu, hu = self._forward(state.ids, text.select(list(range(1, 2 * b, 2))), state.grid)
+        return lc.float(), lu.float(), (hc, hu)
 
     # --- 3. residuals and decoding -----------------------------------------------------------------
 
@@ -260,7 +317,7 @@ class Sampler:
 
             residual = self.generator.diffloss.sample(
                 cond, draw, uncond=uncond, guidance=g.repeat_interleave(length),
-                temperature=temp.repeat_interleave(length), steps=steps,
+                temperature=temp.repeat_interleave(length), steps=steps, forward=self._head_net,
             ).float().view(n, length, c)
             for j, r in enumerate(rows):
                 if r.edit is not None:  # known positions keep the input image's own residuals

@@ -41,7 +41,7 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], base_size: int) -> torc
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     emb = np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1)
-    return torch.from_numpy(emb).float().unsqueeze(0)
+    return torch.tensor(emb, dtype=torch.float32).unsqueeze(0)  # honours a torch.device("meta") context
 
 
 class Mlp(nn.Module):
