@@ -36,10 +36,21 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus
 
+# Headless Chromium (Debian's chromium package) for the playground's browser tests (tests/ui, Playwright
+# drives it through executable_path; Playwright's own browser download is never used).
+/usr/bin/chromium:
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium
+
+# docker-compose (Debian's) validates docker-compose.yml in tests/deploy; it needs no Docker engine.
+/usr/bin/docker-compose:
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends docker-compose
+
 serve: $(VENV)/.installed
 	$(BIN)/dcar serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-test /usr/bin/promtool
+test: $(VENV)/.installed-test /usr/bin/promtool /usr/bin/chromium /usr/bin/docker-compose
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test

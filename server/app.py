@@ -20,6 +20,7 @@ from model.pipeline import Pipeline
 from server.errors import error_body, install_handlers
 from server.routes import router
 from server.routes_openai import router as openai_router
+from server.routes_ui import router as ui_router
 from server.runtime import Runtime
 from server.settings import Settings
 
@@ -133,5 +134,6 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     install_handlers(app, runtime.metrics)
     app.include_router(router)
     app.include_router(openai_router)
+    app.include_router(ui_router)
     app.add_middleware(EdgeMiddleware, runtime=runtime)
     return app

@@ -10,6 +10,8 @@ as a CPU generation or a long queue (seconds).
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -22,6 +24,38 @@ TASKS = ("generate", "edit")
 REJECTIONS = ("invalid", "unauthorized", "too_large", "queue_full", "deadline", "not_ready", "draining")
 DROPS = ("disconnected", "deadline", "failed", "shutdown")
 FAILURES = ("error", "out_of_memory")
+
+
+class RecentRate:
+    """Events per second over a sliding window, kept in one-second buckets (memory bounded by the window).
+
+    Until the window has passed since creation, the rate is over the time elapsed so far, so a fresh server
+    does not under-report.
+    """
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self.clock = clock
+        self.started = clock()
+        self._buckets: deque[list[int]] = deque()  # [whole second, count], oldest first
+
+    def add(self, n: int = 1) -> None:
+        second = int(self.clock())
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += n
+        else:
+            self._buckets.append([second, n])
+        self._trim(second)
+
+    def rate(self) -> float:
+        now = self.clock()
+        self._trim(int(now))
+        span = min(self.window_s, max(now - self.started, 1.0))
+        return sum(count for _, count in self._buckets) / span
+
+    def _trim(self, second: int) -> None:
+        while self._buckets and self._buckets[0][0] <= second - self.window_s:
+            self._buckets.popleft()
 
 
 class Metrics:
@@ -65,6 +99,8 @@ class Metrics:
         self.ready = Gauge("dcar_ready", "1 when the server accepts work (loaded, warmed up, not draining).",
                            registry=r)
         self.model = Info("dcar_model", "The served model.", registry=r)
+        self.recent_images = RecentRate(60.0)  # for the playground's status strip (GET /v1/status)
+        self.occupied = (0, 0)  # (queued, running) as last set on the gauges, for the same strip
         # Every known label value exists from the start, so dashboards and alerts see zeros, not gaps.
         for stage in STAGES:
             self.stage_duration.labels(stage)
@@ -108,6 +144,7 @@ class Metrics:
         self.ready.set(1 if ready else 0)
 
     def occupancy(self, queued: int, running: int) -> None:
+        self.occupied = (queued, running)
         self.queue_size.set(queued)
         self.rows_running.set(running)
 
@@ -123,9 +160,18 @@ class Metrics:
 
     def row_finished(self, task: str, timings: dict[str, float]) -> None:
         self.images.labels(task).inc()
+        self.recent_images.add()
         for stage, seconds in timings.items():
             if stage in STAGES:
                 self.stage_duration.labels(stage).observe(seconds)
+
+    def load(self) -> dict[str, float]:
+        """What the playground's status strip shows: rows waiting and running (as on the gauges), and images
+        delivered per second over the last minute (``rate(dcar_images_generated_total[1m])`` computed
+        in-process, for clients without Prometheus)."""
+        queued, running = self.occupied
+        return {"queue_size": queued, "rows_running": running,
+                "images_per_second": round(self.recent_images.rate(), 4), "window_s": self.recent_images.window_s}
 
     def rows_dropped(self, reason: str, rows: int, wasted_seconds: float) -> None:
         self.dropped_rows.labels(reason).inc(rows)

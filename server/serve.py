@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accepted bearer key (repeatable); default: DCAR_API_KEYS, or no auth")
     parser.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, default=None,
                         help="report ready without the warm-up generations")
+    from server import ray_serve  # Ray itself is imported only by --ray
+
+    ray_serve.add_arguments(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -104,6 +107,10 @@ class DrainingServer(uvicorn.Server):
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM; 0 after a clean drain, 1 if the model failed to load, 2 for bad settings."""
+    if getattr(args, "ray", False):
+        from server import ray_serve
+
+        return ray_serve.run(args)
     try:
         settings = settings_from_args(args)
     except ValidationError as e:

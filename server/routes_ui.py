@@ -1,0 +1,74 @@
+"""The playground: the page at ``/``, its static files, and ``GET /v1/status`` for its status strip.
+
+The page is plain HTML, CSS and JavaScript modules from ``server/static/`` (no build step, no external
+assets), served with a Content-Security-Policy that allows nothing but this origin, so a deployment works
+offline and a string from the server can never run as code. Only the files listed in ``STATIC`` are served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from server.errors import ApiError
+from server.routes import Authorized, RuntimeDep
+
+router = APIRouter()
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC = {  # file name -> media type; nothing else is served
+    "index.html": "text/html; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "api.js": "text/javascript; charset=utf-8",
+    "gallery.js": "text/javascript; charset=utf-8",
+    "mask.js": "text/javascript; charset=utf-8",
+    "progress.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+HEADERS = {
+    # 'self' only: no CDN, no inline script; data:/blob: images are the generated PNGs and the uploads.
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
+                               "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",  # revalidate, so an upgraded server never runs an old script
+}
+
+
+def _file(name: str) -> FileResponse:
+    if name not in STATIC:
+        raise ApiError(404, "not_found", f"no static file {name!r}; the playground serves {', '.join(STATIC)}")
+    return FileResponse(STATIC_DIR / name, media_type=STATIC[name], headers=HEADERS)
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    """The playground page."""
+    return _file("index.html")
+
+
+@router.get("/ui/{name}", include_in_schema=False)
+async def static_file(name: str) -> FileResponse:
+    """The page's scripts, style sheet and icon (a fixed list: no paths, no directory listing)."""
+    return _file(name)
+
+
+@router.get("/v1/status", tags=["operations"])
+async def status(runtime: RuntimeDep, _: Authorized) -> dict:
+    """What the playground's status strip shows: readiness, model, device, queue, recent throughput, and the
+    sampling defaults and limits the page's inputs start from. 200 in every state (``status`` says which)."""
+    body: dict = {"status": runtime.status, "model": None, "device": None, "dtype": None,
+                  **runtime.metrics.load()}
+    if runtime.pipeline is not None and runtime.limits is not None:
+        info = runtime.pipeline.info()
+        body.update(model=info["name"], device=info["device"], dtype=info["dtype"])
+        lim, d = runtime.limits, runtime.pipeline.config.sampling
+        body["defaults"] = {"steps": d.steps, "guidance_scale": d.guidance_scale,
+                            "size": f"{lim.native[0]}x{lim.native[1]}"}
+        body["limits"] = {"sizes": [f"{w}x{h}" for w, h in lim.sizes], "max_steps": lim.max_steps,
+                          "max_guidance_scale": lim.max_guidance_scale, "max_prompt_chars": lim.max_prompt_chars,
+                          "max_prompt_tokens": lim.max_prompt_tokens}
+    return body
