@@ -97,6 +97,9 @@ class Engine:
         self.failure: str | None = None
         self._waiting: deque[Ticket] = deque()
         self._groups: list[BatchState] = []
+        # Rows of the iteration in flight (running groups + rows admitted into it); None between iterations.
+        # While the worker steps, admitted rows are in neither the queue nor _groups yet.
+        self._planned_rows: int | None = None
         self._jobs: set[Job] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcar-engine")
         self._stopping = False
@@ -194,6 +197,8 @@ class Engine:
 
     @property
     def running_rows(self) -> int:
+        if self._planned_rows is not None:
+            return self._planned_rows
         return sum(len(g) for g in self._groups)
 
     def _publish(self) -> None:
@@ -344,11 +349,13 @@ class Engine:
             self._groups = []
             self._publish()
             return None
-        self.metrics.occupancy(len(self._waiting), sum(v.size for v in views) + len(targets))
+        self._planned_rows = sum(v.size for v in views) + len(targets)
+        self.metrics.occupancy(len(self._waiting), self._planned_rows)
         return Plan(list(self._groups), keep, dict(admit), self.policy.cap)
 
     def _deliver(self, out: Outcome) -> bool:
         self._groups = out.groups
+        self._planned_rows = None
         for size in out.ooms:
             split = size > 1
             self.metrics.out_of_memory(split)

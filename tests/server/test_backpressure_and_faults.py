@@ -42,6 +42,26 @@ async def test_full_queue_answers_429_with_a_computed_retry_after(pipe, monkeypa
         assert (await client.post("/v1/generate", json={"prompt": "after", "steps": 2})).status_code == 200
 
 
+async def test_running_rows_stay_counted_while_new_requests_queue_mid_step(pipe, monkeypatch):
+    gate = threading.Event()
+    def hold(state):
+        if state.rows[0].params.prompt != "warm-up":
+            gate.wait(30)
+
+    StepHook(pipe, monkeypatch, fail=hold)
+    async with serve(pipe, max_batch_size=1, max_queue=4, max_n=1, max_wait_ms=0) as client:
+        running = asyncio.create_task(client.post("/v1/generate", json={"prompt": "runs", "steps": 2}))
+        while metric(await metrics_text(client), "dcar_rows_running") < 1:
+            await asyncio.sleep(0.01)
+        # A submission during the held step republishes the gauges; the admitted row is still running.
+        queued = asyncio.create_task(client.post("/v1/generate", json={"prompt": "waits", "steps": 2}))
+        while metric(await metrics_text(client), "dcar_queue_size") < 1:
+            await asyncio.sleep(0.01)
+        assert metric(await metrics_text(client), "dcar_rows_running") == 1
+        gate.set()
+        assert [t.status_code for t in await asyncio.gather(running, queued)] == [200, 200]
+
+
 async def test_a_deadline_that_cannot_be_met_is_refused_at_admission(pipe):
     async with serve(pipe) as client:
         r = await client.post("/v1/generate", json={"prompt": "hurry", "timeout": 0.0005})
