@@ -162,7 +162,7 @@ def main() -> None:
                     help="requests per level (default: max(16, 4 x concurrency))")
     ap.add_argument("--steps", type=int, default=None, help="unmasking steps per image (default: the model's)")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--max-wait-ms", type=float, default=0.0)
     ap.add_argument("--direct-images", type=int, default=32, help="images per direct-Pipeline measurement")
     ap.add_argument("--omp-wait-policy", default="PASSIVE",
                     help="OMP_WAIT_POLICY of the measured processes ('' keeps the environment's)")

@@ -191,7 +191,7 @@ async def encode_all(runtime: Runtime, results: list[RowResult], fmt: str, quali
         out = []
         for r in results:
             t0 = time.perf_counter()
-            data = encode_image(r.image, fmt, quality)
+            data = encode_image(r.image, fmt, quality, runtime.settings.png_compress_level)
             out.append((data, time.perf_counter() - t0))
         return out
 

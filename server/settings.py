@@ -59,7 +59,9 @@ class Settings(BaseSettings):
 
     # --- batching and backpressure -----------------------------------------------------------------
     max_batch_size: int = Field(16, ge=1, le=1024, description="rows (images) in flight at once")
-    max_wait_ms: float = Field(10.0, ge=0, le=60_000, description="how long an idle engine collects rows before starting")
+    # 0: an idle engine starts at once. Rows that arrive a moment later join the running batch at its next
+    # step (iteration-level batching), so waiting buys little batching and costs every idle request latency.
+    max_wait_ms: float = Field(0.0, ge=0, le=60_000, description="how long an idle engine collects rows before starting")
     max_queue: int = Field(256, ge=1, description="rows waiting for admission before 429")
     request_timeout_s: float = Field(120.0, gt=0, description="default deadline; a request may only shorten it")
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, how long in-flight rows may take to finish")
@@ -76,6 +78,7 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(16 * 2**20, ge=1024, description="413 above this (one uploaded image)")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="413 above this (decompression-bomb guard)")
     preview_size: int = Field(64, ge=8, le=1024, description="longest side of SSE preview images")
+    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of PNG outputs (1: fast, 9: small)")
     log_level: str = "info"
 
     @field_validator("api_keys", "allowed_sizes", mode="before")
