@@ -1,0 +1,56 @@
+"""The benchmark scripts run end to end at tiny sizes on CPU (how the GPU script is tested here).
+
+They print tables and assert nothing about speed; these tests check that they run, that every row of
+the table is there with finite numbers, and that the plot is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, *args: str) -> str:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table_rows(out: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_gpu_script_on_cpu_with_the_tiny_preset(tmp_path):
+    plot = tmp_path / "gpu.png"
+    out = run_script("gpu", "--tiny", "--device", "cpu", "--batches", "1,2", "--repeat", "1", "--plot", str(plot))
+    assert re.search(r"matmul ceiling \(256\^3, float32\): [0-9.]+ TFLOP/s", out)
+    assert re.search(r"FLOPs per image: unmask [0-9.]+ G, head [0-9.]+ G, decode [0-9.]+ G", out)
+    rows = table_rows(out, "eager") + table_rows(out, "compiled")
+    assert [(r[0], r[1]) for r in rows] == [("eager", "1"), ("eager", "2"), ("compiled", "1"), ("compiled", "2")]
+    for r in rows:
+        values = [float(v) for v in r[2:]]
+        assert all(v >= 0 and v == v for v in values)
+        assert float(r[3]) > 0  # images/s
+    assert "compiled / eager latency" in out
+    assert plot.stat().st_size > 1000
+
+
+def test_peers_script_at_toy_sizes(tmp_path):
+    plot = tmp_path / "peers.png"
+    out = run_script("peers", "--width", "64", "--depth", "1", "--heads", "2", "--codebook", "256", "--context", "32",
+                     "--head-depth", "1", "--decoder-div", "16", "--size", "64", "--batches", "1,2", "--repeat", "1",
+                     "--plot", str(plot))
+    names = ["DC-AR (12 + head)", "Sana-style (20 steps)", "MAR-style (64 + head each)"]
+    for name in names:
+        row = table_rows(out, name)[0]
+        assert len(row) == 5 and all(float(v) > 0 for v in row[1:])
+    assert re.search(r"DC-AR latency at batch 1 = [0-9.]+ x Sana-style", out)
+    assert plot.stat().st_size > 1000
