@@ -18,6 +18,7 @@ import torch
 
 from model.config import PIPELINE_PRESETS, T5_BASE
 from model.pipeline import Pipeline
+from model.sampler import Sampler, SamplerOptions
 
 STAGES = ("text_encode", "unmask", "residual", "decode")
 
@@ -45,24 +46,29 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
 
-    cases = [("tiny", s, b) for s in (256, 512) for b in (1, 8)]
+    # (preset, size, batch, channels-last decoder); the two 512 x 8 rows are the decoder-layout A/B.
+    cases = [("tiny", s, b, False) for s in (256, 512) for b in (1, 8)] + [("tiny", 512, 8, True)]
     if not args.no_full:
-        cases.append(("dc-ar-512", 512, 1))
+        cases.append(("dc-ar-512", 512, 1, False))
     pipes: dict[str, Pipeline] = {}
     rows = []
-    for preset, size, batch in cases:
+    for preset, size, batch, channels_last in cases:
         if preset not in pipes:
             cfg = PIPELINE_PRESETS[preset]
             if preset == "dc-ar-512":  # no T5 vocabulary here: a T5-base-sized encoder on bytes
                 cfg = replace(cfg, text_encoder=replace(T5_BASE, tokenizer="byt5", vocab_size=384))
             pipes[preset] = Pipeline.from_config(cfg, device=args.device, dtype=args.dtype, name=preset)
-        rows.append((preset, size, batch, measure(pipes[preset], size, batch, args.repeat)))
+        pipe = pipes[preset]
+        pipe.sampler = Sampler(pipe.generator, pipe.tokenizer, pipe.text_encoder,
+                               SamplerOptions(channels_last_decoder=channels_last))
+        rows.append((preset + (" (CL)" if channels_last else ""), size, batch,
+                     measure(pipe, size, batch, args.repeat)))
 
     pipe = next(iter(pipes.values()))
     print(f"# sampler benchmark: device={pipe.device} dtype={str(pipe.dtype).replace('torch.', '')} "
           f"threads={torch.get_num_threads()} torch={torch.__version__} cpu={platform.processor() or platform.machine()}")
     print("# 12 unmasking steps, CFG 4.5; head steps = preset default (tiny 8, dc-ar-512 32); median of "
-          f"{args.repeat} runs; stage times are per batch (every row shares them)")
+          f"{args.repeat} runs; stage times are per batch (every row shares them); (CL) = channels-last decoder")
     head = (f"| {'preset':<10} | {'size':>4} | {'batch':>5} | {'text ms':>8} | {'unmask ms':>9} | {'head ms':>8} "
             f"| {'decode ms':>9} | {'total ms':>9} | {'images/s':>8} |")
     print(head)

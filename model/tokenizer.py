@@ -36,8 +36,11 @@ class DCHT(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Any decoder input (B, C, h, w) -> images (B, 3, 32h, 32w), not clamped."""
-        dtype = next(self.decoder.parameters()).dtype
-        return self.decoder(latent.to(dtype))
+        weight = self.decoder.project_in.main.conv.weight
+        # Follow the decoder's memory format (channels-last when the sampler asked for it).
+        fmt = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and \
+            not weight.is_contiguous() else torch.contiguous_format
+        return self.decoder(latent.to(weight.dtype).contiguous(memory_format=fmt)).contiguous()
 
     def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int],
                       residual: torch.Tensor | None = None) -> torch.Tensor:

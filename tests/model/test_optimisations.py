@@ -37,7 +37,8 @@ def plain_results():
 
 
 @pytest.mark.parametrize("options", [SamplerOptions(), SamplerOptions(cache_text_kv=False),
-                                     SamplerOptions(batch_cfg=False)], ids=["default", "no-kv-cache", "no-cfg-batch"])
+                                     SamplerOptions(batch_cfg=False), SamplerOptions(channels_last_decoder=True)],
+                         ids=["default", "no-kv-cache", "no-cfg-batch", "channels-last-decoder"])
 def test_kv_cache_and_cfg_batching_keep_outputs(plain_results, options):
     pipe = _pipe(options)
     _assert_same(pipe.generate(_rows(pipe)), plain_results)
