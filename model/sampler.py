@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -121,6 +122,19 @@ class BatchState:
                           RowNoise(a.noise.generators + b.noise.generators), torch.cat([a.predicted, b.predicted]))
 
 
+@contextmanager
+def _restore_rng_on_error(state: BatchState):
+    """Snapshot the rows' generators; put them back if the block raises (no half-consumed randomness)."""
+    gens = state.noise.generators if isinstance(state.noise, RowNoise) else []
+    saved = [g.get_state() for g in gens]
+    try:
+        yield
+    except BaseException:
+        for g, s in zip(gens, saved):
+            g.set_state(s)
+        raise
+
+
 @dataclass(frozen=True)
 class StepEvent:
     """Progress of one row after a step: ``step`` of ``steps`` done, ``revealed`` tokens fixed so far."""
@@ -213,7 +227,15 @@ class Sampler:
 
     @torch.inference_mode()
     def step(self, state: BatchState) -> list[StepEvent]:
-        """Advance every unfinished row by one unmasking step."""
+        """Advance every unfinished row by one unmasking step.
+
+        Atomic: if it raises (e.g. CUDA out of memory), the batch and its random generators are as they were,
+        so a retry (or the halves of a split batch) gives the same images.
+        """
+        with _restore_rng_on_error(state):
+            return self._step(state)
+
+    def _step(self, state: BatchState) -> list[StepEvent]:
         t0 = time.perf_counter()
         dev, rows = self.device, state.rows
         b, length = state.ids.shape
@@ -251,17 +273,20 @@ class Sampler:
         new_ids = torch.where(last.unsqueeze(1), sampled, remasked)
         # A row with nothing left to generate (an edit whose mask covers no token) keeps its ids.
         new_ids = torch.where(is_mask.any(dim=1, keepdim=True), new_ids, state.ids)
-        state.ids, state.predicted = new_ids, sampled
-
-        events = []
         revealed = (new_ids != mask_id).sum(dim=1).tolist()
+        finals = {i: (hidden[0][i].clone(), hidden[1][i].clone())
+                  for i, r in enumerate(rows) if r.step + 1 >= r.params.steps}
         self._sync()
         dt = time.perf_counter() - t0
+
+        # Commit: nothing above changed the batch, so a failure before this point leaves it as it was.
+        state.ids, state.predicted = new_ids, sampled
+        events = []
         for i, r in enumerate(rows):
             r.step += 1
             r.add_time("unmask", dt)
-            if r.done:
-                r.final_hidden = (hidden[0][i].clone(), hidden[1][i].clone())
+            if i in finals:
+                r.final_hidden = finals[i]
             events.append(StepEvent(r.tag, r.step, r.params.steps, revealed[i], length))
         return events
 
@@ -285,8 +310,12 @@ class Sampler:
     def finish(self, state: BatchState) -> tuple[list[RowResult], BatchState]:
         """Run the head and the decoder for rows that took their last step.
 
-        Returns their results and the batch without them (the running rows keep going).
+        Returns their results and the batch without them (the running rows keep going). Atomic like ``step``.
         """
+        with _restore_rng_on_error(state):
+            return self._finish(state)
+
+    def _finish(self, state: BatchState) -> tuple[list[RowResult], BatchState]:
         done = [i for i, r in enumerate(state.rows) if r.done]
         if not done:
             return [], state

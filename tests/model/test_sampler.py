@@ -172,3 +172,29 @@ def test_invalid_params_name_the_field():
         SamplingParams("a", guidance_decay="cosine")
     with pytest.raises(ValueError, match="steps"):
         SamplingParams("a", steps=0)
+
+
+def test_a_step_that_fails_leaves_the_batch_and_its_randomness_as_they_were(tiny_pipe):
+    params = [tiny_pipe.params("a red circle", seed=12), tiny_pipe.params("b", seed=13)]
+    sampler = tiny_pipe.sampler
+    state = sampler.start(params, tags=[0, 1])
+    sampler.step(state)
+    draw = state.noise.uniform
+
+    def fail_after_drawing(kind, shape, device):
+        out = draw(kind, shape, device)  # the token noise is drawn (the generators advance) ...
+        if kind == "confidence":
+            raise RuntimeError("CUDA out of memory (simulated)")  # ... then the step fails
+        return out
+
+    state.noise.uniform = fail_after_drawing
+    ids_before = state.ids.clone()
+    with pytest.raises(RuntimeError, match="simulated"):
+        sampler.step(state)
+    assert torch.equal(state.ids, ids_before) and [r.step for r in state.rows] == [1, 1]
+    del state.noise.uniform
+    while len(state):
+        sampler.step(state)
+        done, state = sampler.finish(state)
+    expected = tiny_pipe.generate([params[1]])[0]
+    assert torch.equal(done[1].tokens, expected.tokens)
