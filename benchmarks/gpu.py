@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 
 import torch
+from plotting import latency_throughput_plot  # benchmarks/ is on sys.path when a script runs
 
 from model.config import PIPELINE_PRESETS, T5_BASE
 from model.flops import image_flops
@@ -129,29 +130,8 @@ def main() -> None:
             o = next(m for mode, bb, m in rows if mode == modes[1] and bb == b)
             print(f"batch {b}: {modes[1]} / {modes[0]} latency = {o['wall'] / e['wall']:.2f}")
     if args.plot:
-        plot(rows, modes, batches, args.plot)
-
-
-def plot(rows, modes, batches, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in modes:
-        ms = [m for md, _, m in rows if md == mode]
-        ax1.plot(batches, [m["wall"] for m in ms], marker="o", label=mode)
-        ax2.plot(batches, [m["img_s"] for m in ms], marker="o", label=mode)
-    ax1.set(xlabel="batch size", ylabel="seconds per batch", title="latency", xscale="log", yscale="log")
-    ax2.set(xlabel="batch size", ylabel="images / s", title="throughput", xscale="log")
-    for ax in (ax1, ax2):
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.grid(True, alpha=0.3)
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"plot: {path}")
+        series = {mode: {b: m["wall"] for md, b, m in rows if md == mode} for mode in modes}
+        latency_throughput_plot(series, args.plot, f"DC-AR {size}px on {device}, {str(dtype).replace('torch.', '')}")
 
 
 if __name__ == "__main__":

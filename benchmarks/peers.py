@@ -23,6 +23,7 @@ import time
 from dataclasses import replace
 
 import torch
+from plotting import latency_throughput_plot  # benchmarks/ is on sys.path when a script runs
 
 from model.config import DC_AR_512, DC_HT, DecoderConfig, DiffusionHeadConfig, EncoderConfig, GeneratorConfig
 from model.maskgit import masked_after_step
@@ -199,29 +200,8 @@ def main() -> None:
     for s in systems[1:]:
         print(f"DC-AR latency at batch {b1} = {base[b1] / results[s.name][b1]:.2f} x {s.name}")
     if args.plot:
-        plot(results, batches, args.plot, f"{args.size}px, width {gen_cfg.hidden_size}, depth {gen_cfg.num_layers}")
-
-
-def plot(results, batches, path, subtitle) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, r in results.items():
-        ax1.plot(batches, [r[b] for b in batches], marker="o", label=name)
-        ax2.plot(batches, [b / r[b] for b in batches], marker="o", label=name)
-    ax1.set(xlabel="batch size", ylabel="seconds per batch", title="latency", xscale="log", yscale="log")
-    ax2.set(xlabel="batch size", ylabel="images / s", title="throughput", xscale="log")
-    for ax in (ax1, ax2):
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.grid(True, alpha=0.3)
-    ax2.legend()
-    fig.suptitle(f"DC-AR vs peers ({subtitle})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    print(f"plot: {path}")
+        latency_throughput_plot(results, args.plot, f"DC-AR vs peers ({args.size}px, width {gen_cfg.hidden_size}, "
+                                f"depth {gen_cfg.num_layers})")
 
 
 if __name__ == "__main__":

@@ -20,5 +20,6 @@ def run(args: argparse.Namespace) -> int:
         names = sorted(p.stem for p in (REPO_ROOT / "benchmarks").glob("*.py"))
         raise SystemExit(f"dcar bench: no benchmark {args.name!r}; available: {names}")
     sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(script.parent))  # as `python benchmarks/NAME.py` would: scripts share helpers there
     runpy.run_path(str(script), run_name="__main__")
     return 0

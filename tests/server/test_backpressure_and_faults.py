@@ -16,13 +16,20 @@ from server_harness import StepHook, decode, live_server, metric, metrics_text, 
 pytestmark = pytest.mark.anyio
 
 
-async def test_full_queue_answers_429_with_a_computed_retry_after(pipe, monkeypatch):
+def hold_engine(pipe, monkeypatch) -> threading.Event:
+    """Every step after warm-up waits for the returned event: the running row holds the engine until set."""
     gate = threading.Event()
-    def hold(state):  # the running row holds the engine until released
+
+    def hold(state):
         if state.rows[0].params.prompt != "warm-up":
             gate.wait(30)
 
     StepHook(pipe, monkeypatch, fail=hold)
+    return gate
+
+
+async def test_full_queue_answers_429_with_a_computed_retry_after(pipe, monkeypatch):
+    gate = hold_engine(pipe, monkeypatch)
     async with serve(pipe, max_batch_size=1, max_queue=2, max_n=1, max_wait_ms=0) as client:
         running = asyncio.create_task(client.post("/v1/generate", json={"prompt": "runs", "steps": 3}))
         while metric(await metrics_text(client), "dcar_rows_running") < 1:
@@ -43,12 +50,7 @@ async def test_full_queue_answers_429_with_a_computed_retry_after(pipe, monkeypa
 
 
 async def test_running_rows_stay_counted_while_new_requests_queue_mid_step(pipe, monkeypatch):
-    gate = threading.Event()
-    def hold(state):
-        if state.rows[0].params.prompt != "warm-up":
-            gate.wait(30)
-
-    StepHook(pipe, monkeypatch, fail=hold)
+    gate = hold_engine(pipe, monkeypatch)
     async with serve(pipe, max_batch_size=1, max_queue=4, max_n=1, max_wait_ms=0) as client:
         running = asyncio.create_task(client.post("/v1/generate", json={"prompt": "runs", "steps": 2}))
         while metric(await metrics_text(client), "dcar_rows_running") < 1:
