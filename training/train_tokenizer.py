@@ -1,0 +1,385 @@
+"""DC-HT tokenizer training: the paper's three-stage adaptation (MODEL_SPEC section 1.4).
+
+1. continuous warm-up: encoder + decoder as a plain autoencoder on the l2-normalised latent;
+2. discrete learning: the decoder sees only the straight-through codewords; codebook loss
+   ||sg(z) - e||^2 and commitment beta ||z - sg(e)||^2 (beta = 0.25) train the codebook and encoder;
+3. alternate fine-tuning: encoder and codebook frozen, the decoder trained on the continuous path with
+   probability ``continuous_prob`` and on the codewords otherwise, with a PatchGAN (hinge) added in the
+   second part of the stage.
+
+Every stage uses L1 + L2 pixel losses on random crops (``SceneCrops``). Each stage has its own AdamW
+and warm-up + cosine schedule; the checkpoint records the stage and step, so an interrupted run resumes
+inside the stage it was in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model.tokenizer import DCHT
+from training import distributed as dist_utils
+from training.dataset import EVAL_STREAM, image_to_tensor, stream_rng
+from training.distributed import Dist
+from training.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, psnr, reconstruction_loss
+from training.presets import TrainPreset
+from training.runlog import (
+    CheckpointTimer,
+    CsvLog,
+    autocast,
+    is_done,
+    load_checkpoint,
+    lr_at,
+    mark_done,
+    progress,
+    save_checkpoint,
+    save_grid,
+    set_lr,
+)
+from training.scenes import caption, render, sample_scene
+from training.streams import SceneCrops
+
+STAGES = ("continuous", "discrete", "alternate")
+COLUMNS = ["step", "stage", "lr", "loss", "l1", "l2", "psnr", "codebook", "commit", "usage", "restarted",
+           "path", "g_loss", "d_loss", "sec"]
+VAL_COLUMNS = ["step", "stage", "psnr_continuous", "psnr_discrete"]
+
+
+@dataclass
+class RunOptions:
+    """How to run (not what to train): precision, checkpoint cadence, an early stop for tests."""
+
+    seed: int = 0
+    precision: str = "bf16"
+    checkpoint_minutes: float = 5.0
+    checkpoint_every: int = 0  # also every this many steps (0: time only)
+    sample_minutes: float = 10.0
+    stop_at: int | None = None  # stop (with a checkpoint) once this global step is reached
+    progress_bar: bool = True
+
+
+class _Autoencode(nn.Module):
+    """Stages 1-2 as one module for DDP: image -> (reconstruction, codebook loss, commitment loss, ids)."""
+
+    def __init__(self, tok: DCHT, precision: str):
+        super().__init__()
+        self.tok, self.precision = tok, precision
+
+    def forward(self, x: torch.Tensor, discrete: bool):
+        with autocast(x.device, self.precision):
+            z = self.tok.encoder(x)
+        with torch.autocast(x.device.type, enabled=False):  # the lookup runs in fp32 (MODEL_SPEC 1.1)
+            if discrete:
+                q = self.tok.quantize(z.float())
+                latent, cb, commit, ids = q.quantized, q.codebook_loss, q.commitment_loss, q.indices
+            else:
+                latent = self.tok.quantize.normalize(z)
+                cb = commit = torch.zeros((), device=x.device)
+                ids = None
+        with autocast(x.device, self.precision):
+            rec = self.tok.decoder(latent.contiguous(memory_format=torch.channels_last))
+        return rec.float(), cb, commit, ids, latent
+
+
+def _val_images(seed: int, n: int, size: int) -> torch.Tensor:
+    """The first ``n`` scenes of the evaluation stream (the same as ``write_eval_split``'s first n)."""
+    rng = stream_rng(seed, EVAL_STREAM)
+    out = []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        caption(scene, rng)
+        out.append(image_to_tensor(render(scene, size)))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def reconstruct(tok: DCHT, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """fp32, eval-mode reconstructions of the continuous and discrete paths."""
+    modes = {m: m.training for m in tok.modules()}
+    tok.eval()
+    q = tok.encode(images)
+    out = {"continuous": tok.decode(q.normalized).float(), "discrete": tok.decode(q.codewords).float()}
+    for m, mode in modes.items():
+        m.training = mode
+    return out
+
+
+class TokenizerTrainer:
+    def __init__(self, preset: TrainPreset, run_dir: Path, d: Dist, opts: RunOptions):
+        self.preset, self.recipe, self.run_dir, self.d, self.opts = preset, preset.tokenizer, run_dir, d, opts
+        cfg = preset.pipeline.tokenizer
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(opts.seed)  # module initialisers only know the global generator
+            self.tok = DCHT(cfg)
+            self.disc = PatchDiscriminator(cfg.in_channels, self.recipe.disc_ndf)
+        self.tok.to(d.device, memory_format=torch.channels_last)
+        self.disc.to(d.device)
+        r = self.recipe
+        self.data = SceneCrops(opts.seed, d.rank, r.render_size, r.crop, r.crops_per_image)
+        self.gen = torch.Generator().manual_seed(opts.seed * 1000 + d.rank)
+        self.stage, self.step = 0, 0  # step within the stage
+        self.opt: torch.optim.Optimizer | None = None
+        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=r.disc_lr, betas=(0.5, 0.9))
+        self.usage = torch.zeros(cfg.codebook_size, dtype=torch.long, device=d.device)
+        self.val = _val_images(opts.seed, r.val_images, r.render_size).to(d.device)
+        self.elapsed_before, self.session_start = 0.0, time.monotonic()
+
+    def elapsed(self) -> float:
+        """Wall seconds spent training this run, over every session."""
+        return self.elapsed_before + time.monotonic() - self.session_start
+
+    # --- bookkeeping --------------------------------------------------------------------------------
+
+    @property
+    def global_step(self) -> int:
+        return sum(self.recipe.stage_steps[: self.stage]) + self.step
+
+    def _make_optimizer(self, stage: int) -> torch.optim.Optimizer:
+        tok, r = self.tok, self.recipe
+        if stage == 0:
+            params = list(tok.encoder.parameters()) + list(tok.decoder.parameters())
+        elif stage == 1:
+            params = list(tok.parameters())
+        else:
+            params = list(tok.decoder.parameters())
+        train = {id(p) for p in params}
+        for p in tok.parameters():
+            p.requires_grad_(id(p) in train)
+        return torch.optim.AdamW(params, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        ranks = dist_utils.gather_objects({
+            "data": self.data.state(), "torch": self.gen.get_state(), "usage": self.usage.cpu(),
+            "checksum": dist_utils.checksum(self.tok)})
+        return {"kind": "tokenizer", "preset": self.preset.to_dict(), "stage": self.stage, "step": self.step,
+                "model": self.tok.state_dict(), "optimizer": self.opt.state_dict(),
+                "disc": self.disc.state_dict(), "disc_optimizer": self.disc_opt.state_dict(), "ranks": ranks,
+                "elapsed": self.elapsed()}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.tok.load_state_dict(ckpt["model"])
+        self.disc.load_state_dict(ckpt["disc"])
+        self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
+        self.stage, self.step = ckpt["stage"], ckpt["step"]
+        self.elapsed_before = ckpt.get("elapsed", 0.0)
+        self.opt = self._make_optimizer(self.stage)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        ranks = ckpt["ranks"]
+        if self.d.rank < len(ranks):
+            mine = ranks[self.d.rank]
+            self.data.load_state(mine["data"])
+            self.gen.set_state(mine["torch"])
+            self.usage.copy_(mine["usage"].to(self.usage.device))
+
+    def save(self) -> None:
+        state = self.state_dict()  # every rank takes part in gathering the random states
+        if self.d.main:
+            save_checkpoint(self.run_dir, state)
+
+    # --- stage-2 codebook care ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _latents(self, batches: int) -> torch.Tensor:
+        """Normalised encoder latents of a few training batches, (N, C)."""
+        zs = []
+        for _ in range(batches):
+            x = self.data.next_batch(self.recipe.batch).to(self.d.device, memory_format=torch.channels_last)
+            with autocast(self.d.device, self.opts.precision):
+                z = self.tok.encoder(x)
+            zs.append(self.tok.quantize.normalize(z).permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+        return torch.cat(zs)
+
+    @torch.no_grad()
+    def _seed_codes(self, which: torch.Tensor, latents: torch.Tensor) -> None:
+        """Set codebook rows ``which`` to random latents (rank 0's draw, broadcast), and forget their moments."""
+        pick = torch.randint(0, latents.shape[0], (len(which),), generator=self.gen).to(latents.device)
+        noise = 0.01 * torch.randn(len(which), latents.shape[1], generator=self.gen).to(latents.device)
+        weight = self.tok.quantize.embedding.weight
+        weight[which] = F.normalize(latents[pick] + noise, dim=-1).to(weight.dtype)
+        dist_utils.broadcast_module(self.tok.quantize)
+        state = self.opt.state.get(weight, {}) if self.opt is not None else {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][which] = 0
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        r, d, opts = self.recipe, self.d, self.opts
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = load_checkpoint(self.run_dir)
+        if ckpt is not None:
+            self.load_state_dict(ckpt)
+        elif self.opt is None:
+            self.opt = self._make_optimizer(0)
+        log = CsvLog(self.run_dir / "losses.csv", COLUMNS, self.global_step if ckpt else None) if d.main else None
+        val_log = CsvLog(self.run_dir / "val.csv", VAL_COLUMNS, self.global_step if ckpt else None) if d.main else None
+        bar = progress(r.total_steps, self.global_step, "tokenizer", d.main and opts.progress_bar)
+        timer, sampler_timer = CheckpointTimer(opts.checkpoint_minutes, opts.checkpoint_every), CheckpointTimer(
+            opts.sample_minutes)
+        t_start = time.monotonic()
+        while self.stage < len(STAGES):
+            model = self._wrap()
+            steps = r.stage_steps[self.stage]
+            while self.step < steps:
+                if opts.stop_at is not None and self.global_step >= opts.stop_at:
+                    self.save()
+                    bar.close()
+                    return {"stopped_at": self.global_step}
+                t0 = time.perf_counter()
+                row = self._train_step(model)
+                self.step += 1
+                bar.update(1)
+                if log is not None:
+                    log.write({"step": self.global_step, "stage": self.stage + 1, "sec": time.perf_counter() - t0,
+                               **row})
+                    bar.set_postfix(stage=self.stage + 1, loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}")
+                if sampler_timer.due(self.global_step) or self.step == steps:
+                    self._sample(val_log)
+                    sampler_timer.reset()
+                if dist_utils.agree(timer.due(self.global_step), d.device) and self.step < steps:
+                    self.save()
+                    timer.reset()
+            self.stage, self.step = self.stage + 1, 0
+            if self.stage < len(STAGES):
+                self.opt = self._make_optimizer(self.stage)
+                if self.stage == 1:  # codebook from encoder latents, not the official uniform +-1/N
+                    per_batch = r.batch * (r.crop // self.tok.compression) ** 2
+                    latents = self._latents(-(-self.tok.cfg.codebook_size // per_batch) + 1)
+                    self._seed_codes(torch.arange(self.tok.cfg.codebook_size, device=d.device), latents)
+            else:
+                self.stage, self.step = len(STAGES) - 1, steps  # the final checkpoint is "stage 3 done"
+                self.save()
+                break
+            self.save()
+            timer.reset()
+        bar.close()
+        summary = {"steps": r.total_steps, "seconds_this_session": time.monotonic() - t_start,
+                   "seconds": self.elapsed()}
+        if d.main:
+            mark_done(self.run_dir, summary)
+        return summary
+
+    def _wrap(self) -> nn.Module:
+        if self.stage < 2:
+            self.tok.train()
+            module: nn.Module = _Autoencode(self.tok, self.opts.precision)
+        else:
+            self.tok.encoder.eval()
+            self.tok.decoder.train()
+            module = self.tok.decoder
+        if self.d.enabled:
+            ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+            module = DDP(module, device_ids=ids)
+        return module
+
+    def _train_step(self, model: nn.Module) -> dict[str, float]:
+        r, d, stage = self.recipe, self.d, self.stage
+        lr = lr_at(self.step, r.stage_steps[stage], r.lr * r.stage_lr[stage], r.warmup, r.min_lr_ratio)
+        set_lr(self.opt, lr)
+        x = self.data.next_batch(r.batch).to(d.device, memory_format=torch.channels_last)
+        row: dict[str, float] = {"lr": lr}
+        ids = None
+        if stage < 2:
+            rec, cb, commit, ids, _ = model(x, stage == 1)
+            loss, parts = reconstruction_loss(rec, x, r.l1_weight, r.l2_weight)
+            if stage == 1:
+                loss = loss + r.codebook_weight * cb + self.tok.cfg.commit_loss_beta * commit
+            row.update(codebook=cb.item(), commit=commit.item())
+        else:
+            continuous = bool(torch.rand((), generator=self.gen) < r.continuous_prob)
+            with torch.no_grad():
+                with autocast(d.device, self.opts.precision):
+                    z = self.tok.encoder(x)
+                q = self.tok.quantize(z.float())
+                latent = q.normalized if continuous else q.codewords
+            with autocast(d.device, self.opts.precision):
+                rec = model(latent.contiguous(memory_format=torch.channels_last)).float()
+            loss, parts = reconstruction_loss(rec, x, r.l1_weight, r.l2_weight)
+            row["path"] = 0.0 if continuous else 1.0
+            if self.step >= r.disc_start * r.stage_steps[2]:
+                self.disc.requires_grad_(False)
+                g_loss = hinge_g_loss(self._disc(rec))
+                loss = loss + r.disc_weight * g_loss
+                row["g_loss"] = g_loss.item()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
+        self.opt.step()
+        if ids is not None:
+            self._track_usage(ids, row)  # after the step: a restart rewrites codebook rows in place
+        if stage == 2 and self.step >= r.disc_start * r.stage_steps[2]:
+            row["d_loss"] = self._disc_step(x, rec.detach())
+        row.update(loss=loss.item(), psnr=psnr(rec.detach(), x).mean().item(), **parts)
+        return dist_utils.mean_scalars(row, d.device)
+
+    def _disc(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.d.device, self.opts.precision):
+            return self.disc(images).float()
+
+    def _disc_step(self, real: torch.Tensor, fake: torch.Tensor) -> float:
+        self.disc.requires_grad_(True)
+        d_loss = hinge_d_loss(self._disc(real.contiguous()), self._disc(fake.contiguous()))
+        self.disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        if self.d.enabled:  # the discriminator is small: average its gradients by hand, no second DDP
+            for p in self.disc.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.d.world
+        self.disc_opt.step()
+        return d_loss.item()
+
+    def _track_usage(self, ids: torch.Tensor, row: dict[str, float]) -> None:
+        r = self.recipe
+        self.usage += torch.bincount(ids.flatten(), minlength=self.usage.numel())
+        row["usage"] = float((self.usage > 0).float().mean())
+        row["restarted"] = 0.0
+        if r.restart_every and (self.step + 1) % r.restart_every == 0:
+            usage = self.usage.clone()
+            if self.d.enabled:
+                torch.distributed.all_reduce(usage)
+            dead = torch.nonzero(usage == 0).flatten()
+            if len(dead) and self.step < r.restart_until * r.stage_steps[1]:
+                self._seed_codes(dead, self._latents(1))
+                row["restarted"] = float(len(dead))
+            self.usage.zero_()
+
+    @torch.no_grad()
+    def _sample(self, val_log: CsvLog | None) -> None:
+        """Reconstructions of the fixed images (rows: input, continuous, discrete) and their PSNR (rank 0)."""
+        if val_log is None:
+            return
+        rec = reconstruct(self.tok, self.val)
+        row = {"step": self.global_step, "stage": self.stage + 1,
+               "psnr_continuous": psnr(rec["continuous"], self.val).mean().item(),
+               "psnr_discrete": psnr(rec["discrete"], self.val).mean().item()}
+        val_log.write(row)
+        save_grid([self.val, rec["continuous"], rec["discrete"]],
+                  self.run_dir / "samples" / f"tokenizer-{self.global_step:06d}.png")
+
+
+def train_tokenizer(preset: TrainPreset, run_dir: str | Path, d: Dist, opts: RunOptions) -> dict[str, Any]:
+    """Run (or resume, or skip when already done) the three stages into ``run_dir``."""
+    run_dir = Path(run_dir)
+    if is_done(run_dir):
+        return {"skipped": "done"}
+    return TokenizerTrainer(preset, run_dir, d, opts).run()
+
+
+def load_trained_tokenizer(run_dir: str | Path, preset: TrainPreset) -> DCHT:
+    """The tokenizer of a finished (or interrupted) run, in eval mode on the CPU."""
+    ckpt = load_checkpoint(Path(run_dir))
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no tokenizer checkpoint")
+    tok = DCHT(preset.pipeline.tokenizer)
+    tok.load_state_dict(ckpt["model"])
+    return tok.eval()
