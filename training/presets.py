@@ -75,7 +75,7 @@ class GeneratorRecipe:
     image_size: int = 256
     shard_size: int = 500
     batch: int = 64  # per rank
-    steps: int = 4000
+    steps: int = 12000
     lr: float = 1e-3
     text_lr_scale: float = 1.0
     warmup: int = 100
