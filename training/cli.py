@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
             summary = train_generator(preset, args.tokenizer, args.data, out, d, _opts(args, d))
         if d.main:
             print(json.dumps(summary), file=sys.stderr)
+        # Leave together: a rank that tears gloo down while its peer is still saving aborted at exit
+        # ("terminate called without an active exception") under CPU contention.
+        distributed.barrier()
     finally:
         distributed.cleanup()
     return 0
