@@ -26,7 +26,8 @@ from model.tokenizer import DCHT
 from training import distributed as dist_utils
 from training.dataset import image_to_tensor, stream_rng
 from training.distributed import Dist
-from training.scenes import Scene, render, sample_scene, scene_from_dict, scene_to_dict
+from training.render import render
+from training.scenes import Scene, sample_scene, scene_from_dict, scene_to_dict
 
 PRETOKENIZE_STREAM = 5
 META = "meta.json"

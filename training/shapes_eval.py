@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.scenes import COLORS, Description, Phrase, Scene, parse_caption, place
+from training.captions import parse_caption
+from training.scenes import COLORS, Description, Phrase, Scene, place
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 

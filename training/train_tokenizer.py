@@ -26,10 +26,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.tokenizer import DCHT
 from training import distributed as dist_utils
+from training.captions import caption
 from training.dataset import EVAL_STREAM, image_to_tensor, stream_rng
 from training.distributed import Dist
 from training.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, psnr, reconstruction_loss
 from training.presets import TrainPreset
+from training.render import render
 from training.runlog import (
     CheckpointTimer,
     CsvLog,
@@ -43,7 +45,7 @@ from training.runlog import (
     save_grid,
     set_lr,
 )
-from training.scenes import caption, render, sample_scene
+from training.scenes import sample_scene
 from training.streams import SceneCrops
 
 STAGES = ("continuous", "discrete", "alternate")

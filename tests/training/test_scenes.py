@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from training.captions import caption, describe, parse_caption
 from training.dataset import SceneDataset, collate_scenes, load_eval_split, write_eval_split
+from training.render import render
 from training.scenes import (
     BACKGROUNDS,
     COLORS,
@@ -15,12 +17,8 @@ from training.scenes import (
     MARGIN,
     Description,
     Phrase,
-    caption,
-    describe,
-    parse_caption,
     position_holds,
     relation_holds,
-    render,
     sample_scene,
 )
 

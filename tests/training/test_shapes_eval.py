@@ -5,7 +5,9 @@ from collections import Counter, defaultdict
 import numpy as np
 from PIL import Image
 
-from training.scenes import describe, render, sample_scene
+from training.captions import describe
+from training.render import render
+from training.scenes import sample_scene
 from training.shapes_eval import (
     CATEGORIES,
     EVAL_PROMPTS,
