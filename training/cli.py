@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--out", required=True, help="weights directory to write")
     e.add_argument("--name", default=None)
     e.add_argument("--guidance-scale", type=float, default=None, help="sampling default to store")
+    e.add_argument("--randomize-temperature", type=float, default=None,
+                   help="sampling default to store (Gumbel noise on the confidences at the first step)")
 
 
 def _opts(args: argparse.Namespace, d):
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         from training.export import export
 
         path = export(train_preset(args.preset), args.tokenizer, args.generator, args.out, name=args.name,
-                      guidance_scale=args.guidance_scale)
+                      guidance_scale=args.guidance_scale, randomize_temperature=args.randomize_temperature)
         print(f"wrote {path}")
         return 0
 

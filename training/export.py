@@ -48,14 +48,21 @@ def _done(run_dir: Path) -> dict[str, Any]:
 
 
 def export(preset: TrainPreset, tokenizer_dir: str | Path, generator_dir: str | Path, out: str | Path,
-           name: str | None = None, guidance_scale: float | None = None) -> Path:
-    """Write the weights directory ``out`` from a tokenizer run and a generator run (EMA weights)."""
+           name: str | None = None, guidance_scale: float | None = None,
+           randomize_temperature: float | None = None) -> Path:
+    """Write the weights directory ``out`` from a tokenizer run and a generator run (EMA weights).
+
+    ``guidance_scale`` and ``randomize_temperature`` override the preset's sampling defaults stored in
+    model_index.json (what a request gets when it does not say).
+    """
     tokenizer_dir, generator_dir, out = Path(tokenizer_dir), Path(generator_dir), Path(out)
     tok = load_trained_tokenizer(tokenizer_dir, preset)
     gen, text, gcfg = load_trained_generator(generator_dir, preset)
     sampling = preset.pipeline.sampling
     if guidance_scale is not None:
         sampling = replace(sampling, guidance_scale=guidance_scale)
+    if randomize_temperature is not None:
+        sampling = replace(sampling, randomize_temperature=randomize_temperature)
     config = PipelineConfig(preset.pipeline.tokenizer, gcfg, preset.pipeline.text_encoder, sampling)
     name = name or f"dcar-{preset.name}"
     pipe = Pipeline(config, tok, gen, text, name=name, device="cpu", dtype=torch.float32)

@@ -44,14 +44,21 @@ def ci_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ci_weights(tmp_path_factory, ci_preset, ci_tokenizer_run, ci_data) -> Path:
-    """A ci generator run exported to a weights directory."""
-    from training.export import export
+def ci_generator_run(tmp_path_factory, ci_preset, ci_tokenizer_run, ci_data) -> Path:
+    """A finished ci generator run (a few steps)."""
     from training.train_generator import train_generator
 
     gen = tmp_path_factory.mktemp("gen")
     train_generator(ci_preset, ci_tokenizer_run, ci_data, gen, SINGLE, ci_options())
-    return export(ci_preset, ci_tokenizer_run, gen, tmp_path_factory.mktemp("weights") / "dcar-ci")
+    return gen
+
+
+@pytest.fixture(scope="session")
+def ci_weights(tmp_path_factory, ci_preset, ci_tokenizer_run, ci_generator_run) -> Path:
+    """The ci generator run exported to a weights directory."""
+    from training.export import export
+
+    return export(ci_preset, ci_tokenizer_run, ci_generator_run, tmp_path_factory.mktemp("weights") / "dcar-ci")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -30,6 +30,17 @@ def test_exported_directory_loads(ci_weights, ci_preset):
     assert res.image.shape == (3, 128, 128)
 
 
+def test_export_command_stores_sampling_defaults(ci_preset, ci_tokenizer_run, ci_generator_run, tmp_path):
+    out = tmp_path / "tuned"
+    code = dcar(["train", "export", "--preset", "ci", "--tokenizer", str(ci_tokenizer_run), "--generator",
+                 str(ci_generator_run), "--out", str(out), "--guidance-scale", "2.5", "--randomize-temperature", "0.5"])
+    assert code == 0
+    sampling = Pipeline.from_pretrained(out).config.sampling
+    assert (sampling.guidance_scale, sampling.randomize_temperature) == (2.5, 0.5)
+    assert sampling.steps == ci_preset.pipeline.sampling.steps  # the rest keeps the preset's defaults
+    assert ci_preset.pipeline.sampling.randomize_temperature != 0.5 or ci_preset.pipeline.sampling.guidance_scale != 2.5
+
+
 def test_reconstruction_and_hybrid_measures(ci_weights, tmp_path):
     pipe = Pipeline.from_pretrained(ci_weights)
     samples = eval_split(tmp_path / "split", 3)
