@@ -2,7 +2,7 @@
 
 Shape (vLLM's three beats, TGI's running batch): the asyncio loop task ``_run`` decides what happens at each
 step boundary (``_plan``: drop rows whose client left or whose deadline passed, admit waiting rows by the
-``BatchPolicy``), hands that plan to the single worker thread (``_work``: start the new rows, merge them into
+``BatchPolicy``), hands that plan to the single worker thread (server/worker.py: start the new rows, merge them into
 the running groups, one unmasking step per group, head + decode for rows that took their last step), then
 delivers progress and results back to the requests (``_deliver``). All scheduling state lives on the loop;
 the worker only ever touches the model and the ``BatchState``s, and the two never run at the same time.
@@ -19,59 +19,25 @@ fails alone.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import logging
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from model.images import tensor_to_pil
-from model.params import EditSpec, RowResult, SamplingParams
-from model.sampler import BatchState, StepEvent
+from model.params import RowResult, SamplingParams
+from model.sampler import BatchState
 from server.batching import BatchPolicy, GroupView, ServiceEstimate
 from server.errors import ApiError
 from server.jobs import Job, Progress, Ticket
+from server.worker import ModelWorker, Outcome, Plan
 
 log = logging.getLogger("dcar.engine")
 OutOfMemory = torch.cuda.OutOfMemoryError
-
-
-@dataclass
-class Plan:
-    """What the worker does in one iteration (decided on the loop)."""
-
-    groups: list[BatchState]
-    keep: list[list[int] | None]  # per group: rows to keep (None: all, []: drop the group)
-    admit: dict[int, list[Ticket]]  # target group index (after drops) -> new rows
-    cap: int
-
-
-@dataclass
-class Outcome:
-    """What one iteration produced (returned by the worker to the loop)."""
-
-    groups: list[BatchState] = field(default_factory=list)
-    progress: list[tuple[Ticket, StepEvent, str | None]] = field(default_factory=list)
-    results: list[tuple[Ticket, RowResult]] = field(default_factory=list)
-    failures: list[tuple[Ticket, BaseException]] = field(default_factory=list)
-    batches: list[tuple[int, float]] = field(default_factory=list)  # (rows, seconds) per forward batch
-    ooms: list[int] = field(default_factory=list)  # sizes that ran out of memory
-    steps: list[tuple[int, float]] = field(default_factory=list)  # (rows advanced, seconds) per engine step
-
-
-def _select_list(items: list, idx: Sequence[int]) -> list:
-    return [items[i] for i in idx]
-
-
-def _select_state(state: BatchState, idx: Sequence[int]) -> BatchState:
-    return state.select(list(idx))
 
 
 def _retrieve(fut: asyncio.Future) -> None:
@@ -109,6 +75,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
+        self._worker = ModelWorker(pipe, self.policy, self._attention, preview_size)
         metrics.set_batch_limit(self.policy.cap)
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -316,7 +283,7 @@ class Engine:
         if plan is None:
             return False
         try:
-            out = await self.call(self._work, plan)
+            out = await self.call(self._worker.work, plan)
         except Exception as exc:  # a bug outside any one batch: fail everything in flight, keep serving
             log.exception("engine iteration failed")
             tickets = [r.tag for g in plan.groups for r in g.rows] + [t for ts in plan.admit.values() for t in ts]
@@ -416,139 +383,3 @@ class Engine:
             self.metrics.set_ready(False)
             for job in list(self._jobs):
                 self._close(job, "failed", self._refusal())
-
-    # --- the worker (model thread) -----------------------------------------------------------------
-
-    def _work(self, plan: Plan) -> Outcome:
-        """Admit, then step every group; keep stepping while nothing needs the loop (see ``_keep_going``)."""
-        out = Outcome()
-        t_start = time.monotonic()
-        slots: dict[int, BatchState] = {}
-        for g, k in zip(plan.groups, plan.keep):
-            if k != []:
-                slots[len(slots)] = g if k is None else g.select(k)
-        for target, tickets in plan.admit.items():
-            for part, state in self._run_split(tickets, self._start, _select_list, out):
-                if isinstance(state, BaseException):
-                    out.failures += [(t, state) for t in part]
-                    continue
-                prev = slots.get(target)
-                slots[target] = state if prev is None else BatchState.merge(prev, state)
-        groups = self._pack([slots[k] for k in sorted(slots)], plan.cap)
-        while True:
-            for g in groups:
-                self._advance(g, out)
-            now = time.monotonic()
-            out.steps.append((sum(len(g) for g in groups), now - t_start))
-            t_start = now
-            if not self._keep_going(out):
-                return out
-            groups, out.groups = out.groups, []
-
-    def _keep_going(self, out: Outcome) -> bool:
-        """Whether the worker may take another step without a step boundary on the loop.
-
-        Only when nothing happened that the loop must handle: no row finished or failed, no out-of-memory, no
-        new rows, cancellations or drain (``_attention``), no deadline passed, no stream waiting for its
-        progress event. Each step boundary costs a round trip through the event loop; at low load that was
-        most of the gap between an HTTP request and a direct Pipeline call.
-        """
-        if out.results or out.failures or out.ooms or not out.groups or self._attention.is_set():
-            return False
-        now = time.monotonic()
-        for g in out.groups:
-            for r in g.rows:
-                job = r.tag.job
-                if job.done or job.events is not None or job.deadline < now:
-                    return False
-        return True
-
-    def _start(self, tickets: list[Ticket]) -> BatchState:
-        edits = [self._edit_spec(t.job) for t in tickets]
-        return self.pipe.sampler.start([t.params for t in tickets],
-                                       edits if any(e is not None for e in edits) else None, tags=tickets)
-
-    def _edit_spec(self, job: Job) -> EditSpec | None:
-        if job.edit is None:
-            return None
-        if job.spec is None:
-            job.spec = self.pipe.prepare_edit(job.edit.image, job.edit.mask, blend=job.edit.blend)
-        return job.spec
-
-    def _pack(self, groups: list[BatchState], cap: int) -> list[BatchState]:
-        """Split groups above the cap; merge same-grid groups that fit together under it."""
-        chunks = []
-        for g in groups:
-            if len(g) <= cap:
-                chunks.append(g)
-            else:
-                chunks += [g.select(list(range(s, min(s + cap, len(g))))) for s in range(0, len(g), cap)]
-        packed = []
-        for part in self.policy.merges([GroupView(g.grid, len(g)) for g in chunks]):
-            state = chunks[part[0]]
-            for i in part[1:]:
-                state = BatchState.merge(state, chunks[i])
-            packed.append(state)
-        return packed
-
-    def _advance(self, group: BatchState, out: Outcome) -> None:
-        """One step for a group, then head + decode for its rows that are done.
-
-        A failure fails the rows of the forward it happened in; rows that were not part of it keep running.
-        """
-        t0 = time.monotonic()
-        for part, events in self._run_split(group, self.pipe.sampler.step, _select_state, out):
-            if isinstance(events, BaseException):
-                out.failures += [(r.tag, events) for r in part.rows]
-                continue
-            for i, ev in enumerate(events):
-                out.progress.append((ev.tag, ev, self._preview(part, i) if ev.tag.job.preview else None))
-            for sub, finished in self._run_split(part, self.pipe.sampler.finish, _select_state, out):
-                if isinstance(finished, BaseException):
-                    out.failures += [(r.tag, finished) for r in sub.rows if r.done]
-                    rest = [i for i, r in enumerate(sub.rows) if not r.done]
-                    if rest:
-                        out.groups.append(sub.select(rest))
-                    continue
-                results, rest = finished
-                out.results += [(r.tag, r) for r in results]
-                if len(rest):
-                    out.groups.append(rest)
-            seconds = time.monotonic() - t0
-            t0 = time.monotonic()
-            out.batches.append((len(part), seconds))
-            for r in part.rows:
-                r.tag.compute_s += seconds / len(part)
-
-    def _run_split(self, items, run: Callable, select: Callable, out: Outcome) -> list[tuple[Any, Any]]:
-        """``run(items)`` as (part, result) pairs; the result is the exception where a part failed.
-
-        On CUDA out-of-memory the items are split in halves and each half is run (recursively), so a batch
-        that does not fit still completes; a single item that does not fit fails alone.
-        """
-        try:
-            return [(items, run(items))]
-        except OutOfMemory as exc:
-            n = len(items)
-            out.ooms.append(n)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if n <= 1:
-                return [(items, exc)]
-            log.warning("out of memory on a batch of %d rows; splitting it in halves", n)
-            h = n // 2
-            return (self._run_split(select(items, range(h)), run, select, out)
-                    + self._run_split(select(items, range(h, n)), run, select, out))
-        except Exception as exc:
-            return [(items, exc)]
-
-    def _preview(self, state: BatchState, index: int) -> str | None:
-        try:
-            image = tensor_to_pil(self.pipe.sampler.preview(state, index))
-        except Exception:  # a preview is a courtesy; never fail a row for it
-            log.exception("preview failed")
-            return None
-        image.thumbnail((self.preview_size, self.preview_size))
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode("ascii")
