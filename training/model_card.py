@@ -30,6 +30,37 @@ def _recon_table(recon: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     return lines
 
 
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for each of the issue's targets that the results cover."""
+    rows = []
+    shapes = results.get("shapes_eval")
+    if shapes:
+        rows.append(("ShapesEval overall >= 0.80 (256 px, 12 steps)", f"{shapes['overall']:.3f}",
+                     shapes["overall"] >= 0.80))
+        worst = min(shapes["categories"], key=shapes["categories"].get)
+        low = shapes["categories"][worst]
+        rows.append(("no ShapesEval category below 0.5", f"lowest: {worst} {low:.3f}", low >= 0.5))
+    recon = results.get("reconstruction", {})
+    if "256" in recon:
+        c, d = recon["256"]["continuous"]["psnr"], recon["256"]["discrete"]["psnr"]
+        rows.append(("continuous PSNR >= 30 dB at 256 px", f"{c:.2f} dB", c >= 30))
+        rows.append(("discrete PSNR >= 24 dB at 256 px", f"{d:.2f} dB", d >= 24))
+        if "512" in recon:
+            for path in ("continuous", "discrete"):
+                gap = recon["256"][path]["psnr"] - recon["512"][path]["psnr"]
+                rows.append((f"{path} PSNR at 512 px within 1.5 dB of 256 px", f"{-gap:+.2f} dB", gap <= 1.5))
+    hvd = results.get("hybrid_vs_discrete")
+    if hvd:
+        gain = hvd["hybrid"]["psnr"] - hvd["discrete"]["psnr"]
+        rows.append(("hybrid beats discrete-only (PSNR vs the rendered scene)",
+                     f"{gain:+.2f} dB, better on {hvd['hybrid']['wins']:.0%} of scenes", gain > 0))
+    return rows
+
+
 def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
     """README.md in ``weights`` from the results of ``training.cli_eval`` (and training.json when present)."""
     weights = Path(weights)
@@ -105,6 +136,10 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
                          ("hybrid_oracle", "codewords + true residuals")):
             lines.append(f"| {label} | {hvd[k]['psnr']:.2f} | {hvd[k]['ssim']:.4f} |")
         lines += ["", f"Sampled residuals raise PSNR on {hvd['hybrid']['wins']:.0%} of the scenes.", ""]
+    rows = target_rows(results)
+    if rows:
+        lines += ["## Targets", "", "| target | measured | |", "| --- | --- | --- |",
+                  *[f"| {t} | {m} | {_mark(ok)} |" for t, m, ok in rows], ""]
     lines += [
         "## Training",
         "",

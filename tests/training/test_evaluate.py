@@ -63,6 +63,29 @@ def test_eval_command_writes_the_model_card(ci_weights, tmp_path):
         "single_object", "two_object", "counting", "colors", "position", "color_attr"}
     card = (ci_weights / "README.md").read_text()
     for needle in ("## ShapesEval", "| **overall** |", "## Tokenizer reconstruction", "| continuous |",
-                   "## Hybrid vs discrete-only", "## Training"):
+                   "## Hybrid vs discrete-only", "## Targets", "## Training"):
         assert needle in card
+    overall = results["shapes_eval"]["overall"]
+    row = next(line for line in card.splitlines() if line.startswith("| ShapesEval overall >= 0.80"))
+    assert f"{overall:.3f}" in row and row.endswith("| met |" if overall >= 0.80 else "| **missed** |")
     assert (ci_weights / "samples.png").is_file() and (ci_weights / "eval.json").is_file()
+
+
+def test_target_rows_mark_met_and_missed():
+    from training.model_card import target_rows
+
+    def recon(c, d):
+        return {"continuous": {"psnr": c}, "discrete": {"psnr": d}}
+
+    results = {
+        "shapes_eval": {"overall": 0.81, "categories": {"colors": 0.9, "position": 0.45}},
+        "reconstruction": {"256": recon(31.0, 23.5), "512": recon(29.0, 23.0)},
+        "hybrid_vs_discrete": {"discrete": {"psnr": 20.0}, "hybrid": {"psnr": 20.5, "wins": 0.7}},
+    }
+    rows = {t: (m, ok) for t, m, ok in target_rows(results)}
+    assert rows["ShapesEval overall >= 0.80 (256 px, 12 steps)"] == ("0.810", True)
+    assert rows["no ShapesEval category below 0.5"] == ("lowest: position 0.450", False)
+    assert rows["continuous PSNR >= 30 dB at 256 px"][1] and not rows["discrete PSNR >= 24 dB at 256 px"][1]
+    assert rows["continuous PSNR at 512 px within 1.5 dB of 256 px"] == ("-2.00 dB", False)
+    assert rows["discrete PSNR at 512 px within 1.5 dB of 256 px"] == ("-0.50 dB", True)
+    assert rows["hybrid beats discrete-only (PSNR vs the rendered scene)"][1]
