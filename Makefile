@@ -56,7 +56,7 @@ test: $(VENV)/.installed-test /usr/bin/promtool /usr/bin/chromium /usr/bin/docke
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 
-# The whole training recipe from scratch into weights/dcar-tiny-shapes (about 4.5 hours on a 2-core CPU).
+# The whole training recipe from scratch into weights/dcar-tiny-shapes (about 5 hours on a 2-core CPU).
 # Each step resumes from its checkpoint under runs/tiny-shapes/ and skips what is finished: rerun to continue.
 train-tiny: $(VENV)/.installed
 	$(BIN)/dcar train tokenizer --preset tiny-shapes --threads 2 \

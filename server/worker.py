@@ -2,9 +2,10 @@
 
 The engine (server/engine.py) decides on the event loop what happens at a step boundary and hands the
 worker a ``Plan``; the worker starts the admitted rows, merges them into the running groups, steps every
-group, runs head + decode for rows that took their last step, and returns an ``Outcome``. It keeps stepping
-without going back to the loop while nothing needs the loop (``_keep_going``). It only touches the model and
-the ``BatchState``s; the loop never runs at the same time.
+group, runs head + decode for rows that took their last step, and returns an ``Outcome``. It only touches the
+model and the ``BatchState``s, and the loop's scheduling never touches those while a plan runs. The loop itself
+keeps running: new rows, cancellations and drain set ``attention``, and the worker keeps stepping without a
+round trip through the loop only while that event is clear and no row needs the loop (``_keep_going``).
 """
 
 from __future__ import annotations

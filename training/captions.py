@@ -119,7 +119,6 @@ def parse_caption(text: str) -> Description:
     return d
 
 
-
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption for the scene: always its objects, position and relation; sizes and background sometimes."""
     d = scene.description

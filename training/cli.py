@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(t)
     t.add_argument("--out", required=True, help="run directory (checkpoint, losses.csv, samples/)")
     t.add_argument("--stage-steps", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
-                   help="steps of the three stages, e.g. 1500,3000,1500")
+                   help="steps of the three stages, e.g. 1500,3500,2500 (the tiny-shapes default)")
     t.add_argument("--batch", type=int, default=None, help="crops per process and step")
     t.add_argument("--crop", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)

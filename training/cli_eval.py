@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     if args.prompts == "tuning":
         overrides["prompts"] = tuning_prompts()
-    results: dict = {"weights": str(args.weights), "size": args.size, "steps": args.steps, "seeds": list(seeds)}
+    results: dict = {"weights": str(args.weights), "size": args.size, "steps": args.steps, "seeds": list(seeds),
+                     "prompts": args.prompts, "guidance_scale": args.guidance_scale}
     t0 = time.monotonic()
     if "shapes" not in skip:
         results["shapes_eval"] = shapes_eval(pipe, args.size, args.steps, seeds, **overrides)

@@ -38,7 +38,9 @@ def target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for each of the issue's targets that the results cover."""
     rows = []
     shapes = results.get("shapes_eval")
-    if shapes:
+    # The ShapesEval targets are defined at 256 px, 12 steps, on ShapesEval's own prompts.
+    if shapes and results.get("prompts", "shapes-eval") == "shapes-eval" and results.get("size", 256) == 256 \
+            and results.get("steps", 12) == 12:
         rows.append(("ShapesEval overall >= 0.80 (256 px, 12 steps)", f"{shapes['overall']:.3f}",
                      shapes["overall"] >= 0.80))
         worst = min(shapes["categories"], key=shapes["categories"].get)

@@ -1,8 +1,8 @@
 """Training presets: the model sizes and the recipe (steps, batch, learning rates, loss weights) of a run.
 
-``tiny-shapes`` is the embedded default (weights/dcar-tiny-shapes): about 8.4M parameters in all. On a
-2-core CPU ``make train-tiny`` takes about 4.5 hours: tokenizer ~100 min, pre-tokenizing ~10 min, generator
-~170 min for 12,000 steps. 4,000 generator steps fitted a two-hour budget but left the shapes too vague
+``tiny-shapes`` is the embedded default (weights/dcar-tiny-shapes): about 8.3M parameters in all. On a
+2-core CPU ``make train-tiny`` takes about 5 hours: tokenizer ~100 min, pre-tokenizing ~10 min, generator
+~175 min for 12,000 steps. 4,000 generator steps fitted a two-hour budget but left the shapes too vague
 for the detector, so the generator trains three times longer. ``ci`` is the same recipe at toy sizes for tests. ``shapes-gpu``
 runs the same code at larger sizes under ``torchrun`` on GPUs.
 

@@ -54,3 +54,23 @@ def test_peers_script_at_toy_sizes(tmp_path):
         assert len(row) == 5 and all(float(v) > 0 for v in row[1:])
     assert re.search(r"DC-AR latency at batch 1 = [0-9.]+ x Sana-style", out)
     assert plot.stat().st_size > 1000
+
+
+def test_sampler_script_prints_every_row():
+    out = run_script("sampler", "--no-full", "--repeat", "1")
+    rows = table_rows(out, "tiny")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("tiny", "256", "1"), ("tiny", "256", "8"), ("tiny", "512", "1"),
+                                                  ("tiny", "512", "8"), ("tiny (CL)", "512", "8")]
+    for r in rows:
+        stages, total, rate = [float(v) for v in r[3:7]], float(r[7]), float(r[8])
+        assert all(v > 0 for v in stages) and total >= max(stages) and rate > 0
+
+
+def test_load_script_over_real_http():
+    out = run_script("load", "--concurrency", "1,2", "--requests", "4", "--steps", "2", "--direct-images", "4")
+    rows = [r for r in table_rows(out, "") if r[0].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("1", "4"), ("2", "4")]
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[6]) >= 1  # images/s, mean forward batch
+        assert r[-1] == "0"  # no failed requests
+    assert float(rows[0][7]) == 1.0  # the concurrency-1 row is the sequential baseline
