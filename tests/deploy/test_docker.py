@@ -135,9 +135,6 @@ def test_every_copied_path_exists_and_reaches_the_build_context():
                 if "__pycache__" not in rel and not rel.endswith(".pyc") and ignored(rel, rules):
                     dropped.append(rel)
     assert dropped == [], f"copied files that .dockerignore leaves out of the context: {dropped[:10]}"
-    if [m.rstrip("/") for m in missing] == [EMBEDDED_DEFAULT]:
-        pytest.skip(f"{EMBEDDED_DEFAULT} is not in the repository yet: the image build fails until the embedded "
-                    "default is committed (every other COPY source is there)")
     assert missing == [], f"COPY sources that do not exist: {missing}"
 
 
