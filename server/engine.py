@@ -27,17 +27,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
-
 from model.params import RowResult, SamplingParams
 from model.sampler import BatchState
 from server.batching import BatchPolicy, GroupView, ServiceEstimate
 from server.errors import ApiError
 from server.jobs import Job, Progress, Ticket
-from server.worker import ModelWorker, Outcome, Plan
+from server.worker import ModelWorker, Outcome, OutOfMemory, Plan
 
 log = logging.getLogger("dcar.engine")
-OutOfMemory = torch.cuda.OutOfMemoryError
 
 
 def _retrieve(fut: asyncio.Future) -> None:
