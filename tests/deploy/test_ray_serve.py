@@ -180,16 +180,19 @@ def test_dcar_serve_ray_two_replicas_share_load_and_survive_a_killed_replica():
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
+        # Ready means both replicas answer through the proxy: the proxy routes as soon as the first replica is
+        # up, so a burst sent on the first 200 from /readyz could all land on one replica.
+        deadline, answered = time.monotonic() + 180, set()
+        while len(answered) < 2:
             assert proc.poll() is None, log_path.read_text()[-5000:]
             try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
+                r = httpx.get(f"{url}/readyz", timeout=5)
+                if r.status_code == 200:
+                    answered.add(r.headers.get("x-dcar-replica", ""))
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "dcar serve --ray did not become ready\n" + log_path.read_text()[-5000:]
-            time.sleep(0.5)
+            time.sleep(0.2)
 
         # 16 concurrent requests: both replicas serve some.
         first = generate_all(url, range(16))
