@@ -18,12 +18,18 @@ from model.config import DecoderConfig, EncoderConfig
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over channels at every pixel of an NCHW map (efficientvit ``LayerNorm2d``, eps 1e-5)."""
+    """LayerNorm over channels at every pixel of an NCHW map (efficientvit ``LayerNorm2d``, eps 1e-5).
+
+    Statistics in float32 whatever the input dtype: in the decoder's last norm |x - mean| reaches ~900 at
+    256 px, whose square overflows float16 (those pixels would normalise to 0). The result is cast back.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x - x.mean(dim=1, keepdim=True)
+        xf = x.float()
+        out = xf - xf.mean(dim=1, keepdim=True)
         out = out / torch.sqrt(out.square().mean(dim=1, keepdim=True) + self.eps)
-        return out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        out = out * self.weight.float().view(1, -1, 1, 1) + self.bias.float().view(1, -1, 1, 1)
+        return out.to(x.dtype)
 
 
 def build_norm(name: str | None, channels: int) -> nn.Module | None:

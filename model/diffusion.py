@@ -4,6 +4,11 @@ Reference: openai/improved-diffusion ``gaussian_diffusion.py`` and ``respace.py`
 DC-AR: a 1000-step cosine beta schedule (max beta 0.999), respaced to N evenly spaced steps, epsilon
 prediction with learned-range variance, x0 clipped to [-1, 1] at sampling. Arrays are float64 numpy, as
 in the official code, and cast to float32 only when gathered for a timestep.
+
+All arithmetic of the process runs in float32 whatever the network's dtype: at t=999 of the cosine
+schedule ``sqrt_recip_alphas_cumprod`` is about 2e4, so ``coef * x_t`` overflows float16 for |x_t| > ~3.2
+and ``inf - inf`` gives NaN residuals (the official sampler runs entirely in float32 for the same reason).
+The coefficients are copied to each device once and cached, so a sampling loop never transfers them.
 """
 
 from __future__ import annotations
@@ -37,6 +42,27 @@ def space_timesteps(num_timesteps: int, count: int) -> list[int]:
         return [0]
     stride = (num_timesteps - 1) / (count - 1)
     return [round(i * stride) for i in range(count)]
+
+
+STEP_COEFFICIENTS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                     "posterior_mean_coef2", "posterior_log_variance_clipped", "log_betas", "noise_on")
+
+
+def ancestral_step(x: torch.Tensor, out: torch.Tensor, coef: torch.Tensor, z: torch.Tensor,
+                   temperature: torch.Tensor) -> torch.Tensor:
+    """One float32 step x_t -> x_{t-1} from the network output [eps | v] (M, 2C), x0 clipped to [-1, 1].
+
+    ``coef`` is one row of ``DiffusionSchedule.step_coefficients``; pure tensor code (no host sync, no
+    data-dependent branch), so it compiles with ``fullgraph=True`` and is captured by CUDA graphs.
+    """
+    sr, srm1, c1, c2, min_log, max_log, noise_on = coef.unbind()
+    c = x.shape[1]
+    eps, v = out[:, :c], out[:, c:]
+    x0 = (sr * x - srm1 * eps).clamp(-1, 1)
+    mean = c1 * x0 + c2 * x
+    frac = (v + 1) / 2
+    log_var = frac * max_log + (1 - frac) * min_log
+    return mean + noise_on * torch.exp(0.5 * log_var) * z * temperature
 
 
 @dataclass(frozen=True)
@@ -97,10 +123,30 @@ class DiffusionSchedule:
                 kept.append(i)
         return cls(np.array(betas, dtype=np.float64), np.array(kept, dtype=np.int64))
 
+    def on_device(self, name: str, device: torch.device) -> torch.Tensor:
+        """The named array as a float32 tensor on ``device`` (``timestep_map`` as int64), copied once."""
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (name, str(device))
+        if key not in cache:
+            arr = torch.from_numpy(getattr(self, name))
+            cache[key] = (arr if name == "timestep_map" else arr.float()).to(device)
+        return cache[key]
+
+    def step_coefficients(self, device: torch.device) -> torch.Tensor:
+        """(num_steps, 7) float32 on ``device``: per step the constants of one ancestral sampling step,
+        in the order of ``STEP_COEFFICIENTS`` (the last is 0 at step 0, where no noise is added)."""
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = ("step", str(device))
+        if key not in cache:
+            cols = [getattr(self, n) for n in STEP_COEFFICIENTS[:-1]]
+            cols.append((np.arange(self.num_steps) != 0).astype(np.float64))
+            cache[key] = torch.from_numpy(np.stack(cols, axis=1)).float().to(device)
+        return cache[key]
+
     def gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """arr[t] as float32 (then like's dtype), broadcast over like's trailing dims."""
-        arr = torch.from_numpy(getattr(self, name)).to(t.device)[t].float()
-        return arr.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+        """arr[t] as float32, broadcast over like's trailing dims (float32 whatever like's dtype)."""
+        arr = self.on_device(name, t.device)[t]
+        return arr.view(-1, *([1] * (like.dim() - 1)))
 
     # --- the process -----------------------------------------------------------------------------
 
@@ -114,6 +160,7 @@ class DiffusionSchedule:
     def p_mean_variance(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip: bool = True):
         """Network output (M, 2C) = [eps | v] -> (mean, log_variance, pred_x0), learned-range variance."""
         c = xt.shape[1]
+        out, xt = out.float(), xt.float()
         eps, v = out[:, :c], out[:, c:]
         min_log = self.gather("posterior_log_variance_clipped", t, xt)
         max_log = self.gather("log_betas", t, xt)

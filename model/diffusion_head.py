@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import DiffusionHeadConfig
-from model.diffusion import DiffusionSchedule
+from model.diffusion import DiffusionSchedule, ancestral_step
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -75,8 +75,14 @@ class SimpleMLPAdaLN(nn.Module):
         self.final_layer = FinalLayer(width, out_channels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
+
+    def forward_embedded(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The network after its condition embedding ``y`` = time_embed(t) + cond_embed(c) (M, width).
+
+        A sampling loop computes ``cond_embed`` once and ``time_embed`` once per schedule, not per step.
+        """
         x = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(c)
         for block in self.res_blocks:
             x = block(x, y)
         return self.final_layer(x, y)
@@ -91,11 +97,18 @@ class SimpleMLPAdaLN(nn.Module):
         """
         t = t if t.shape[0] == 2 * x.shape[0] else torch.cat([t, t])
         out = (self.forward if forward is None else forward)(torch.cat([x, x]), t, torch.cat([c, uc]))
-        cond, uncond = out.chunk(2)
-        c_in = self.in_channels
-        s = scale.to(out.dtype).view(-1, 1)
-        eps = cond[:, :c_in] + s * (cond[:, :c_in] - uncond[:, :c_in])
-        return torch.cat([eps, cond[:, c_in:]], dim=1)
+        return guide_eps(out, scale, self.in_channels)
+
+
+def guide_eps(out: torch.Tensor, scale: torch.Tensor, channels: int) -> torch.Tensor:
+    """[cond; uncond] outputs (2M, 2C) -> (M, 2C) float32 with eps = (1 + s) eps_c - s eps_u per row.
+
+    In float32: with s = 4.5 the difference is amplified 4.5x, which a float16 output can overflow.
+    """
+    cond, uncond = out.float().chunk(2)
+    s = scale.float().view(-1, 1)
+    eps = cond[:, :channels] + s * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([eps, cond[:, channels:]], dim=1)
 
 
 NoiseFn = Callable[[str], torch.Tensor]
@@ -161,25 +174,38 @@ class DiffusionHead(nn.Module):
     def sample(self, cond: torch.Tensor, noise: NoiseFn, uncond: torch.Tensor | None = None,
                guidance: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
                steps: int | None = None, forward: Callable | None = None) -> torch.Tensor:
-        """Ancestral sampling of residuals for conditions (M, Z); returns (M, C) multiplied by vae_scale.
+        """Ancestral sampling of residuals for conditions (M, Z); returns (M, C) float32 times vae_scale.
 
         With ``uncond`` given, classifier-free guidance per row with ``guidance`` (M,). ``temperature``
         scales the per-step noise (scalar or (M,)). Noise is drawn through ``noise`` only, in the official
         order: one "init" draw, then one "step" draw per step (the last is multiplied by 0).
-        ``forward`` replaces the network call (e.g. a compiled ``net``).
+        ``forward`` replaces ``denoise_step`` (e.g. a compiled one).
+
+        The network runs in its own dtype; x_t, guidance and the posterior stay float32 (see
+        model/diffusion.py). The condition and time embeddings, the cond/uncond concatenation and the
+        schedule constants are computed once before the loop; the loop itself never syncs with the host.
         """
-        forward = self.net if forward is None else forward
+        step_fn = self.denoise_step if forward is None else forward
         sched = self.schedule(steps)
-        x = noise("init").to(cond.dtype)
-        temp = torch.as_tensor(temperature, dtype=x.dtype, device=x.device).reshape(-1, 1)
-        tmap = torch.from_numpy(sched.timestep_map).to(x.device)
+        dev = cond.device
+        x = noise("init").float()
+        temp = torch.as_tensor(temperature, dtype=torch.float32, device=dev).reshape(-1, 1)
+        coefs = sched.step_coefficients(dev)
+        c_all = cond if uncond is None else torch.cat([cond, uncond])
+        y_cond = self.net.cond_embed(c_all.to(self.net.cond_embed.weight.dtype))
+        t_emb = self.net.time_embed(sched.on_device("timestep_map", dev))  # (steps, width)
+        g = None if uncond is None else guidance.float().to(dev).view(-1, 1)
         for i in reversed(range(sched.num_steps)):
-            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            if uncond is None:
-                out = forward(x, tmap[t], cond)
-            else:
-                out = self.net.forward_with_cfg(x, tmap[t], cond, uncond, guidance, forward=forward)
-            mean, log_var, _ = sched.p_mean_variance(out, x, t, clip=True)
-            z = noise("step").to(x.dtype)
-            x = mean + (float(i != 0) * torch.exp(0.5 * log_var) * z * temp)
+            z = noise("step").float()
+            x = step_fn(x, y_cond + t_emb[i], coefs[i], z, temp, g)
         return x * self.cfg.vae_scale
+
+    def denoise_step(self, x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, z: torch.Tensor,
+                     temperature: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """x_t (M, C) float32 -> x_{t-1}: the network in its dtype on ``y`` (M or 2M rows), the rest float32."""
+        xin = x.to(y.dtype)
+        if guidance is None:
+            out = self.net.forward_embedded(xin, y).float()
+        else:
+            out = guide_eps(self.net.forward_embedded(torch.cat([xin, xin]), y), guidance, self.in_channels)
+        return ancestral_step(x, out, coef, z, temperature)

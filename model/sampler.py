@@ -154,13 +154,13 @@ class Sampler:
         self.text_encoder = text_encoder
         self.options = options or SamplerOptions()
         self._forward = generator.forward
-        self._head_net = generator.diffloss.net
+        self._head_step = generator.diffloss.denoise_step
         tokenizer.decoder.to(memory_format=torch.channels_last if self.options.channels_last_decoder
                              else torch.contiguous_format)
         if self.options.compile:
             # Batch size and caption length change between steps: one dynamic graph, not one per shape.
             self._forward = torch.compile(generator.forward, dynamic=True)
-            self._head_net = torch.compile(generator.diffloss.net, dynamic=True)
+            self._head_step = torch.compile(generator.diffloss.denoise_step, dynamic=True)
 
     @property
     def device(self) -> torch.device:
@@ -351,7 +351,7 @@ class Sampler:
 
             residual = self.generator.diffloss.sample(
                 cond, draw, uncond=uncond, guidance=g.repeat_interleave(length),
-                temperature=temp.repeat_interleave(length), steps=steps, forward=self._head_net,
+                temperature=temp.repeat_interleave(length), steps=steps, forward=self._head_step,
             ).float().view(n, length, c)
             for j, r in enumerate(rows):
                 if r.edit is not None:  # known positions keep the input image's own residuals
