@@ -21,10 +21,10 @@ from dataclasses import replace
 import torch
 from plotting import latency_throughput_plot  # benchmarks/ is on sys.path when a script runs
 
-from model.config import PIPELINE_PRESETS, T5_BASE
-from model.flops import image_flops
-from model.pipeline import Pipeline
-from model.sampler import SamplerOptions
+from dcar.model.config import PIPELINE_PRESETS, T5_BASE
+from dcar.model.flops import image_flops
+from dcar.model.pipeline import Pipeline
+from dcar.model.sampler import SamplerOptions
 
 STAGES = ("text_encode", "unmask", "residual", "decode")
 

@@ -31,8 +31,8 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.runtime import load_pipeline
-from server.settings import Settings
+from dcar.server.runtime import load_pipeline
+from dcar.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +132,7 @@ def measure_direct(args, levels: list[int]) -> tuple[float, dict[int, float]]:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.serve", "--weights", args.weights, "--device", args.device,
+    cmd = [sys.executable, "-m", "dcar.server.serve", "--weights", args.weights, "--device", args.device,
            "--port", str(port), "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
            "--max-queue", str(max(256, 4 * args.max_batch_size)), "--log-level", "warning"]
     if args.dtype:

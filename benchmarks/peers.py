@@ -25,11 +25,11 @@ from dataclasses import replace
 import torch
 from plotting import latency_throughput_plot  # benchmarks/ is on sys.path when a script runs
 
-from model.config import DC_AR_512, DC_HT, DecoderConfig, DiffusionHeadConfig, EncoderConfig, GeneratorConfig
-from model.maskgit import masked_after_step
-from model.params import SamplingParams
-from model.pipeline import build_generator, build_tokenizer
-from model.sampler import Sampler
+from dcar.model.config import DC_AR_512, DC_HT, DecoderConfig, DiffusionHeadConfig, EncoderConfig, GeneratorConfig
+from dcar.model.maskgit import masked_after_step
+from dcar.model.params import SamplingParams
+from dcar.model.pipeline import build_generator, build_tokenizer
+from dcar.model.sampler import Sampler
 
 
 def configs(args) -> tuple[GeneratorConfig, tuple[int, ...]]:

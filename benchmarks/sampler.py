@@ -16,9 +16,9 @@ from dataclasses import replace
 
 import torch
 
-from model.config import PIPELINE_PRESETS, T5_BASE
-from model.pipeline import Pipeline
-from model.sampler import Sampler, SamplerOptions
+from dcar.model.config import PIPELINE_PRESETS, T5_BASE
+from dcar.model.pipeline import Pipeline
+from dcar.model.sampler import Sampler, SamplerOptions
 
 STAGES = ("text_encode", "unmask", "residual", "decode")
 

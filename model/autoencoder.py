@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import DecoderConfig, EncoderConfig
+from dcar.model.config import DecoderConfig, EncoderConfig
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import DiffusionHeadConfig
-from model.diffusion import DiffusionSchedule, ancestral_step
+from dcar.model.config import DiffusionHeadConfig
+from dcar.model.diffusion import DiffusionSchedule, ancestral_step
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.config import PipelineConfig
-from model.tokenizer import DCHT
-from model.transformer import DCARTransformer
+from dcar.model.config import PipelineConfig
+from dcar.model.tokenizer import DCHT
+from dcar.model.transformer import DCARTransformer
 
 
 @dataclass(frozen=True)

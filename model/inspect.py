@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from model.config import DC_AR_512, GeneratorConfig, TokenizerConfig, preset
-from model.loading import LoadError, check_keys, find_weights, read_state_dict, state_dict_shapes
-from model.tokenizer import DCHT
-from model.transformer import DCARTransformer
+from dcar.model.config import DC_AR_512, GeneratorConfig, TokenizerConfig, preset
+from dcar.model.loading import LoadError, check_keys, find_weights, read_state_dict, state_dict_shapes
+from dcar.model.tokenizer import DCHT
+from dcar.model.transformer import DCARTransformer
 
 
 def shape_str(shape) -> str:

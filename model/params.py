@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.maskgit import GUIDANCE_DECAYS
+from dcar.model.maskgit import GUIDANCE_DECAYS
 
 MAX_SEED = 2**63 - 1
 

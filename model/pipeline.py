@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from model.config import (
+from dcar.model.config import (
     DC_AR_512,
     T5_BASE,
     GeneratorConfig,
@@ -30,16 +30,14 @@ from model.config import (
     TokenizerConfig,
     pipeline_preset,
 )
-from model.images import mask_to_tensor, pil_to_tensor
-from model.loading import LoadError, default_dtype, find_weights, load_strict, parse_dtype, read_state_dict
-from model.params import EditSpec, RowResult, SamplingParams
-from model.sampler import Sampler, SamplerOptions
-from model.text_encoder import TextEncoder
-from model.tokenizer import DCHT
-from model.transformer import DCARTransformer
+from dcar.model.images import mask_to_tensor, pil_to_tensor
+from dcar.model.loading import LoadError, default_dtype, find_weights, load_strict, parse_dtype, read_state_dict
+from dcar.model.params import EditSpec, RowResult, SamplingParams
+from dcar.model.sampler import Sampler, SamplerOptions
+from dcar.model.text_encoder import TextEncoder
+from dcar.model.tokenizer import DCHT
+from dcar.model.transformer import DCARTransformer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "dcar-tiny-shapes"
 OFFICIAL_DIRS = {"tokenizer": "dc-ht", "generator": "dc-ar-512", "text_encoder": "t5-base"}
 INDEX = "model_index.json"
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.maskgit import guidance_at, gumbel, masked_after_step, softmax_temperature
-from model.noise import OfficialOrderNoise, RowNoise
-from model.params import EditSpec, RowResult, SamplingParams
-from model.text_encoder import TextEncoder
-from model.tokenizer import DCHT
-from model.transformer import DCARTransformer, TextKV
+from dcar.model.maskgit import guidance_at, gumbel, masked_after_step, softmax_temperature
+from dcar.model.noise import OfficialOrderNoise, RowNoise
+from dcar.model.params import EditSpec, RowResult, SamplingParams
+from dcar.model.text_encoder import TextEncoder
+from dcar.model.tokenizer import DCHT
+from dcar.model.transformer import DCARTransformer, TextKV
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 from transformers.utils import logging as hf_logging
 
-from model.config import TextEncoderConfig
+from dcar.model.config import TextEncoderConfig
 
 hf_logging.disable_progress_bar()
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.autoencoder import Decoder, Encoder
-from model.config import TokenizerConfig
-from model.quantizer import HybridQuantizer, QuantizerOutput
+from dcar.model.autoencoder import Decoder, Encoder
+from dcar.model.config import TokenizerConfig
+from dcar.model.quantizer import HybridQuantizer, QuantizerOutput
 
 
 class DCHT(nn.Module):

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import GeneratorConfig
-from model.diffusion_head import DiffusionHead
+from dcar.model.config import GeneratorConfig
+from dcar.model.diffusion_head import DiffusionHead
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], base_size: int) -> torch.Tensor:

@@ -16,13 +16,13 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from model.pipeline import Pipeline
-from server.errors import error_body, install_handlers
-from server.routes import router
-from server.routes_openai import router as openai_router
-from server.routes_ui import router as ui_router
-from server.runtime import Runtime
-from server.settings import Settings
+from dcar.model.pipeline import Pipeline
+from dcar.server.errors import error_body, install_handlers
+from dcar.server.routes import router
+from dcar.server.routes_openai import router as openai_router
+from dcar.server.routes_ui import router as ui_router
+from dcar.server.runtime import Runtime
+from dcar.server.settings import Settings
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 

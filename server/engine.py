@@ -27,12 +27,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from model.params import RowResult, SamplingParams
-from model.sampler import BatchState
-from server.batching import BatchPolicy, GroupView, ServiceEstimate
-from server.errors import ApiError
-from server.jobs import Job, Progress, Ticket
-from server.worker import ModelWorker, Outcome, OutOfMemory, Plan
+from dcar.model.params import RowResult, SamplingParams
+from dcar.model.sampler import BatchState
+from dcar.server.batching import BatchPolicy, GroupView, ServiceEstimate
+from dcar.server.errors import ApiError
+from dcar.server.jobs import Job, Progress, Ticket
+from dcar.server.worker import ModelWorker, Outcome, OutOfMemory, Plan
 
 log = logging.getLogger("dcar.engine")
 

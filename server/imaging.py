@@ -17,8 +17,8 @@ import warnings
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from model.images import tensor_to_pil
-from server.errors import ApiError
+from dcar.model.images import tensor_to_pil
+from dcar.server.errors import ApiError
 
 OUTPUT_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.params import EditSpec, RowResult, SamplingParams
+from dcar.model.params import EditSpec, RowResult, SamplingParams
 
 
 @dataclass(eq=False)

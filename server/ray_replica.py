@@ -23,8 +23,8 @@ from fastapi import FastAPI
 from prometheus_client import start_http_server
 from ray import serve
 
-from server.app import create_app
-from server.settings import Settings
+from dcar.server.app import create_app
+from dcar.server.settings import Settings
 
 log = logging.getLogger("dcar.ray")
 

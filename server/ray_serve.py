@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from server.settings import Settings
+from dcar.server.settings import Settings
 
 log = logging.getLogger("dcar.ray")
 
@@ -105,7 +105,7 @@ def _cluster_gpus() -> float:
 
 def build_app(settings: dict, opts: RayOptions, cluster_gpus: float | None = None):
     """The Serve application: ``DcarReplica`` with the options for this cluster, bound to ``settings``."""
-    from server.ray_replica import DcarReplica
+    from dcar.server.ray_replica import DcarReplica
 
     validated = Settings(**settings)  # fail here, not in every replica
     gpus = _cluster_gpus() if cluster_gpus is None else cluster_gpus
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
 
     Exit status as ``dcar serve``: 0 after a clean stop, 1 if the replicas failed to start, 2 for bad settings.
     """
-    from server.serve import settings_from_args
+    from dcar.server.serve import settings_from_args
 
     try:
         settings = settings_from_args(args)

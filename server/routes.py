@@ -21,14 +21,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.images import mask_to_tensor, pil_to_tensor
-from model.params import RowResult
-from server.engine import Engine
-from server.errors import ApiError, describe_validation, error_body, invalid
-from server.imaging import decode_base64, decode_image, encode_image, media_type, too_large
-from server.jobs import EditInput, Job
-from server.runtime import Runtime
-from server.schemas import (
+from dcar.model.images import mask_to_tensor, pil_to_tensor
+from dcar.model.params import RowResult
+from dcar.server.engine import Engine
+from dcar.server.errors import ApiError, describe_validation, error_body, invalid
+from dcar.server.imaging import decode_base64, decode_image, encode_image, media_type, too_large
+from dcar.server.jobs import EditInput, Job
+from dcar.server.runtime import Runtime
+from dcar.server.schemas import (
     EditFields,
     EditJSONRequest,
     GenerateRequest,

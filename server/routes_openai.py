@@ -16,9 +16,9 @@ import time
 
 from fastapi import APIRouter, Request
 
-from server.errors import ApiError, invalid
-from server.jobs import Job
-from server.routes import (
+from dcar.server.errors import ApiError, invalid
+from dcar.server.jobs import Job
+from dcar.server.routes import (
     Authorized,
     RuntimeDep,
     decode_edit,
@@ -29,8 +29,8 @@ from server.routes import (
     validate,
     wait_for,
 )
-from server.runtime import Runtime
-from server.schemas import (
+from dcar.server.runtime import Runtime
+from dcar.server.schemas import (
     OpenAIImageRequest,
     OpenAIImagesResponse,
     check_range,

@@ -12,8 +12,8 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from server.errors import ApiError
-from server.routes import Authorized, RuntimeDep
+from dcar.server.errors import ApiError
+from dcar.server.routes import Authorized, RuntimeDep
 
 router = APIRouter()
 STATIC_DIR = Path(__file__).resolve().parent / "static"

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from model.config import pipeline_preset
-from model.loading import LoadError
-from model.pipeline import Pipeline
-from server.engine import Engine
-from server.errors import ApiError
-from server.metrics import Metrics
-from server.schemas import Limits
-from server.settings import PRESET_PREFIX, Settings, parse_size
+from dcar.model.config import pipeline_preset
+from dcar.model.loading import LoadError
+from dcar.model.pipeline import Pipeline
+from dcar.server.engine import Engine
+from dcar.server.errors import ApiError
+from dcar.server.metrics import Metrics
+from dcar.server.schemas import Limits
+from dcar.server.settings import PRESET_PREFIX, Settings, parse_size
 
 log = logging.getLogger("dcar.server")
 

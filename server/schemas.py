@@ -16,9 +16,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.params import MAX_SEED, SamplingParams
-from server.errors import ApiError, invalid
-from server.settings import parse_size
+from dcar.model.params import MAX_SEED, SamplingParams
+from dcar.server.errors import ApiError, invalid
+from dcar.server.settings import parse_size
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 

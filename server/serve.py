@@ -18,9 +18,9 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
-from server.app import create_app
-from server.runtime import Runtime
-from server.settings import Settings
+from dcar.server.app import create_app
+from dcar.server.runtime import Runtime
+from dcar.server.settings import Settings
 
 log = logging.getLogger("dcar.server")
 
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accepted bearer key (repeatable); default: DCAR_API_KEYS, or no auth")
     parser.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, default=None,
                         help="report ready without the warm-up generations")
-    from server import ray_serve  # Ray itself is imported only by --ray
+    from dcar.server import ray_serve  # Ray itself is imported only by --ray
 
     ray_serve.add_arguments(parser)
 
@@ -108,7 +108,7 @@ class DrainingServer(uvicorn.Server):
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM; 0 after a clean drain, 1 if the model failed to load, 2 for bad settings."""
     if getattr(args, "ray", False):
-        from server import ray_serve
+        from dcar.server import ray_serve
 
         return ray_serve.run(args)
     try:

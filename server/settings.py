@@ -16,8 +16,9 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "dcar-tiny-shapes"
+from dcar.weights import embedded_weights
+
+DEFAULT_WEIGHTS = embedded_weights()
 PRESET_PREFIX = "preset:"
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 

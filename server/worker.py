@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from model.images import tensor_to_pil
-from model.params import EditSpec, RowResult
-from model.sampler import BatchState, StepEvent
-from server.batching import BatchPolicy, GroupView
-from server.jobs import Job, Ticket
+from dcar.model.images import tensor_to_pil
+from dcar.model.params import EditSpec, RowResult
+from dcar.model.sampler import BatchState, StepEvent
+from dcar.server.batching import BatchPolicy, GroupView
+from dcar.server.jobs import Job, Ticket
 
 log = logging.getLogger("dcar.engine")
 OutOfMemory = torch.cuda.OutOfMemoryError

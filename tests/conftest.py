@@ -28,7 +28,7 @@ def keys_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from model.config import pipeline_preset
-    from model.pipeline import Pipeline
+    from dcar.model.config import pipeline_preset
+    from dcar.model.pipeline import Pipeline
 
     return Pipeline.from_config(pipeline_preset("tiny"), seed=0)

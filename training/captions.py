@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from training.scenes import (
+from dcar.training.scenes import (
     CORNERS,
     NUMBER_WORDS,
     P_BACKGROUND_FIRST,

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from training.captions import caption
-from training.render import render
-from training.scenes import Scene, sample_scene, scene_from_dict, scene_to_dict
+from dcar.training.captions import caption
+from dcar.training.render import render
+from dcar.training.scenes import Scene, sample_scene, scene_from_dict, scene_to_dict
 
 TRAIN_STREAM = 0
 EVAL_STREAM = 1

@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.images import pil_to_tensor, tensor_to_pil
-from model.maskgit import schedule_counts
-from model.pipeline import Pipeline
-from training.captions import describe
-from training.dataset import load_eval_split, write_eval_split
-from training.render import render
-from training.scenes import COLORS, RELATIONS, SHAPES, Description, Phrase
-from training.shapes_eval import EVAL_PROMPTS, PromptSpec, run_shapes_eval
+from dcar.model.images import pil_to_tensor, tensor_to_pil
+from dcar.model.maskgit import schedule_counts
+from dcar.model.pipeline import Pipeline
+from dcar.training.captions import describe
+from dcar.training.dataset import load_eval_split, write_eval_split
+from dcar.training.render import render
+from dcar.training.scenes import COLORS, RELATIONS, SHAPES, Description, Phrase
+from dcar.training.shapes_eval import EVAL_PROMPTS, PromptSpec, run_shapes_eval
 
 EVAL_SEED = 1234  # the evaluation split's seed: its scenes never appear in a training stream
 

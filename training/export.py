@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from model.config import PipelineConfig
-from model.pipeline import Pipeline
-from training.presets import TrainPreset
-from training.runlog import DONE
-from training.train_generator import load_trained_generator
-from training.train_tokenizer import load_trained_tokenizer
+from dcar.model.config import PipelineConfig
+from dcar.model.pipeline import Pipeline
+from dcar.training.presets import TrainPreset
+from dcar.training.runlog import DONE
+from dcar.training.train_generator import load_trained_generator
+from dcar.training.train_tokenizer import load_trained_tokenizer
 
 TRAINING_JSON = "training.json"
 

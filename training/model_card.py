@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.export import TRAINING_JSON
-from training.shapes_eval import format_results
+from dcar.training.export import TRAINING_JSON
+from dcar.training.shapes_eval import format_results
 
 CARD = "README.md"
 SAMPLES = "samples.png"

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from model.config import (
+from dcar.model.config import (
     TINY_AR,
     TINY_HT,
     TINY_TEXT,

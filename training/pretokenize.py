@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model.tokenizer import DCHT
-from training import distributed as dist_utils
-from training.dataset import image_to_tensor, stream_rng
-from training.distributed import Dist
-from training.render import render
-from training.scenes import Scene, sample_scene, scene_from_dict, scene_to_dict
+from dcar.model.tokenizer import DCHT
+from dcar.training import distributed as dist_utils
+from dcar.training.dataset import image_to_tensor, stream_rng
+from dcar.training.distributed import Dist
+from dcar.training.render import render
+from dcar.training.scenes import Scene, sample_scene, scene_from_dict, scene_to_dict
 
 PRETOKENIZE_STREAM = 5
 META = "meta.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from training.scenes import BACKGROUNDS, COLORS, Background, Scene
+from dcar.training.scenes import BACKGROUNDS, COLORS, Background, Scene
 
 SUPERSAMPLE = 4
 

@@ -320,7 +320,7 @@ def place(description: Description, rng: np.random.Generator, max_tries: int = 1
         if centres is not None:
             break
     else:
-        from training.captions import describe  # captions builds on this module
+        from dcar.training.captions import describe  # captions builds on this module
 
         raise RuntimeError(f"no placement found for {describe(full)!r} in {max_tries} tries")
     objects = tuple(

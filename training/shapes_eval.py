@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from training.captions import parse_caption
-from training.scenes import COLORS, Description, Phrase, Scene, place
+from dcar.training.captions import parse_caption
+from dcar.training.scenes import COLORS, Description, Phrase, Scene, place
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 

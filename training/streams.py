@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.captions import caption
-from training.dataset import TRAIN_STREAM, image_to_tensor, stream_rng
-from training.render import render
-from training.scenes import RELATIONS, Scene, sample_scene
+from dcar.training.captions import caption
+from dcar.training.dataset import TRAIN_STREAM, image_to_tensor, stream_rng
+from dcar.training.render import render
+from dcar.training.scenes import RELATIONS, Scene, sample_scene
 
 # Stream ids beside the dataset's (TRAIN_STREAM = 0, EVAL_STREAM = 1), for draws that are not scenes.
 CROP_STREAM = 2

@@ -25,19 +25,19 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.config import GeneratorConfig
-from model.images import tensor_to_pil
-from model.params import SamplingParams
-from model.sampler import Sampler
-from model.text_encoder import TextEncoder
-from model.tokenizer import DCHT
-from model.transformer import DCARTransformer
-from training import distributed as dist_utils
-from training.distributed import Dist
-from training.losses import arccos_mask, masked_token_loss
-from training.presets import TrainPreset
-from training.pretokenize import load_pretokenized, pretokenize
-from training.runlog import (
+from dcar.model.config import GeneratorConfig
+from dcar.model.images import tensor_to_pil
+from dcar.model.params import SamplingParams
+from dcar.model.sampler import Sampler
+from dcar.model.text_encoder import TextEncoder
+from dcar.model.tokenizer import DCHT
+from dcar.model.transformer import DCARTransformer
+from dcar.training import distributed as dist_utils
+from dcar.training.distributed import Dist
+from dcar.training.losses import arccos_mask, masked_token_loss
+from dcar.training.presets import TrainPreset
+from dcar.training.pretokenize import load_pretokenized, pretokenize
+from dcar.training.runlog import (
     CheckpointTimer,
     CsvLog,
     autocast,
@@ -50,9 +50,9 @@ from training.runlog import (
     save_grid,
     set_lr,
 )
-from training.shapes_eval import PromptSpec, score
-from training.streams import TokenData
-from training.train_tokenizer import RunOptions, load_trained_tokenizer
+from dcar.training.shapes_eval import PromptSpec, score
+from dcar.training.streams import TokenData
+from dcar.training.train_tokenizer import RunOptions, load_trained_tokenizer
 
 COLUMNS = ["step", "lr", "loss", "ce", "ce_masked", "acc_masked", "diffusion", "sec"]
 VAL_COLUMNS = ["step", "quick_eval"]

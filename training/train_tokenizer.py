@@ -24,15 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.tokenizer import DCHT
-from training import distributed as dist_utils
-from training.captions import caption
-from training.dataset import EVAL_STREAM, image_to_tensor, stream_rng
-from training.distributed import Dist
-from training.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, psnr, reconstruction_loss
-from training.presets import TrainPreset
-from training.render import render
-from training.runlog import (
+from dcar.model.tokenizer import DCHT
+from dcar.training import distributed as dist_utils
+from dcar.training.captions import caption
+from dcar.training.dataset import EVAL_STREAM, image_to_tensor, stream_rng
+from dcar.training.distributed import Dist
+from dcar.training.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, psnr, reconstruction_loss
+from dcar.training.presets import TrainPreset
+from dcar.training.render import render
+from dcar.training.runlog import (
     CheckpointTimer,
     CsvLog,
     autocast,
@@ -45,8 +45,8 @@ from training.runlog import (
     save_grid,
     set_lr,
 )
-from training.scenes import sample_scene
-from training.streams import SceneCrops
+from dcar.training.scenes import sample_scene
+from dcar.training.streams import SceneCrops
 
 STAGES = ("continuous", "discrete", "alternate")
 COLUMNS = ["step", "stage", "lr", "loss", "l1", "l2", "psnr", "codebook", "commit", "usage", "restarted",

@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 
-from model.config import pipeline_preset  # noqa: E402
-from model.pipeline import Pipeline  # noqa: E402
+from dcar.model.config import pipeline_preset  # noqa: E402
+from dcar.model.pipeline import Pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from server_harness import live_server
 
-from server.settings import Settings
+from dcar.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"

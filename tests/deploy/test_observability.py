@@ -40,7 +40,7 @@ from promql import (
 )
 from server_harness import live_server, png_bytes, samples
 
-from server.metrics import Metrics
+from dcar.server.metrics import Metrics
 
 HERE = Path(__file__).resolve().parent
 TARGET_LABELS = {"instance", "job"}  # attached by Prometheus to every scraped series, never in /metrics

@@ -23,9 +23,9 @@ import pytest
 import yaml
 from server_harness import metric
 
-from server.cli import build_parser
-from server.ray_serve import RayOptions, deployment_options, options_from_args
-from server.settings import Settings
+from dcar.cli.main import build_parser
+from dcar.server.ray_serve import RayOptions, deployment_options, options_from_args
+from dcar.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 RAY_CONFIG = REPO / "deploy" / "ray-serve.yaml"
@@ -77,12 +77,12 @@ def test_dcar_serve_ray_flags():
 
 def test_serve_run_config_builds_the_app():
     schema = pytest.importorskip("ray.serve.schema")
-    from server.ray_serve import app_builder
+    from dcar.server.ray_serve import app_builder
 
     config = yaml.safe_load(RAY_CONFIG.read_text())
     parsed = schema.ServeDeploySchema.model_validate(config)
     [app] = parsed.applications
-    assert app.import_path == "server.ray_serve:app_builder" and app.route_prefix == "/"
+    assert app.import_path == "dcar.server.ray_serve:app_builder" and app.route_prefix == "/"
     args = dict(app.args)
     app_builder(args)  # what `serve run` calls: validates the settings and binds the deployment
     settings = Settings(**args.pop("settings"))
@@ -173,7 +173,7 @@ def test_dcar_serve_ray_two_replicas_share_load_and_survive_a_killed_replica():
     log_path = Path(ray_tmp) / "dcar-serve.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--ray", "--replicas", "2", "--cpus-per-replica", "0.5",
+        [sys.executable, "-m", "dcar.cli.main", "serve", "--ray", "--replicas", "2", "--cpus-per-replica", "0.5",
          "--weights", "preset:tiny", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
          "--max-wait-ms", "5", "--drain-timeout", "5", "--replica-metrics-port", str(metrics_port),
          "--log-level", "warning"],

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from model.config import GeneratorConfig, TokenizerConfig
-from model.loading import load_strict
-from model.tokenizer import DCHT
-from model.transformer import DCARTransformer
+from dcar.model.config import GeneratorConfig, TokenizerConfig
+from dcar.model.loading import load_strict
+from dcar.model.tokenizer import DCHT
+from dcar.model.transformer import DCARTransformer
 
 
 def golden_tokenizer(golden: Path) -> DCHT:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from server.cli import main
+from dcar.cli.main import main
 
 
 def test_generate_writes_a_png_of_the_requested_size(tmp_path, capsys):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.diffusion import DiffusionSchedule
-from model.maskgit import schedule_counts
-from model.noise import OfficialOrderNoise
-from model.params import SamplingParams
-from model.sampler import Sampler
-from model.transformer import sincos_pos_embed_2d
+from dcar.model.diffusion import DiffusionSchedule
+from dcar.model.maskgit import schedule_counts
+from dcar.model.noise import OfficialOrderNoise
+from dcar.model.params import SamplingParams
+from dcar.model.sampler import Sampler
+from dcar.model.transformer import sincos_pos_embed_2d
 from tests.model.golden_utils import golden_generator, golden_tokenizer, max_diff
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import GeneratorConfig, TextEncoderConfig
-from model.inspect import verify_official
-from model.loading import LoadError, read_state_dict
-from model.pipeline import Pipeline
-from model.text_encoder import TextEncoder
+from dcar.model.config import GeneratorConfig, TextEncoderConfig
+from dcar.model.inspect import verify_official
+from dcar.model.loading import LoadError, read_state_dict
+from dcar.model.pipeline import Pipeline
+from dcar.model.text_encoder import TextEncoder
 
 
 class _Payload:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import pipeline_preset
-from model.pipeline import Pipeline
-from model.sampler import BatchState, SamplerOptions
+from dcar.model.config import pipeline_preset
+from dcar.model.pipeline import Pipeline
+from dcar.model.sampler import BatchState, SamplerOptions
 
 PLAIN = SamplerOptions(cache_text_kv=False, batch_cfg=False)
 

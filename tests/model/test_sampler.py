@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.maskgit import guidance_at
-from model.params import SamplingParams
-from model.sampler import BatchState
+from dcar.model.maskgit import guidance_at
+from dcar.model.params import SamplingParams
+from dcar.model.sampler import BatchState
 
 
 def test_same_seed_same_image_and_different_seed_differs(tiny_pipe):

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from model.config import pipeline_preset
-from model.pipeline import Pipeline
+from dcar.model.config import pipeline_preset
+from dcar.model.pipeline import Pipeline
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from model.pipeline import Pipeline
-from server.app import create_app
-from server.settings import Settings
+from dcar.model.pipeline import Pipeline
+from dcar.server.app import create_app
+from dcar.server.settings import Settings
 
 
 def settings(**overrides) -> Settings:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.batching import BatchPolicy, GroupView, ServiceEstimate
+from dcar.server.batching import BatchPolicy, GroupView, ServiceEstimate
 
 A, B = (4, 4), (8, 8)  # two token grids
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from server_harness import StepHook, decode, same_image, serve, settings, wait_ready
 
-from server.app import create_app
+from dcar.server.app import create_app
 
 pytestmark = pytest.mark.anyio
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.settings import DEFAULT_WEIGHTS, REPO_ROOT, Settings, parse_size
+from dcar.server.settings import DEFAULT_WEIGHTS, Settings, parse_size
 
 
 def test_defaults_point_at_the_embedded_weights():
     s = Settings()
-    assert s.weights == str(DEFAULT_WEIGHTS) and DEFAULT_WEIGHTS == REPO_ROOT / "weights" / "dcar-tiny-shapes"
+    assert s.weights == str(DEFAULT_WEIGHTS) and (DEFAULT_WEIGHTS / "model_index.json").is_file()
     assert (s.host, s.port, s.api_keys, s.allowed_sizes) == ("127.0.0.1", 8000, [], [])
 
 

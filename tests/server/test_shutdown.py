@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from server_harness import metric
 
-from server.serve import add_arguments, settings_from_args
+from dcar.server.serve import add_arguments, settings_from_args
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def test_sigterm_drains_in_flight_rows_then_exits(tmp_path):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "DCAR_DRAIN_TIMEOUT_S": "60"}
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "server.serve", "--weights", "preset:tiny", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "dcar.server.serve", "--weights", "preset:tiny", "--port", str(port),
                              "--allowed-sizes", "128x128,256x256", "--max-batch-size", "4", "--max-wait-ms", "0",
                              "--log-level", "info"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.distributed import Dist
-from training.presets import CI, TrainPreset
-from training.train_tokenizer import RunOptions
+from dcar.training.distributed import Dist
+from dcar.training.presets import CI, TrainPreset
+from dcar.training.train_tokenizer import RunOptions
 
 SINGLE = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
@@ -30,7 +30,7 @@ def ci_preset() -> TrainPreset:
 @pytest.fixture(scope="session")
 def ci_tokenizer_run(tmp_path_factory, ci_preset) -> Path:
     """A finished ci tokenizer run (12 steps)."""
-    from training.train_tokenizer import train_tokenizer
+    from dcar.training.train_tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer(ci_preset, out, SINGLE, ci_options())
@@ -46,7 +46,7 @@ def ci_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ci_generator_run(tmp_path_factory, ci_preset, ci_tokenizer_run, ci_data) -> Path:
     """A finished ci generator run (a few steps)."""
-    from training.train_generator import train_generator
+    from dcar.training.train_generator import train_generator
 
     gen = tmp_path_factory.mktemp("gen")
     train_generator(ci_preset, ci_tokenizer_run, ci_data, gen, SINGLE, ci_options())
@@ -56,7 +56,7 @@ def ci_generator_run(tmp_path_factory, ci_preset, ci_tokenizer_run, ci_data) -> 
 @pytest.fixture(scope="session")
 def ci_weights(tmp_path_factory, ci_preset, ci_tokenizer_run, ci_generator_run) -> Path:
     """The ci generator run exported to a weights directory."""
-    from training.export import export
+    from dcar.training.export import export
 
     return export(ci_preset, ci_tokenizer_run, ci_generator_run, tmp_path_factory.mktemp("weights") / "dcar-ci")
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.runlog import load_checkpoint
+from dcar.training.runlog import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def _free_port() -> int:
 def _torchrun(*args: str) -> None:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO), GLOO_SOCKET_IFNAME="lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "server.cli", "train", *args, "--preset", "ci",
+           f"--master_port={_free_port()}", "-m", "dcar.cli.main", "train", *args, "--preset", "ci",
            "--device", "cpu", "--threads", "1", "--precision", "fp32", "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from model.pipeline import Pipeline
-from server.cli import main as dcar
-from training.evaluate import eval_split, hybrid_vs_discrete, psnr01, reconstruction, ssim
+from dcar.model.pipeline import Pipeline
+from dcar.cli.main import main as dcar
+from dcar.training.evaluate import eval_split, hybrid_vs_discrete, psnr01, reconstruction, ssim
 
 
 def test_ssim_and_psnr_reference_values():
@@ -73,7 +73,7 @@ def test_eval_command_writes_the_model_card(ci_weights, tmp_path):
 
 
 def test_target_rows_mark_met_and_missed():
-    from training.model_card import target_rows
+    from dcar.training.model_card import target_rows
 
     def recon(c, d):
         return {"continuous": {"psnr": c}, "discrete": {"psnr": d}}

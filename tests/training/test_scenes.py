@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from training.captions import caption, describe, parse_caption
-from training.dataset import SceneDataset, collate_scenes, load_eval_split, write_eval_split
-from training.render import render
-from training.scenes import (
+from dcar.training.captions import caption, describe, parse_caption
+from dcar.training.dataset import SceneDataset, collate_scenes, load_eval_split, write_eval_split
+from dcar.training.render import render
+from dcar.training.scenes import (
     BACKGROUNDS,
     COLORS,
     GAP,

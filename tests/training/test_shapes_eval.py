@@ -5,10 +5,10 @@ from collections import Counter, defaultdict
 import numpy as np
 from PIL import Image
 
-from training.captions import describe
-from training.render import render
-from training.scenes import sample_scene
-from training.shapes_eval import (
+from dcar.training.captions import describe
+from dcar.training.render import render
+from dcar.training.scenes import sample_scene
+from dcar.training.shapes_eval import (
     CATEGORIES,
     EVAL_PROMPTS,
     PromptSpec,

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from tests.training.conftest import SINGLE, ci_options
-from training.captions import parse_caption
-from training.losses import arccos_mask, masked_token_loss
-from training.pretokenize import load_pretokenized
-from training.runlog import load_checkpoint
-from training.scenes import sample_scene
-from training.streams import TokenData, caption_variant
-from training.train_generator import GeneratorTrainer, _Step, train_generator
+from dcar.training.captions import parse_caption
+from dcar.training.losses import arccos_mask, masked_token_loss
+from dcar.training.pretokenize import load_pretokenized
+from dcar.training.runlog import load_checkpoint
+from dcar.training.scenes import sample_scene
+from dcar.training.streams import TokenData, caption_variant
+from dcar.training.train_generator import GeneratorTrainer, _Step, train_generator
 
 
 def test_arccos_mask_distribution():

@@ -10,10 +10,10 @@ from dataclasses import replace
 import torch
 
 from tests.training.conftest import SINGLE, ci_options
-from training.dataset import SceneDataset
-from training.runlog import load_checkpoint
-from training.streams import SceneCrops
-from training.train_tokenizer import TokenizerTrainer, train_tokenizer
+from dcar.training.dataset import SceneDataset
+from dcar.training.runlog import load_checkpoint
+from dcar.training.streams import SceneCrops
+from dcar.training.train_tokenizer import TokenizerTrainer, train_tokenizer
 
 
 def _rows(path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from model.images import tensor_to_pil
-from model.pipeline import DEFAULT_WEIGHTS, Pipeline
-from training.shapes_eval import EVAL_PROMPTS, detect, verdict
+from dcar.model.images import tensor_to_pil
+from dcar.model.pipeline import Pipeline
+from dcar.weights import embedded_weights
+
+DEFAULT_WEIGHTS = embedded_weights()
+from dcar.training.shapes_eval import EVAL_PROMPTS, detect, verdict
 
 MAX_BYTES = 40 * 1024 * 1024
 

@@ -15,8 +15,8 @@ import pytest
 from playwright.sync_api import Browser, sync_playwright
 from ui_harness import CHROMIUM, CHROMIUM_FLAGS, open_page, ui_weights
 
-from model.config import pipeline_preset
-from model.pipeline import Pipeline
+from dcar.model.config import pipeline_preset
+from dcar.model.pipeline import Pipeline
 from tests.server.server_harness import StepHook, live_server
 
 

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from ui_harness import REPO_ROOT
 
-from server.metrics import RecentRate
-from server.routes_ui import STATIC, STATIC_DIR
+from dcar.server.metrics import RecentRate
+from dcar.server.routes_ui import STATIC, STATIC_DIR
 from tests.server.server_harness import live_server
 
 # Plain (sync) tests on live servers: while a module's browser is open, Playwright's sync API holds the main
@@ -39,7 +39,7 @@ def test_every_static_file_is_listed_and_packaged():
     on_disk = {p.name for p in STATIC_DIR.iterdir()}
     assert on_disk == set(STATIC), "server/routes_ui.py STATIC must list exactly the files in server/static/"
     assert all(p.is_file() for p in STATIC_DIR.iterdir())  # package-data "static/*" covers no subfolders
-    assert 'server = ["static/*"]' in (REPO_ROOT / "pyproject.toml").read_text()
+    assert '"dcar.server" = ["static/*"]' in (REPO_ROOT / "pyproject.toml").read_text()
 
 
 def test_no_script_turns_text_into_markup():

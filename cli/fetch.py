@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.inspect import verify_official
-    from model.loading import LoadError
+    from dcar.model.inspect import verify_official
+    from dcar.model.loading import LoadError
 
     root = Path(args.dir)
     if not args.verify_only:

@@ -7,7 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from model.pipeline import DEFAULT_WEIGHTS, Pipeline
+from dcar.model.pipeline import Pipeline
+from dcar.weights import embedded_weights
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -24,7 +25,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default=os.environ.get("DCAR_WEIGHTS", str(DEFAULT_WEIGHTS)),
+    p.add_argument("--weights", default=os.environ.get("DCAR_WEIGHTS", str(embedded_weights())),
                    help="weights directory (dcar or official layout), or preset:tiny for a random tiny model "
                         "(default: $DCAR_WEIGHTS or the embedded weights/dcar-tiny-shapes)")
     p.add_argument("--device", default=os.environ.get("DCAR_DEVICE", "cpu"), help="cpu, cuda, cuda:1, ...")
@@ -90,7 +91,7 @@ def run_with_progress(pipe: Pipeline, params: list, edits=None):
 
 
 def save_results(results, paths: list[Path]) -> None:
-    from model.images import tensor_to_pil
+    from dcar.model.images import tensor_to_pil
 
     for res, path in zip(results, paths):
         path.parent.mkdir(parents=True, exist_ok=True)

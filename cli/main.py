@@ -13,14 +13,14 @@ import sys
 
 # name -> (module, help); modules are imported lazily
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("server.serve", "run the HTTP server (uvicorn)"),
-    "generate": ("server.cli_generate", "generate images from a prompt"),
-    "edit": ("server.cli_edit", "inpaint the masked part of an image"),
-    "inspect": ("server.cli_inspect", "print name<TAB>shape of every state-dict entry of a preset or checkpoint"),
-    "fetch-weights": ("server.cli_fetch", "download the official DC-HT, DC-AR-512 and T5-base weights and verify them"),
-    "train": ("training.cli", "train the tokenizer or the generator (see README: training)"),
-    "eval": ("training.cli_eval", "ShapesEval and reconstruction metrics of a weights directory"),
-    "bench": ("server.cli_bench", "run a benchmark script from benchmarks/"),
+    "serve": ("dcar.server.serve", "run the HTTP server (uvicorn)"),
+    "generate": ("dcar.cli.generate", "generate images from a prompt"),
+    "edit": ("dcar.cli.edit", "inpaint the masked part of an image"),
+    "inspect": ("dcar.cli.inspect", "print name<TAB>shape of every state-dict entry of a preset or checkpoint"),
+    "fetch-weights": ("dcar.cli.fetch", "download the official DC-HT, DC-AR-512 and T5-base weights and verify them"),
+    "train": ("dcar.cli.train", "train the tokenizer or the generator (see README: training)"),
+    "eval": ("dcar.cli.eval", "ShapesEval and reconstruction metrics of a weights directory"),
+    "bench": ("dcar.cli.bench", "run a benchmark script from benchmarks/"),
 }
 
 

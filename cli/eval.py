@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from model.pipeline import Pipeline
-    from training.evaluate import (
+    from dcar.model.pipeline import Pipeline
+    from dcar.training.evaluate import (
         eval_split,
         hybrid_vs_discrete,
         reconstruction,
@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
         shapes_eval,
         tuning_prompts,
     )
-    from training.model_card import RESULTS, SAMPLES, write_card
-    from training.shapes_eval import format_results
+    from dcar.training.model_card import RESULTS, SAMPLES, write_card
+    from dcar.training.shapes_eval import format_results
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from server.cli_common import (
+from dcar.cli.common import (
     add_sampling_arguments,
     load_pipeline,
     output_paths,

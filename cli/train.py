@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _opts(args: argparse.Namespace, d):
-    from training.runlog import default_precision
-    from training.train_tokenizer import RunOptions
+    from dcar.training.runlog import default_precision
+    from dcar.training.train_tokenizer import RunOptions
 
     precision = default_precision(d.device) if args.precision == "auto" else args.precision
     return RunOptions(seed=args.seed, precision=precision, checkpoint_minutes=args.checkpoint_minutes,
@@ -78,11 +78,11 @@ def _opts(args: argparse.Namespace, d):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from training import distributed
-    from training.presets import train_preset, with_overrides
+    from dcar.training import distributed
+    from dcar.training.presets import train_preset, with_overrides
 
     if args.what == "export":
-        from training.export import export
+        from dcar.training.export import export
 
         path = export(train_preset(args.preset), args.tokenizer, args.generator, args.out, name=args.name,
                       guidance_scale=args.guidance_scale, randomize_temperature=args.randomize_temperature)
@@ -97,13 +97,13 @@ def run(args: argparse.Namespace) -> int:
                 (out / name).unlink(missing_ok=True)
         distributed.barrier()
         if args.what == "tokenizer":
-            from training.train_tokenizer import train_tokenizer
+            from dcar.training.train_tokenizer import train_tokenizer
 
             preset = with_overrides(train_preset(args.preset), tokenizer=dict(
                 stage_steps=args.stage_steps, batch=args.batch, crop=args.crop, lr=args.lr))
             summary = train_tokenizer(preset, out, d, _opts(args, d))
         else:
-            from training.train_generator import train_generator
+            from dcar.training.train_generator import train_generator
 
             preset = with_overrides(train_preset(args.preset), generator=dict(
                 steps=args.steps, batch=args.batch, lr=args.lr, num_images=args.num_images))

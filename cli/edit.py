@@ -6,7 +6,7 @@ import argparse
 
 from PIL import Image
 
-from server.cli_common import (
+from dcar.cli.common import (
     add_sampling_arguments,
     load_pipeline,
     output_paths,
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.images import mask_to_tensor
+    from dcar.model.images import mask_to_tensor
 
     pipe = load_pipeline(args)
     image = Image.open(args.image).convert("RGB")

@@ -12,8 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.inspect import file_entries, preset_entries, weight_files
-    from model.loading import LoadError
+    from dcar.model.inspect import file_entries, preset_entries, weight_files
+    from dcar.model.loading import LoadError
 
     try:
         if args.preset:

@@ -1,0 +1,1 @@
+"""The ``dcar`` console script (``dcar.cli.main:main``): one module per subcommand."""
