@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from dcar.model.config import DecoderConfig, EncoderConfig
+from torch import nn
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from dcar.model.maskgit import GUIDANCE_DECAYS
 
 MAX_SEED = 2**63 - 1
@@ -67,10 +66,19 @@ class EditSpec:
 
 @dataclass
 class RowResult:
-    """One finished image: pixels in [0, 1] (3, H, W) float, its tokens and where its time went."""
+    """One finished image: pixels in [0, 1] (3, H, W) float, its tokens and where its time went.
+
+    ``finite`` is False when the image or its residuals held NaN or inf (a numerical failure of this row
+    alone; a server must not deliver such an image: see ``NonFiniteOutput``).
+    """
 
     image: torch.Tensor
     tokens: torch.Tensor
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
     tag: object = None
+    finite: bool = True
+
+
+class NonFiniteOutput(ArithmeticError):
+    """A row's output held NaN or inf; raised for that row only, its batch mates are unaffected."""

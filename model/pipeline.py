@@ -17,9 +17,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from PIL import Image
-from safetensors.torch import save_file
-
 from dcar.model.config import (
     DC_AR_512,
     T5_BASE,
@@ -31,12 +28,21 @@ from dcar.model.config import (
     pipeline_preset,
 )
 from dcar.model.images import mask_to_tensor, pil_to_tensor
-from dcar.model.loading import LoadError, default_dtype, find_weights, load_strict, parse_dtype, read_state_dict
+from dcar.model.loading import (
+    LoadError,
+    default_dtype,
+    find_weights,
+    load_strict,
+    parse_dtype,
+    read_state_dict,
+)
 from dcar.model.params import EditSpec, RowResult, SamplingParams
 from dcar.model.sampler import Sampler, SamplerOptions
 from dcar.model.text_encoder import TextEncoder
 from dcar.model.tokenizer import DCHT
 from dcar.model.transformer import DCARTransformer
+from PIL import Image
+from safetensors.torch import save_file
 
 OFFICIAL_DIRS = {"tokenizer": "dc-ht", "generator": "dc-ar-512", "text_encoder": "t5-base"}
 INDEX = "model_index.json"

@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-
 from dcar.model.maskgit import guidance_at, gumbel, masked_after_step, softmax_temperature
 from dcar.model.noise import OfficialOrderNoise, RowNoise
 from dcar.model.params import EditSpec, RowResult, SamplingParams
@@ -359,20 +358,25 @@ class Sampler:
                     residual[j] = torch.where(tm, residual[j], r.edit.residual.to(dev).float())
         self._sync()
         t1 = time.perf_counter()
-        images = self.tokenizer.decode_tokens(ids, state.grid, residual).float()
-        images = (images * 0.5 + 0.5).clamp(0, 1)
+        raw = self.tokenizer.decode_tokens(ids, state.grid, residual).float()
+        images = (raw * 0.5 + 0.5).clamp(0, 1)
         for j, r in enumerate(rows):
             e = r.edit
             if e is not None and e.blend and e.image is not None and e.pixel_mask is not None:
                 pm = e.pixel_mask.to(dev).float()
                 images[j] = pm * images[j] + (1 - pm) * (e.image.to(dev).float() * 0.5 + 0.5).clamp(0, 1)
-        self._sync()
+        # Checked before the clamp, which would turn inf into a valid-looking pixel (NaN stays NaN).
+        finite = torch.isfinite(raw).flatten(1).all(1)
+        if residual is not None:
+            finite &= torch.isfinite(residual).flatten(1).all(1)
+        images_cpu, finite_cpu = images.cpu(), finite.tolist()  # the one device->host copy of a finish
         t2 = time.perf_counter()
         out = []
         for j, r in enumerate(rows):
             r.add_time("residual", t1 - t0)
             r.add_time("decode", t2 - t1)
-            out.append(RowResult(images[j].cpu(), ids[j].cpu(), r.params.seed, dict(r.timings), r.tag))
+            out.append(RowResult(images_cpu[j], ids[j].cpu(), r.params.seed, dict(r.timings), r.tag,
+                                 finite=bool(finite_cpu[j])))
         return out
 
     # --- the loop ----------------------------------------------------------------------------------

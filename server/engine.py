@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from dcar.model.params import RowResult, SamplingParams
+from dcar.model.params import NonFiniteOutput, RowResult, SamplingParams
 from dcar.model.sampler import BatchState
 from dcar.server.batching import BatchPolicy, GroupView, ServiceEstimate
 from dcar.server.errors import ApiError
@@ -350,9 +350,10 @@ class Engine:
                 self._finish_job(job, results=list(job.results))
         real_failure = False
         for t, exc in out.failures:
-            oom = isinstance(exc, OutOfMemory)
-            real_failure |= not oom
-            self.metrics.rows_failed("out_of_memory" if oom else "error", 1)
+            reason = failure_reason(exc)
+            # out-of-memory and a non-finite row are the row's own trouble; anything else may be the engine's
+            real_failure |= reason == "error"
+            self.metrics.rows_failed(reason, 1)
             if not t.job.done:
                 self._close(t.job, "failed", self._failure_error(t, exc))
         self._publish()
@@ -360,6 +361,11 @@ class Engine:
 
     def _failure_error(self, t: Ticket, exc: BaseException) -> ApiError:
         p = t.params
+        if isinstance(exc, NonFiniteOutput):
+            log.error("request %s: non-finite output (NaN/inf) for seed %d at %dx%d", t.job.id, p.seed, p.width,
+                      p.height)
+            return ApiError(500, "non_finite_output", f"the generated image held NaN or inf values and was not "
+                            f"delivered; request id {t.job.id}")
         if isinstance(exc, OutOfMemory):
             return ApiError(500, "out_of_memory", f"out of memory even for one {p.width}x{p.height} image; "
                             f"request id {t.job.id}")
@@ -380,3 +386,12 @@ class Engine:
             self.metrics.set_ready(False)
             for job in list(self._jobs):
                 self._close(job, "failed", self._refusal())
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The bounded ``reason`` label of ``dcar_failed_rows_total`` for a row's failure."""
+    if isinstance(exc, OutOfMemory):
+        return "out_of_memory"
+    if isinstance(exc, NonFiniteOutput):
+        return "non_finite_output"
+    return "error"

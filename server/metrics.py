@@ -93,7 +93,7 @@ class Metrics:
         self.wasted = Counter("dcar_wasted_seconds", "Engine seconds spent on rows that were later dropped "
                               "(each row's share of its batches).", ["reason"], registry=r)
         self.failed_rows = Counter("dcar_failed_rows", "Rows failed by an engine error, by reason "
-                                   "(error, out_of_memory).", ["reason"], registry=r)
+                                   "(error, out_of_memory, non_finite_output).", ["reason"], registry=r)
         self.oom = Counter("dcar_oom", "Out-of-memory errors caught by the engine.", registry=r)
         self.splits = Counter("dcar_batch_splits", "Batches split in halves after out-of-memory.", registry=r)
         self.ready = Gauge("dcar_ready", "1 when the server accepts work (loaded, warmed up, not draining).",

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
 from dcar.model.images import tensor_to_pil
-from dcar.model.params import EditSpec, RowResult
+from dcar.model.params import EditSpec, NonFiniteOutput, RowResult
 from dcar.model.sampler import BatchState, StepEvent
 from dcar.server.batching import BatchPolicy, GroupView
 from dcar.server.jobs import Job, Ticket
@@ -163,7 +162,11 @@ class ModelWorker:
                         out.groups.append(sub.select(rest))
                     continue
                 results, rest = finished
-                out.results += [(r.tag, r) for r in results]
+                for r in results:  # a NaN/inf image is never delivered: that row fails alone
+                    if r.finite:
+                        out.results.append((r.tag, r))
+                    else:
+                        out.failures.append((r.tag, NonFiniteOutput("the generated image held NaN or inf values")))
                 if len(rest):
                     out.groups.append(rest)
             seconds = time.monotonic() - t0
