@@ -1,4 +1,4 @@
-"""DC-AE f32 encoder and decoder, as DC-HT builds them (MODEL_SPEC section 1.2).
+"""DC-AE f32 encoder and decoder, as DC-HT builds them.
 
 Reference: mit-han-lab/efficientvit ``efficientvit/models/efficientvit/dc_ae.py`` and its ``ops.py``
 (Chen et al., "Deep Compression Autoencoder", 2024), with DC-HT's norms (ln2d in the encoder and in

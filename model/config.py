@@ -1,8 +1,8 @@
 """Frozen configs for every DC-AR component, and the named presets.
 
 Each module's constructor takes only its own slice (``Encoder(cfg.encoder)``), in the style of
-efficientvit's nested DC-AE configs. Sizes come from shared/MODEL_SPEC.md (sections 1.2, 2.1, 3.1, 5);
-the official checkpoints' key lists in shared/reference/official-keys/ pin the structure.
+efficientvit's nested DC-AE configs. Full sizes are those of the official dc-ht and dc-ar-512 checkpoints;
+their key lists and parameter counts in tests/golden/official-keys/ pin the structure.
 
 Configs serialise to plain dicts (``to_dict``) and are rebuilt from them (``from_dict``), so a weights
 directory carries its own architecture (the nanoGPT ``model_args`` pattern).
@@ -84,7 +84,7 @@ def _check_lists(which: str, widths, depths, blocks) -> None:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """DC-HT: a DC-AE-f32 autoencoder plus the l2-normalised hybrid vector quantizer (MODEL_SPEC 1.1-1.3)."""
+    """DC-HT: a DC-AE-f32 autoencoder plus the l2-normalised hybrid vector quantizer."""
 
     in_channels: int = 3
     latent_channels: int = 32
@@ -157,7 +157,7 @@ class TokenizerConfig:
 
 @dataclass(frozen=True)
 class DiffusionHeadConfig:
-    """SimpleMLPAdaLN residual head and its iDDPM process (MODEL_SPEC 3.1-3.2)."""
+    """SimpleMLPAdaLN residual head and its iDDPM process (MAR's diffloss, as DC-AR uses it)."""
 
     width: int = 1024
     depth: int = 6
@@ -271,7 +271,7 @@ class TextEncoderConfig:
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """The official sampling recipe (sample.py / app.py, MODEL_SPEC section 5)."""
+    """The official sampling recipe (the official sample.py / app.py)."""
 
     steps: int = 12
     guidance_scale: float = 4.5

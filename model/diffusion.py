@@ -1,4 +1,4 @@
-"""The iDDPM Gaussian diffusion process of the residual head (MODEL_SPEC section 3.2).
+"""The iDDPM Gaussian diffusion process of the residual head.
 
 Reference: openai/improved-diffusion ``gaussian_diffusion.py`` and ``respace.py`` as vendored by MAR and
 DC-AR: a 1000-step cosine beta schedule (max beta 0.999), respaced to N evenly spaced steps, epsilon

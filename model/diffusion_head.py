@@ -1,4 +1,4 @@
-"""The residual diffusion head: SimpleMLPAdaLN plus its iDDPM loss and sampler (MODEL_SPEC section 3).
+"""The residual diffusion head: SimpleMLPAdaLN plus its iDDPM loss and sampler.
 
 Reference: LTH14/mar ``models/diffloss.py`` (Li et al., "Autoregressive Image Generation without Vector
 Quantization", 2024), used unchanged by HART and DC-AR. The head is per token: each position's residual

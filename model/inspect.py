@@ -1,6 +1,6 @@
 """Listing and verifying checkpoints: what ``dcar inspect`` and ``dcar fetch-weights`` print.
 
-Entries are ``(name, shape)`` with shapes written as in shared/reference/official-keys/*.tsv
+Entries are ``(name, shape)`` with shapes written as in tests/golden/official-keys/*.tsv
 (``AxBxC``, ``scalar`` for 0-d tensors), so the output can be diffed against those key lists.
 """
 

@@ -1,4 +1,4 @@
-"""The MaskGIT parts of DC-AR's sampler as pure functions (MODEL_SPEC section 5; goldens section D).
+"""The MaskGIT parts of DC-AR's sampler as pure functions (tests/golden/README.md section D pins the schedule).
 
 Everything is per row, so rows of one batch may sit at different steps, use different step counts,
 guidance scales and temperatures. The official ``generate()`` shares these scalars across the batch

@@ -1,4 +1,4 @@
-"""Hybrid vector quantizer of DC-HT (MODEL_SPEC sections 1.1 and 1.3).
+"""Hybrid vector quantizer of DC-HT.
 
 Each latent vector is l2-normalised and matched by cosine similarity against an l2-normalised codebook.
 The discrete part is the (normalised) codeword; the continuous part is the residual

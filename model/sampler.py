@@ -1,6 +1,6 @@
-"""DC-AR's hybrid sampler as a state machine: ``start`` -> ``step`` x N -> ``finish`` (DESIGN section 3).
+"""DC-AR's hybrid sampler as a state machine: ``start`` -> ``step`` x N -> ``finish``.
 
-The algorithm is the official ``generate()`` (MODEL_SPEC section 5), written per row:
+The algorithm is the official ``generate()``, written per row:
 
 1. encode the prompt once; the caption K/V of every block are cached for the conditional branch and for
    the null caption (unconditional branch), interleaved so row i is at 2i (cond) and 2i+1 (uncond);

@@ -1,4 +1,4 @@
-"""T5 text encoder wrapper (MODEL_SPEC section 2.2): tokenizer + encoder from a local directory.
+"""T5 text encoder wrapper: tokenizer + encoder from a local directory.
 
 The official code runs ``google-t5/t5-base``'s encoder on each prompt padded to 300 tokens with
 truncation, and uses ``ids != pad`` as the attention mask. Here prompts are padded to the longest in the

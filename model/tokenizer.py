@@ -1,4 +1,4 @@
-"""DC-HT: the 32x hybrid tokenizer (Wu et al., DC-AR, ICCV 2025; MODEL_SPEC section 1).
+"""DC-HT: the 32x hybrid tokenizer (Wu et al., DC-AR, ICCV 2025).
 
 A DC-AE-f32 encoder, the hybrid quantizer and the decoder. The decoder accepts three kinds of input,
 all of the same form (B, C, h, w): the normalised continuous latent, codewords (discrete), or

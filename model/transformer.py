@@ -1,4 +1,4 @@
-"""The DC-AR generator transformer (MODEL_SPEC section 2).
+"""The DC-AR generator transformer.
 
 PixArt-alpha blocks without adaLN (self-attention with QK-norm, cross-attention to T5 states, MLP),
 a token embedding whose last row is [MASK], a fixed 2-D sin-cos position table, the PixArt caption MLP

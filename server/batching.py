@@ -1,4 +1,4 @@
-"""The batching policy and the service-time estimate: pure objects, no torch, no asyncio (STYLE lesson 12).
+"""The batching policy and the service-time estimate: pure objects, no torch, no asyncio (unit-testable alone).
 
 ``BatchPolicy`` decides *which* waiting rows join *which* running group at a step boundary and how long an
 idle engine keeps collecting rows; ``ServiceEstimate`` turns measured step times into a predicted completion

@@ -1,4 +1,4 @@
-"""Errors as the API shows them: ``{"error": {"code", "message", "param"}}`` (shared/DESIGN.md section 4).
+"""Errors as the API shows them: ``{"error": {"code", "message", "param"}}``.
 
 Everything a route or the engine refuses is an ``ApiError`` with an HTTP status, a stable machine code, a
 message that names the field, the limit and the value, and the offending parameter. The handlers here turn

@@ -1,4 +1,4 @@
-"""Every Prometheus instrument of the server, on one per-app registry (STYLE lesson 13).
+"""Every Prometheus instrument of the server, on one per-app registry (two apps in one process never share counters).
 
 The engine and the routes report plain numbers through the methods below; nothing else touches
 prometheus_client. Names follow the Prometheus naming guide: prefix ``dcar_``, base units (seconds,

@@ -1,6 +1,6 @@
 """``dcar serve --ray``: the same app on Ray Serve, N replicas (one per GPU), each with its own engine.
 
-Scale-out beyond one process (shared/SERVING_NOTES.md section 5): Ray hosts ``create_app`` unchanged in
+Scale-out beyond one process: Ray hosts ``create_app`` unchanged in
 every replica (server/ray_replica.py), its proxy routes each request to a replica with room (at most
 ``max_ongoing_requests`` in flight per replica) and, with ``--max-replicas`` above ``--replicas``, its
 autoscaler adds or removes replicas to keep about ``target_ongoing_requests`` requests per replica. Each

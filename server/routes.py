@@ -1,6 +1,6 @@
 """The native API (/v1/generate, /v1/edit), the operational endpoints, and the helpers the OpenAI routes share.
 
-Routes only parse, validate, submit and translate (STYLE lesson 10): the engine on ``app.state.runtime``
+Routes only parse, validate, submit and translate: the engine on ``app.state.runtime``
 does the work. A request becomes a ``Job`` of n rows; the route waits for it while watching the client, so a
 client that disconnects has its rows dropped from the running batch at the next step.
 """

@@ -2,7 +2,7 @@
 
 pydantic checks types (422 naming the field); ``to_params`` checks values against the served model and the
 settings (400 naming the field, the limit and the value, e.g. ``steps must be between 1 and 50, got 80``)
-and returns the plain frozen dataclasses of model/ (STYLE lesson 11). A prompt longer than the text
+and returns the plain frozen dataclasses of model/ (the model layer never sees pydantic). A prompt longer than the text
 encoder takes is refused, never truncated.
 """
 

@@ -1,7 +1,7 @@
 """Server settings: typed, validated, read from the environment with the ``DCAR_`` prefix.
 
 Built once in ``dcar serve`` (or a test) and passed to ``create_app(settings)``; nothing reads the
-environment after that. Knob names follow the common servers (shared/SERVING_NOTES.md section 1):
+environment after that. Knob names follow the common servers:
 ``max_batch_size`` and ``max_wait_ms`` as in Triton / Ray Serve, ``max_queue`` as Triton's
 ``max_queue_size``, ``request_timeout_s`` as Ray's ``request_timeout_s``.
 """

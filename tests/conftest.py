@@ -7,21 +7,21 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+GOLDEN = Path(__file__).resolve().parent / "golden"  # provenance and tolerances: tests/golden/README.md
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    """Golden tensors of the official code; override with DCAR_GOLDEN_DIR to check another golden set."""
-    path = Path(os.environ.get("DCAR_GOLDEN_DIR", REFERENCE / "golden"))
+    """Golden tensors of the official code; DCAR_GOLDEN_DIR points at another set produced the same way."""
+    path = Path(os.environ.get("DCAR_GOLDEN_DIR", GOLDEN))
     assert (path / "README.md").is_file(), f"golden directory {path} not found (set DCAR_GOLDEN_DIR)"
     return path
 
 
 @pytest.fixture(scope="session")
 def keys_dir() -> Path:
-    path = REFERENCE / "official-keys"
+    """Key lists and parameter counts of the full-size official checkpoints."""
+    path = GOLDEN / "official-keys"
     assert path.is_dir(), f"official key lists not found at {path}"
     return path
 

@@ -1,5 +1,5 @@
 """Training losses: pixel reconstruction, the PatchGAN discriminator and its hinge losses (tokenizer), and
-the generator's masking distribution and masked-token cross-entropy (MODEL_SPEC sections 1.5 and 4).
+the generator's masking distribution and masked-token cross-entropy.
 
 References: LlamaGen ``tokenizer/tokenizer_image/vq_loss.py`` and taming-transformers'
 ``NLayerDiscriminator`` (PatchGAN, hinge); 1d-tokenizer ``modeling/modules/losses.py`` ``MLMLoss``

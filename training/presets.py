@@ -6,7 +6,7 @@
 for the detector, so the generator trains three times longer. ``ci`` is the same recipe at toy sizes for tests. ``shapes-gpu``
 runs the same code at larger sizes under ``torchrun`` on GPUs.
 
-Recipe sources (MODEL_SPEC sections 1.4, 1.5, 4 and 9): the three tokenizer stages with HART's 50/50
+Recipe sources (the DC-AR paper and the codebases it builds on): the three tokenizer stages with HART's 50/50
 alternation in stage 3; LlamaGen-style VQ losses (codebook 1.0, commitment 0.25) and a late PatchGAN;
 1d-tokenizer's MaskGIT optimiser (AdamW, betas (0.9, 0.96), weight decay 0.03, warm-up + cosine, EMA,
 grad clip 1.0), label smoothing 0.1 with unmasked weight 0.1, text dropout 0.1, CE + diffusion 1:1.

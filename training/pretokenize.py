@@ -8,7 +8,7 @@ the missing shards and ranks of a torchrun split the shards between them.
 
 Each shard holds ids (n, L) int16, residuals (n, L, C) float16 and the scenes (their captions are re-drawn
 at training time). ``meta.json`` records the residual standard deviation, from which the generator's
-``vae_scale`` is set (MODEL_SPEC 3.2: the official 0.107 is the std of its own tokenizer's residuals).
+``vae_scale`` is set (the official 0.107 is the std of its own tokenizer's residuals).
 """
 
 from __future__ import annotations

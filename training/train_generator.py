@@ -1,4 +1,4 @@
-"""DC-AR generator training, with a small byte-level T5 text encoder trained jointly (MODEL_SPEC section 4).
+"""DC-AR generator training, with a small byte-level T5 text encoder trained jointly (the paper's recipe).
 
 Per step, on pre-tokenized scenes (training/pretokenize.py) with freshly drawn captions:
 

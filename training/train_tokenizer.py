@@ -1,4 +1,4 @@
-"""DC-HT tokenizer training: the paper's three-stage adaptation (MODEL_SPEC section 1.4).
+"""DC-HT tokenizer training: the DC-AR paper's three-stage adaptation.
 
 1. continuous warm-up: encoder + decoder as a plain autoencoder on the l2-normalised latent;
 2. discrete learning: the decoder sees only the straight-through codewords; codebook loss
@@ -77,7 +77,7 @@ class _Autoencode(nn.Module):
     def forward(self, x: torch.Tensor, discrete: bool):
         with autocast(x.device, self.precision):
             z = self.tok.encoder(x)
-        with torch.autocast(x.device.type, enabled=False):  # the lookup runs in fp32 (MODEL_SPEC 1.1)
+        with torch.autocast(x.device.type, enabled=False):  # the lookup runs in fp32, as at inference
             if discrete:
                 q = self.tok.quantize(z.float())
                 latent, cb, commit, ids = q.quantized, q.codebook_loss, q.commitment_loss, q.indices

@@ -1,4 +1,4 @@
-"""Sampler contract (DESIGN section 3): determinism, batch invariance, no global RNG, step-wise batching, edits."""
+"""Sampler contract: determinism, batch invariance, no global RNG, step-wise batching, edits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Acceptance 4: queue full (429 + Retry-After), deadlines (refused at admission, 504 once passed), clients that
+"""Queue full (429 + Retry-After), deadlines (refused at admission, 504 once passed), clients that
 disconnect (rows dropped, counted), a batch whose sampler raises (only its rows fail), out-of-memory (split,
 retry, lower cap). Faults are injected at the pipeline level by wrapping ``pipe.sampler.step``."""
 

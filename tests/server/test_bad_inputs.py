@@ -1,4 +1,4 @@
-"""Acceptance 3: a table of bad inputs, each answered with the right status and an error that names the
+"""A table of bad inputs, each answered with the right status and an error that names the
 field (and the limit where there is one); a good request sent right after each still succeeds."""
 
 from __future__ import annotations

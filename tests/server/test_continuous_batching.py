@@ -1,4 +1,4 @@
-"""Acceptance 1 and 2: concurrent requests share forwards, rows join a running batch between steps, and
+"""Concurrent requests share forwards, rows join a running batch between steps, and
 every image equals the image of the same request sent alone (per-row generators)."""
 
 from __future__ import annotations

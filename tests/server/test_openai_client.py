@@ -1,4 +1,4 @@
-"""Acceptance 5: the official ``openai`` package, unchanged, generates and edits against a live uvicorn."""
+"""The official ``openai`` package, unchanged, generates and edits against a live uvicorn."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Acceptance 6: after known traffic, /metrics holds every metric of DESIGN section 4 with the expected counts,
+"""After known traffic, /metrics holds every metric of server/metrics.py with the expected counts,
 and ``promtool check metrics`` (Debian's prometheus package) reports nothing."""
 
 from __future__ import annotations

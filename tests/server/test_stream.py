@@ -1,4 +1,4 @@
-"""Acceptance 7: ``stream=true`` answers Server-Sent Events: one progress event per unmasking step, in order,
+"""``stream=true`` answers Server-Sent Events: one progress event per unmasking step, in order,
 with a small preview when asked, then the images; a client that leaves mid-stream has its rows dropped."""
 
 from __future__ import annotations
