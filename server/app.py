@@ -14,10 +14,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
 
 from dcar.model.pipeline import Pipeline
-from dcar.server.errors import error_body, install_handlers
+from dcar.server.errors import install_handlers, json_error
 from dcar.server.routes import router
 from dcar.server.routes_openai import router as openai_router
 from dcar.server.routes_ui import router as ui_router
@@ -63,22 +62,21 @@ class EdgeMiddleware:
             length = 0
         try:
             if length > limit:
-                await self._too_large(send_wrapper, length, limit)
+                await self._too_large(send_wrapper, length, limit, rid)
             else:
                 await self.app(scope, _limited(receive, limit), send_wrapper)
         except BodyTooLarge as e:
             if not status["started"]:
-                await self._too_large(send_wrapper, e.size, limit)
+                await self._too_large(send_wrapper, e.size, limit, rid)
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "other"
             self.runtime.metrics.request(endpoint, status["code"], time.perf_counter() - t0)
 
-    async def _too_large(self, send, size: int, limit: int) -> None:
+    async def _too_large(self, send, size: int, limit: int, rid: str) -> None:
         self.runtime.metrics.rejected("too_large")
-        body = error_body("body_too_large", f"the request body is at least {size} bytes; the limit is "
-                          f"max_body_bytes={limit}", None)
-        response = JSONResponse(body, status_code=413)
+        response = json_error(413, "body_too_large", f"the request body is at least {size} bytes; the limit is "
+                              f"max_body_bytes={limit}", None, rid)
         await response({"type": "http"}, _no_receive, send)
 
 

@@ -2,8 +2,9 @@
 
 Everything a route or the engine refuses is an ``ApiError`` with an HTTP status, a stable machine code, a
 message that names the field, the limit and the value, and the offending parameter. The handlers here turn
-ApiError, FastAPI's schema errors and any unexpected exception into that shape; a 500 carries the
-request id so an operator can find the log line.
+ApiError, FastAPI's schema errors and any unexpected exception into that shape. Every error body also
+carries OpenAI's ``type`` (clients such as the openai SDK read it) and the request id, so an operator can
+find the log record; ``x-should-retry: false`` tells clients where repeating the same request cannot help.
 """
 
 from __future__ import annotations
@@ -37,11 +38,38 @@ def invalid(param: str, message: str) -> ApiError:
     return ApiError(400, "invalid_value", message, param, reason="invalid")
 
 
-def error_body(code: str, message: str, param: str | None = None, request_id: str | None = None) -> dict:
-    err = {"code": code, "message": message, "param": param}
+# Failures that repeat for the same request: the same deadline, the same image too big for memory, the same
+# seed giving NaN. The openai SDK retries every 5xx twice unless told otherwise.
+NO_RETRY_CODES = frozenset({"deadline_exceeded", "out_of_memory", "non_finite_output"})
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    if status >= 500:
+        return "server_error"
+    return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error")
+
+
+def retry_headers(status: int, code: str) -> dict[str, str]:
+    """``x-should-retry: false`` where a retry cannot help: a 4xx other than 408/409/429, or a repeating 5xx."""
+    if code in NO_RETRY_CODES or (400 <= status < 500 and status not in (408, 409, 429)):
+        return {"x-should-retry": "false"}
+    return {}
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None,
+               request_id: str | None = None) -> dict:
+    err = {"code": code, "message": message, "param": param, "type": error_type(status)}
     if request_id:
         err["request_id"] = request_id
     return {"error": err}
+
+
+def json_error(status: int, code: str, message: str, param: str | None = None, request_id: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, code, message, param, request_id), status_code=status,
+                        headers={**retry_headers(status, code), **(headers or {})})
 
 
 def request_id_of(request: Request) -> str | None:
@@ -49,9 +77,7 @@ def request_id_of(request: Request) -> str | None:
 
 
 def error_response(err: ApiError, request_id: str | None = None) -> JSONResponse:
-    rid = request_id if err.status >= 500 else None
-    return JSONResponse(error_body(err.code, err.message, err.param, rid), status_code=err.status,
-                        headers=err.headers)
+    return json_error(err.status, err.code, err.message, err.param, request_id, err.headers)
 
 
 def _loc_to_param(loc) -> str | None:
@@ -99,19 +125,19 @@ def install_handlers(app: FastAPI, metrics) -> None:
         metrics.rejected("invalid")
         code = "invalid_json" if "not valid JSON" in message else "invalid_request"
         status = 400 if code == "invalid_json" else 422
-        return JSONResponse(error_body(code, message, param), status_code=status)
+        return json_error(status, code, message, param, request_id_of(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 413:
             metrics.rejected("too_large")
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        return JSONResponse(error_body(codes.get(exc.status_code, "http_error"), str(exc.detail)),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return json_error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), None,
+                          request_id_of(request), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         rid = request_id_of(request)
         log.exception("request %s: unexpected error", rid)
-        return JSONResponse(error_body("internal_error", f"internal error ({type(exc).__name__}); "
-                                       f"quote request id {rid} when reporting it", None, rid), status_code=500)
+        return json_error(500, "internal_error", f"internal error ({type(exc).__name__}); quote request id "
+                          f"{rid} when reporting it", None, rid)
