@@ -247,7 +247,7 @@ async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | Non
         try:
             results = job.future.result()
         except ApiError as e:
-            yield sse("error", error_body(e.code, e.message, e.param, job.id))
+            yield sse("error", error_body(e.status, e.code, e.message, e.param, job.id))
             return
         encoded = await encode_all(runtime, results, fmt, quality)
         yield sse("images", native_body(runtime, job, results, encoded, fmt))
