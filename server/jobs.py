@@ -51,6 +51,10 @@ class Job:
     edit: EditInput | None = None
     stream: bool = False
     preview: bool = False
+    # OpenAI partial images: previews only at these steps, at this longest side (None: every step, and the
+    # server's preview_size)
+    preview_steps: frozenset[int] | None = None
+    preview_size: int | None = None
     submitted: float = field(default_factory=time.monotonic)
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
@@ -61,6 +65,9 @@ class Job:
     @property
     def deadline(self) -> float:
         return self.submitted + self.timeout
+
+    def wants_preview(self, step: int) -> bool:
+        return self.preview and (self.preview_steps is None or step in self.preview_steps)
 
     @property
     def done(self) -> bool:

@@ -153,7 +153,9 @@ class ModelWorker:
                 out.failures += [(r.tag, events) for r in part.rows]
                 continue
             for i, ev in enumerate(events):
-                out.progress.append((ev.tag, ev, self._preview(part, i) if ev.tag.job.preview else None))
+                job = ev.tag.job
+                preview = self._preview(part, i, job.preview_size) if job.wants_preview(ev.step) else None
+                out.progress.append((ev.tag, ev, preview))
             for sub, finished in self._run_split(part, self.pipe.sampler.finish, _select_state, out):
                 if isinstance(finished, BaseException):
                     out.failures += [(r.tag, finished) for r in sub.rows if r.done]
@@ -197,13 +199,14 @@ class ModelWorker:
         except Exception as exc:
             return [(items, exc)]
 
-    def _preview(self, state: BatchState, index: int) -> str | None:
+    def _preview(self, state: BatchState, index: int, size: int | None = None) -> str | None:
         try:
             image = tensor_to_pil(self.pipe.sampler.preview(state, index))
         except Exception:  # a preview is a courtesy; never fail a row for it
             log.exception("preview failed")
             return None
-        image.thumbnail((self.preview_size, self.preview_size))
+        size = size or self.preview_size
+        image.thumbnail((size, size))
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return base64.b64encode(buf.getvalue()).decode("ascii")
