@@ -1,4 +1,8 @@
-"""Goldens section A: DC-HT (small widths, real depths) against the official code's tensors."""
+"""Goldens section A: DC-HT (small widths, real depths) against the official code's tensors.
+
+Grids come from the golden tensors' shapes and the traced stages from the model built from the set's
+``tokenizer_config.json``, so another golden set made the same way runs the same assertions.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ def test_encoder_traces_and_latent(tok, gold):
     trace = {}
     z = tok.encoder(gold["input.images"], trace=trace)
     keys = [k for k in gold if k.startswith("trace.encoder.")]
-    assert len(keys) == 7
+    assert keys and {f"trace.{k}" for k in trace} == set(keys)  # every non-empty stage, stem and project-out
     for k in keys:
         assert max_diff(trace[k.removeprefix("trace.")], gold[k]) < 1e-4, k
     assert max_diff(z, gold["out.encoder_latent"]) < 1e-4
@@ -46,27 +50,33 @@ def test_decoder_traces_and_three_decode_paths(tok, gold):
     trace = {}
     tok.decoder(q.codewords + (q.normalized - q.codewords), trace=trace)
     keys = [k for k in gold if k.startswith("trace.decoder.")]
-    assert len(keys) == 6
+    assert keys and {f"trace.{k}" for k in trace} == set(keys)
     for k in keys:
         assert max_diff(trace[k.removeprefix("trace.")], gold[k]) < 2e-4, k
-    assert max_diff(tok.decode_tokens(q.tokens, (4, 4)), gold["out.decoded_discrete"]) < 5e-5
-    assert max_diff(tok.decode_tokens(q.tokens, (4, 4), q.residual), gold["out.decoded_hybrid"]) < 5e-5
+    grid = tuple(gold["out.indices"].shape[-2:])
+    assert max_diff(tok.decode_tokens(q.tokens, grid), gold["out.decoded_discrete"]) < 5e-5
+    assert max_diff(tok.decode_tokens(q.tokens, grid, q.residual), gold["out.decoded_hybrid"]) < 5e-5
     assert max_diff(tok.decode(q.normalized), gold["out.decoded_continuous"]) < 5e-5
     assert max_diff(tok(gold["input.images"]), gold["out.forward_discrete"]) < 5e-5
 
 
 @torch.no_grad()
-def test_second_resolution_uses_the_linear_attention_everywhere(tok, gold):
+def test_second_input_resolution(tok, gold):
+    # In the shipped set this input makes every attention take the linear form (tokenizer_golden.json).
     x = gold["input.images_extra"]
     q = tok.encode(x)
     assert max_diff(tok.encoder(x), gold["extra.encoder_latent"]) < 1e-4
     assert torch.equal(q.indices, gold["extra.indices"])
     assert torch.equal(q.tokens, gold["extra.tokens"])
     assert max_diff(q.residual, gold["extra.residual"]) < 1e-5
-    assert max_diff(tok.decode_tokens(q.tokens, (6, 6)), gold["extra.decoded_discrete"]) < 5e-5
-    assert max_diff(tok.decode_tokens(q.tokens, (6, 6), q.residual), gold["extra.decoded_hybrid"]) < 5e-5
+    grid = tuple(gold["extra.indices"].shape[-2:])
+    assert grid != tuple(gold["out.indices"].shape[-2:])  # a second resolution, not the first one again
+    assert max_diff(tok.decode_tokens(q.tokens, grid), gold["extra.decoded_discrete"]) < 5e-5
+    assert max_diff(tok.decode_tokens(q.tokens, grid, q.residual), gold["extra.decoded_hybrid"]) < 5e-5
 
 
-def test_encode_rejects_sizes_that_are_not_multiples_of_32(tok):
-    with pytest.raises(ValueError, match="multiple of 32"):
-        tok.encode(torch.zeros(1, 3, 100, 128))
+def test_encode_rejects_sizes_that_are_not_multiples_of_the_compression(tok, gold):
+    f = tok.compression
+    assert gold["input.images"].shape[-1] == f * gold["out.indices"].shape[-1]
+    with pytest.raises(ValueError, match=f"multiple of {f}"):
+        tok.encode(torch.zeros(1, 3, 3 * f + 4, 4 * f))

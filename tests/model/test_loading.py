@@ -48,12 +48,13 @@ def test_truncated_file_is_named(saved):
         Pipeline.from_pretrained(saved)
 
 
-def test_wrong_shape_is_named(saved):
+def test_wrong_shape_is_named(tiny_pipe, saved):
     f = saved / "generator" / "model.safetensors"
     state = load_file(str(f))
-    state["final_layer.linear.bias"] = torch.zeros(65)
+    n = tiny_pipe.config.generator.codebook_size
+    state["final_layer.linear.bias"] = torch.zeros(n + 1)
     save_file(state, str(f))
-    with pytest.raises(LoadError, match=r"final_layer\.linear\.bias: file \(65,\) vs model \(64,\)"):
+    with pytest.raises(LoadError, match=rf"final_layer\.linear\.bias: file \({n + 1},\) vs model \({n},\)"):
         Pipeline.from_pretrained(saved)
 
 
@@ -112,8 +113,10 @@ def _official_dir(golden_dir, tmp_path):
     (root / "dc-ar-512").mkdir()
     torch.save(load_file(str(golden_dir / "generator_state_dict.safetensors")), root / "dc-ar-512" / "pytorch_model.bin")
     gcfg = GeneratorConfig.from_official(json.loads((golden_dir / "generator_config.json").read_text()))
-    text = TextEncoder.from_config(TextEncoderConfig(tokenizer="byt5", max_length=8, d_model=32, num_layers=1,
-                                                     num_heads=2, d_kv=16, d_ff=64, vocab_size=384))
+    # The golden set stubs T5 out; a one-layer byte-level encoder of the generator's caption width stands in.
+    text = TextEncoder.from_config(TextEncoderConfig(
+        tokenizer="byt5", max_length=gcfg.text_token_length, d_model=gcfg.context_dim, num_layers=1,
+        num_heads=2, d_kv=16, d_ff=64, vocab_size=384))
     text.save_pretrained(root / "t5-base")
     return root, gcfg, cfg["dc_ae"]
 
@@ -121,9 +124,10 @@ def _official_dir(golden_dir, tmp_path):
 def test_official_layout_loads_and_generates(golden_dir, tmp_path):
     root, gcfg, dc_ae = _official_dir(golden_dir, tmp_path)
     pipe = Pipeline.from_pretrained(root, official_generator=gcfg, official_autoencoder=dc_ae)
-    assert pipe.config.sampling.size == 128
+    side = gcfg.grid_size * pipe.config.tokenizer.spatial_compression  # the native size of the position table
+    assert pipe.config.sampling.size == side
     out = pipe.generate([pipe.params("a prompt", seed=0)])[0]
-    assert out.image.shape == (3, 128, 128)
+    assert out.image.shape == (3, side, side)
     assert verify_official(root, generator=gcfg, autoencoder=dc_ae)[0].startswith("ok")
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from dcar.cli.main import main
 from dcar.model.config import preset
 from dcar.model.inspect import build_on_meta, preset_entries
-from dcar.cli.main import main
 
 
 def read_tsv(path):
