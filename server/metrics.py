@@ -6,6 +6,11 @@ bytes), ``_total`` on counters, and no unbounded label values (no prompt, no req
 
 Latency buckets are geometric from 1 ms to 120 s so that they resolve a GPU step (milliseconds) as well
 as a CPU generation or a long queue (seconds).
+
+Beside the ``dcar_*`` instruments every registry carries the standard process collector (``process_*``:
+resident memory, CPU seconds, open file descriptors) and ``dcar_build_info{version, torch, cuda}``, so a
+dashboard can tell which build each target runs. ``_created`` series are switched off for the whole
+process: they double every counter and histogram and nothing here reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+
+import dcar
+
+# Process-wide switch of prometheus_client (no per-registry option exists); see the module docstring.
+prometheus_client.disable_created_metrics()
 
 SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
                    60.0, 120.0)
@@ -24,6 +35,13 @@ TASKS = ("generate", "edit")
 REJECTIONS = ("invalid", "unauthorized", "too_large", "queue_full", "deadline", "not_ready", "draining")
 DROPS = ("disconnected", "deadline", "failed", "shutdown")
 FAILURES = ("error", "out_of_memory")
+
+
+def build_info() -> dict[str, str]:
+    """Labels of ``dcar_build_info``: dcar's version, torch's, and the CUDA torch was built for (``none``)."""
+    import torch
+
+    return {"version": dcar.__version__, "torch": torch.__version__, "cuda": torch.version.cuda or "none"}
 
 
 class RecentRate:
@@ -63,6 +81,9 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        Info("dcar_build", "The running build: dcar, torch and the CUDA version torch was built for.",
+             registry=r).info(build_info())
         self.requests = Counter("dcar_requests", "HTTP requests answered, by endpoint and status code.",
                                 ["endpoint", "status"], registry=r)
         self.request_duration = Histogram("dcar_request_duration_seconds",

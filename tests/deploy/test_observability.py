@@ -43,6 +43,7 @@ from server_harness import live_server, png_bytes, samples
 from dcar.server.metrics import Metrics
 
 HERE = Path(__file__).resolve().parent
+EXPORTED_PREFIXES = ("dcar_", "process_")  # what dcar's /metrics serves (process_*: the process collector)
 TARGET_LABELS = {"instance", "job"}  # attached by Prometheus to every scraped series, never in /metrics
 SCRAPE_INTERVAL_S = 1
 
@@ -199,7 +200,7 @@ def check_selectors(queries: list[tuple[str, str]], exposed: dict[str, list[dict
     problems = []
     for where, expr in queries:
         for sel in selectors(expr):
-            if not sel.name.startswith("dcar_"):
+            if not sel.name.startswith(EXPORTED_PREFIXES):
                 continue  # Prometheus's own series (up, ...): checked against the live Prometheus below
             if sel.name not in exposed:
                 problems.append(f"{where}: {sel.name} is not exported")
@@ -247,8 +248,15 @@ def test_dashboard_has_the_panels_and_alerts_the_deployment_promises():
     titles = {p["title"]: p for p in panels(dash)}
     for title in ("Images/s", "Requests/s by endpoint and status", "Request latency", "Queue wait",
                   "Queue size and running rows", "Batch size distribution", "Time per image by stage",
-                  "Rejections by reason", "Wasted seconds on dropped rows", "GPU memory"):
+                  "Rejections by reason", "Wasted seconds on dropped rows", "GPU memory", "Process memory", "Builds"):
         assert title in titles, title
+    # Every panel filters on the job and server variables, so one dashboard serves several deployments.
+    names = [v["name"] for v in dash["templating"]["list"]]
+    assert names == ["datasource", "job", "instance"], names
+    for p in panels(dash):
+        for t in p.get("targets", []):
+            assert 'job=~"$job"' in t["expr"] and 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
+    assert "process_resident_memory_bytes" in titles["Process memory"]["targets"][0]["expr"]
     for title in ("Request latency", "Queue wait"):
         assert [t["legendFormat"] for t in titles[title]["targets"]] == ["p50", "p95", "p99"]
     assert len(titles) == len(panels(dash)), "two panels share a title"
