@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dcar.model.knobs import SamplingKnobs
+
 BLOCK_TYPES = ("ResBlock", "EViT_GLU")
 NORMS = ("ln2d", "bn2d")
 ACTS = ("relu", "silu")
@@ -269,16 +271,13 @@ class TextEncoderConfig:
         _check_choice("text_encoder.tokenizer", self.tokenizer, ("t5", "byt5"))
 
 
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """The official sampling recipe (the official sample.py / app.py)."""
+@dataclass(frozen=True, kw_only=True)
+class SamplingDefaults(SamplingKnobs):
+    """A model's own sampling defaults (stored in its model_index.json) and native image side.
 
-    steps: int = 12
-    guidance_scale: float = 4.5
-    randomize_temperature: float = 1.5
-    softmax_temperature_annealing: bool = True
-    residual_steps: int = 32
-    residual_temperature: float = 1.0
+    The knobs and their official defaults (the official sample.py / app.py) come from ``SamplingKnobs``.
+    """
+
     size: int = 512
 
 
@@ -357,3 +356,20 @@ def pipeline_preset(name: str) -> PipelineConfig:
     if name not in PIPELINE_PRESETS:
         raise ValueError(f"unknown pipeline preset {name!r}; expected one of {sorted(PIPELINE_PRESETS)}")
     return PIPELINE_PRESETS[name]
+
+
+PRESET_PREFIX = "preset:"
+
+
+def weights_preset(spec: str) -> str | None:
+    """``"preset:NAME"`` (a randomly initialised pipeline preset) -> NAME, checked; any other spec is a path: None.
+
+    The one reading of the ``preset:`` form, for ``--weights``, ``DCAR_WEIGHTS`` and ``Pipeline.load``.
+    """
+    if not spec.startswith(PRESET_PREFIX):
+        return None
+    name = spec[len(PRESET_PREFIX):]
+    if not name:
+        raise ValueError(f"weights={spec!r} needs a preset name, e.g. preset:tiny")
+    pipeline_preset(name)  # unknown names fail here, listing the known ones
+    return name

@@ -8,43 +8,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from dcar.model.maskgit import GUIDANCE_DECAYS
+from dcar.model.knobs import KnobError, SamplingKnobs
 
 MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
-class SamplingParams:
+class SamplingParams(SamplingKnobs):
     """Everything that determines one generated image, together with the weights.
 
-    Defaults are the official recipe (12 steps, CFG 4.5 constant, Gumbel temperature 1.5 annealed to 0,
-    softmax-temperature annealing, 32 head steps at temperature 1).
+    The prompt, seed and size, plus the sampling knobs of ``SamplingKnobs`` (model/knobs.py: their one
+    definition, official defaults and bounds; keyword-only here).
     """
 
     prompt: str
     seed: int = 0
     height: int = 512
     width: int = 512
-    steps: int = 12
-    guidance_scale: float = 4.5
-    guidance_decay: str = "constant"
-    randomize_temperature: float = 1.5
-    softmax_temperature_annealing: bool = True
-    residual_steps: int = 32
-    residual_temperature: float = 1.0
-    use_residuals: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.residual_steps < 1:
-            raise ValueError(f"residual_steps={self.residual_steps} must be >= 1")
-        if self.guidance_decay not in GUIDANCE_DECAYS:
-            raise ValueError(f"guidance_decay={self.guidance_decay!r}; expected one of {list(GUIDANCE_DECAYS)}")
+        super().__post_init__()
         if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed={self.seed} must be in [0, {MAX_SEED}]")
-        if self.randomize_temperature < 0 or self.residual_temperature < 0:
-            raise ValueError("temperatures must be >= 0")
+            raise KnobError("seed", f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -26,8 +26,10 @@ from dcar.model.config import (
     TextEncoderConfig,
     TokenizerConfig,
     pipeline_preset,
+    weights_preset,
 )
 from dcar.model.images import mask_to_tensor, pil_to_tensor
+from dcar.model.knobs import knob_values
 from dcar.model.loading import (
     LoadError,
     default_dtype,
@@ -107,9 +109,8 @@ class Pipeline:
     def load(cls, spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
              options: SamplerOptions | None = None) -> Pipeline:
         """``preset:NAME`` builds a randomly initialised preset (e.g. ``preset:tiny``); anything else is a path."""
-        spec = str(spec)
-        if spec.startswith("preset:"):
-            name = spec.removeprefix("preset:")
+        name = weights_preset(str(spec))
+        if name is not None:
             return cls.from_config(pipeline_preset(name), device=device, dtype=dtype, name=f"{name}-random",
                                    options=options)
         return cls.from_pretrained(spec, device=device, dtype=dtype, options=options)
@@ -193,10 +194,7 @@ class Pipeline:
     def params(self, prompt: str, **overrides) -> SamplingParams:
         """SamplingParams with this model's defaults (its native size, head steps, ...) and overrides."""
         d = self.config.sampling
-        base = dict(steps=d.steps, guidance_scale=d.guidance_scale, randomize_temperature=d.randomize_temperature,
-                    softmax_temperature_annealing=d.softmax_temperature_annealing, residual_steps=d.residual_steps,
-                    residual_temperature=d.residual_temperature, height=d.size, width=d.size)
-        base.update(overrides)
+        base = {**knob_values(d), "height": d.size, "width": d.size, **overrides}
         return SamplingParams(prompt=prompt, **base)
 
     def generate(self, params: Sequence[SamplingParams], edits: Sequence[EditSpec | None] | None = None,

@@ -11,6 +11,9 @@ Two tokenizers: "t5" (the sentencepiece vocabulary in the directory, for the off
 
 from __future__ import annotations
 
+import copy
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +22,10 @@ from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()
+
+
+def _count_tokens(tokenizer, prompt: str) -> int:
+    return len(tokenizer(prompt, truncation=False)["input_ids"])
 
 
 class TextEncoder(torch.nn.Module):
@@ -60,7 +67,15 @@ class TextEncoder(torch.nn.Module):
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens the prompt takes, end-of-sequence included, before any truncation."""
-        return len(self.tokenizer(prompt, truncation=False)["input_ids"])
+        return _count_tokens(self.tokenizer, prompt)
+
+    def token_counter(self) -> Callable[[str], int]:
+        """``count_tokens`` on a private copy of the tokenizer, for another thread (a server's event loop).
+
+        Hugging Face fast tokenizers are not safe to share between threads (their truncation settings are
+        mutated per call), and the model's thread tokenizes at the same time.
+        """
+        return functools.partial(_count_tokens, copy.deepcopy(self.tokenizer))
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(prompts, padding="longest", truncation=True, max_length=self.max_length,

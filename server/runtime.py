@@ -8,21 +8,18 @@ and ``/readyz`` says 503 until the engine is ready (Kubernetes startup and readi
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
-from pathlib import Path
 
 import torch
 
-from dcar.model.config import pipeline_preset
 from dcar.model.loading import LoadError
 from dcar.model.pipeline import Pipeline
 from dcar.server.engine import Engine
 from dcar.server.errors import ApiError
 from dcar.server.metrics import Metrics
 from dcar.server.schemas import Limits
-from dcar.server.settings import PRESET_PREFIX, Settings, parse_size
+from dcar.server.settings import Settings, parse_size
 
 log = logging.getLogger("dcar.server")
 
@@ -35,27 +32,7 @@ def resolve_device(name: str) -> str:
 
 def load_pipeline(settings: Settings) -> Pipeline:
     """The weights directory named by the settings, or ``preset:<name>`` for a random model of that preset."""
-    device = resolve_device(settings.device)
-    if settings.weights.startswith(PRESET_PREFIX):
-        name = settings.weights[len(PRESET_PREFIX):]
-        return Pipeline.from_config(pipeline_preset(name), device=device, dtype=settings.dtype, seed=0,
-                                    name=f"{name}-random")
-    return Pipeline.from_pretrained(Path(settings.weights), device=device, dtype=settings.dtype)
-
-
-class PromptCounter:
-    """Token count of a prompt, for validation on the event loop.
-
-    Holds its own copy of the tokenizer: Hugging Face fast tokenizers are not safe to use from two threads
-    (their truncation settings are mutated per call), and the worker thread tokenizes at the same time.
-    """
-
-    def __init__(self, pipe: Pipeline):
-        self._tokenizer = copy.deepcopy(pipe.text_encoder.tokenizer)
-        self.max_tokens = pipe.text_encoder.max_length
-
-    def __call__(self, prompt: str) -> int:
-        return len(self._tokenizer(prompt, truncation=False)["input_ids"])
+    return Pipeline.load(settings.weights, device=resolve_device(settings.device), dtype=settings.dtype)
 
 
 class Runtime:
@@ -98,9 +75,11 @@ class Runtime:
             pipe = self.pipeline or await asyncio.to_thread(load_pipeline, s)
             self.pipeline = pipe
             self.sizes = served_sizes(s, pipe)
-            counter = PromptCounter(pipe)
+            # its own tokenizer copy: prompts are counted on the event loop while the worker tokenizes
+            counter = pipe.text_encoder.token_counter()
             self.limits = Limits(tuple(self.sizes), s.max_n, s.max_steps, s.max_residual_steps, s.max_guidance_scale,
-                                 s.max_prompt_chars, counter.max_tokens, s.request_timeout_s, counter, pipe.params)
+                                 s.max_prompt_chars, pipe.text_encoder.max_length, s.request_timeout_s, counter,
+                                 pipe.params)
             info = pipe.info()
             self.metrics.set_model({"name": info["name"], "device": info["device"], "dtype": info["dtype"],
                                     "native_size": info["native_size"],

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dcar.model.knobs import KnobError
 from dcar.model.params import MAX_SEED, SamplingParams
 from dcar.server.errors import ApiError, invalid
 from dcar.server.settings import parse_size
@@ -223,9 +224,8 @@ def to_params(k: Knobs | OpenAIImageRequest, limits: Limits, size: tuple[int, in
     try:
         return [limits.defaults(k.prompt, seed=seed + i, height=height, width=width, **overrides)
                 for i in range(k.n)]
-    except ValueError as e:  # SamplingParams' own checks, e.g. an unknown guidance_decay
-        param = str(e).split("=", 1)[0] if "=" in str(e) else None
-        raise invalid(param or "request", str(e)) from e
+    except KnobError as e:  # the knobs' own bounds (model/knobs.py), e.g. an unknown guidance_decay
+        raise invalid(e.field, str(e)) from e
 
 
 def check_knobs(k: Knobs) -> None:

@@ -9,26 +9,18 @@ environment after that. Knob names follow the common servers:
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dcar.model.config import weights_preset
+from dcar.model.knobs import parse_size
 from dcar.weights import embedded_weights
 
 DEFAULT_WEIGHTS = embedded_weights()
-PRESET_PREFIX = "preset:"
-SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """"WIDTHxHEIGHT" -> (width, height); ValueError naming the expected form otherwise."""
-    m = SIZE_RE.match(text.strip().lower())
-    if not m:
-        raise ValueError(f"size must look like WIDTHxHEIGHT (e.g. 512x512), got {text!r}")
-    return int(m.group(1)), int(m.group(2))
+__all__ = ["DEFAULT_WEIGHTS", "Settings", "parse_size"]
 
 
 def _split_list(value):
@@ -107,8 +99,7 @@ class Settings(BaseSettings):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: str) -> str:
-        if value.startswith(PRESET_PREFIX) and not value[len(PRESET_PREFIX):]:
-            raise ValueError("weights='preset:' needs a preset name, e.g. preset:tiny")
+        weights_preset(value)  # "preset:" needs a known name; anything else is a path, checked at load
         return value
 
     @model_validator(mode="after")

@@ -27,9 +27,10 @@ def test_environment_lists_and_numbers(monkeypatch):
 
 @pytest.mark.parametrize("field,value,text", [
     ("max_batch_size", 0, "max_batch_size"),
-    ("allowed_sizes", "512", "WIDTHxHEIGHT"),
+    ("allowed_sizes", "512*512", "WIDTHxHEIGHT"),
     ("api_keys", "short", "at least 8"),
     ("weights", "preset:", "preset name"),
+    ("weights", "preset:nope", "unknown pipeline preset 'nope'"),
     ("max_queue", 2, "max_queue=2 is below max_n=8"),
     ("unknown_knob", 1, "unknown_knob"),
 ])
@@ -39,6 +40,10 @@ def test_invalid_settings_name_the_field(field, value, text):
 
 
 def test_parse_size():
+    """One grammar for settings, the HTTP size field and the CLI's --size: WIDTHxHEIGHT or one side."""
     assert parse_size(" 512x256 ") == (512, 256)
-    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
-        parse_size("512*256")
+    assert parse_size("256") == (256, 256)
+    assert Settings(allowed_sizes="256, 512x256").allowed_sizes == ["256x256", "512x256"]
+    for bad in ("512*256", "0x512", "x512", "512x", "-512", ""):
+        with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+            parse_size(bad)

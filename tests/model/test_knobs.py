@@ -1,0 +1,72 @@
+"""The sampling knobs are defined once (model/knobs.py); every place that takes them derives from that."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from dcar.model.config import SamplingDefaults
+from dcar.model.knobs import KNOB_NAMES, KNOBS, KnobError, SamplingKnobs, check_knobs, knob_values
+from dcar.model.params import SamplingParams
+from dcar.model.pipeline import Pipeline
+
+
+def test_params_and_model_defaults_carry_every_knob_with_the_official_default():
+    official = {k.name: k.default for k in KNOBS}
+    assert knob_values(SamplingParams("x")) == official
+    assert knob_values(SamplingDefaults()) == official
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert set(KNOB_NAMES) <= names and names - set(KNOB_NAMES) == {"prompt", "seed", "height", "width"}
+
+
+def test_a_models_stored_defaults_reach_its_params(tiny_pipe, tmp_path):
+    """Every knob a weights directory stores comes back through Pipeline.params; a request's value wins."""
+    stored = SamplingDefaults(steps=5, guidance_scale=2.0, guidance_decay="linear", randomize_temperature=0.5,
+                              softmax_temperature_annealing=False, residual_steps=4, residual_temperature=0.5,
+                              use_residuals=False, size=tiny_pipe.config.sampling.size)
+    assert all(getattr(stored, k.name) != k.default for k in KNOBS)  # each knob really differs
+    pipe = Pipeline(dataclasses.replace(tiny_pipe.config, sampling=stored), tiny_pipe.tokenizer,
+                    tiny_pipe.generator, tiny_pipe.text_encoder)
+    pipe.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["sampling"] == dataclasses.asdict(stored)
+    loaded = Pipeline.from_pretrained(tmp_path / "m")
+    assert knob_values(loaded.params("x")) == knob_values(stored)
+    assert loaded.params("x", steps=7).steps == 7
+
+
+@pytest.mark.parametrize("values,field,text", [
+    ({"steps": 0}, "steps", "steps must be at least 1, got 0"),
+    ({"guidance_scale": -1.0}, "guidance_scale", "at least 0"),
+    ({"guidance_scale": math.nan}, "guidance_scale", "guidance_scale must be at least 0, got nan"),
+    ({"randomize_temperature": 11.0}, "randomize_temperature", "between 0 and 10, got 11.0"),
+    ({"guidance_decay": "cosine"}, "guidance_decay", "one of constant, linear, power-cosine; got 'cosine'"),
+    ({"use_residuals": 1}, "use_residuals", "true or false"),
+    ({"steps": 2.5}, "steps", "an integer"),
+    ({"residual_steps": "8"}, "residual_steps", "an integer, got '8'"),
+    ({"guidance_scale": "4"}, "guidance_scale", "a number"),
+])
+def test_bad_values_name_the_field_and_the_limit(values, field, text):
+    with pytest.raises(KnobError, match=text) as err:
+        check_knobs(values)
+    assert err.value.field == field
+    with pytest.raises(KnobError) as err:
+        SamplingParams("x", **values)
+    assert err.value.field == field
+
+
+def test_a_servers_cap_lowers_the_bound():
+    check_knobs({"steps": 80})
+    with pytest.raises(KnobError, match="steps must be between 1 and 50, got 80"):
+        check_knobs({"steps": 80}, caps={"steps": 50})
+    with pytest.raises(KnobError, match="between 0 and 2, got 3.0"):
+        check_knobs({"randomize_temperature": 3.0}, caps={"randomize_temperature": 2})
+
+
+def test_every_knob_describes_itself_and_is_keyword_only():
+    for k in KNOBS:
+        assert k.help and str(k.default).lower() in k.describe().lower(), k.name
+    with pytest.raises(TypeError):
+        SamplingKnobs(12)  # type: ignore[misc]
