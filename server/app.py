@@ -17,11 +17,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dcar.model.pipeline import Pipeline
 from dcar.server.errors import install_handlers, json_error
+from dcar.server.logs import AccessLog
 from dcar.server.routes import router
 from dcar.server.routes_openai import router as openai_router
 from dcar.server.routes_ui import router as ui_router
 from dcar.server.runtime import Runtime
 from dcar.server.settings import Settings
+from dcar.server.tracing import TracingMiddleware
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -134,4 +136,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     app.include_router(openai_router)
     app.include_router(ui_router)
     app.add_middleware(EdgeMiddleware, runtime=runtime)
+    # outside the edge, so that they see its request id and its 413s, and time everything
+    app.add_middleware(TracingMiddleware, tracing=runtime.tracing)
+    app.add_middleware(AccessLog, log_prompts=settings.log_prompts)
     return app

@@ -168,6 +168,13 @@ class Engine:
             return self._planned_rows
         return sum(len(g) for g in self._groups)
 
+    def rows_ahead(self, job: Job) -> int | None:
+        """Rows waiting ahead of the job's first waiting row (0: next in line); None once none of its rows waits."""
+        for i, t in enumerate(self._waiting):
+            if t.job is job:
+                return i
+        return None
+
     def _publish(self) -> None:
         self.metrics.occupancy(len(self._waiting), self.running_rows)
         if self._idle is not None:

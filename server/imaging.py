@@ -16,9 +16,11 @@ import warnings
 
 import torch
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from dcar.model.images import tensor_to_pil
 from dcar.server.errors import ApiError
+from dcar.server.provenance import Mark
 
 OUTPUT_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -29,20 +31,31 @@ def media_type(fmt: str) -> str:
     return OUTPUT_FORMATS[fmt][1]
 
 
-def encode_image(image: torch.Tensor, fmt: str, quality: int | None = None, png_compress_level: int = 1) -> bytes:
-    """(3, H, W) float in [0, 1] -> file bytes in ``fmt`` (png, jpeg or webp).
+def encode_image(image: torch.Tensor | Image.Image, fmt: str, quality: int | None = None,
+                 png_compress_level: int = 1, mark: Mark | None = None) -> bytes:
+    """(3, H, W) float in [0, 1] (or a PIL image) -> file bytes in ``fmt`` (png, jpeg or webp).
 
     PNG is lossless at every zlib level; level 1 (not Pillow's 6) encodes several times faster for somewhat
-    larger files, which matters when the model itself takes tens of milliseconds.
+    larger files, which matters when the model itself takes tens of milliseconds. ``mark`` goes into the
+    file's metadata: tEXt chunks and XMP in a PNG, XMP in JPEG and WebP (server/provenance.py).
     """
     pil_format = OUTPUT_FORMATS[fmt][0]
     buf = io.BytesIO()
-    options = {}
+    options: dict = {}
     if pil_format in ("JPEG", "WEBP"):
         options["quality"] = quality if quality is not None else 95
+        if mark is not None:
+            options["xmp"] = mark.xmp()
     else:
         options["compress_level"] = png_compress_level
-    tensor_to_pil(image).save(buf, format=pil_format, **options)
+        if mark is not None:
+            info = PngInfo()
+            for key, value in mark.text().items():
+                info.add_text(key, value)
+            info.add_itxt("XML:com.adobe.xmp", mark.xmp().decode("utf-8"))
+            options["pnginfo"] = info
+    pil = image if isinstance(image, Image.Image) else tensor_to_pil(image)
+    pil.save(buf, format=pil_format, **options)
     return buf.getvalue()
 
 

@@ -22,11 +22,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dcar.model.images import mask_to_tensor, pil_to_tensor
-from dcar.model.params import RowResult
+from dcar.model.params import RowResult, SamplingParams
 from dcar.server.engine import Engine
 from dcar.server.errors import ApiError, describe_validation, error_body, invalid
 from dcar.server.imaging import decode_base64, decode_image, encode_image, media_type, too_large
 from dcar.server.jobs import EditInput, Job
+from dcar.server.logs import note
+from dcar.server.provenance import Mark, parameters
 from dcar.server.runtime import Runtime
 from dcar.server.schemas import (
     EditFields,
@@ -40,6 +42,7 @@ from dcar.server.schemas import (
     check_timeout,
     to_params,
 )
+from dcar.server.sse import KEEPALIVE, job_events, sse
 
 router = APIRouter()
 DEADLINE_GRACE_S = 1.0  # the engine ends late jobs at a step boundary; the route is only the backstop
@@ -184,18 +187,28 @@ async def wait_for(request: Request, engine: Engine, job: Job) -> list[RowResult
         watcher.cancel()
 
 
-async def encode_all(runtime: Runtime, results: list[RowResult], fmt: str, quality: int | None) -> list[tuple[bytes, float]]:
+def image_mark(runtime: Runtime, params: SamplingParams) -> Mark | None:
+    """What goes into the image file's metadata (None with ``mark_output`` off)."""
+    if not runtime.settings.mark_output:
+        return None
+    return Mark(runtime.pipeline.name, runtime.weights_digest, parameters(params, seed=True))
+
+
+async def encode_all(runtime: Runtime, job: Job, results: list[RowResult], fmt: str,
+                     quality: int | None) -> list[tuple[bytes, float]]:
     """Encode every image off the event loop; each with its encoding time (the image_encode stage)."""
 
     def work() -> list[tuple[bytes, float]]:
         out = []
-        for r in results:
+        for r, params in zip(results, job.params):
             t0 = time.perf_counter()
-            data = encode_image(r.image, fmt, quality, runtime.settings.png_compress_level)
+            data = encode_image(r.image, fmt, quality, runtime.settings.png_compress_level,
+                                image_mark(runtime, params))
             out.append((data, time.perf_counter() - t0))
         return out
 
-    encoded = await asyncio.to_thread(work)
+    with runtime.tracing.span("encode", **{"dcar.images": len(results), "dcar.format": fmt}):
+        encoded = await asyncio.to_thread(work)
     for _, seconds in encoded:
         runtime.metrics.image_encoded(seconds)
     return encoded
@@ -227,18 +240,38 @@ def native_body(runtime: Runtime, job: Job, results: list[RowResult], encoded: l
         id=job.id, created=int(time.time()), model=runtime.pipeline.name, size=f"{p.width}x{p.height}",
         output_format=fmt, images=images,
         timings={"queue_wait": max(im.timings["queue_wait"] for im in images),
-                 "total": round(time.monotonic() - job.submitted, 6)})
+                 "total": round(time.monotonic() - job.submitted, 6)},
+        parameters=parameters(p), weights_digest=runtime.weights_digest)
     return body.model_dump()
 
 
-def sse(event: str, data: dict) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def queued_event(engine: Engine, job: Job, first: bool = False) -> str | None:
+    """``queued`` with the job's place in the queue (1: next), or None once none of its rows waits.
+
+    ``first``: only when rows wait ahead of it; an idle engine admits a new job within a moment anyway.
+    """
+    ahead = engine.rows_ahead(job)
+    if ahead is None or (first and ahead == 0):
+        return None
+    return sse("queued", {"position": ahead + 1, "queued_rows": engine.queued_rows})
 
 
 async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | None):
-    """SSE: ``progress`` per row and step (with a preview if asked), then ``images`` (or ``error``)."""
+    """SSE: ``queued`` while waiting (again when the place changes; keep-alive comments in between), then
+    ``progress`` per row and step (with a preview if asked), then ``images`` (or ``error``). The place is
+    checked at the start and at every keep-alive tick."""
+    engine = runtime.engine
     try:
-        while (ev := await job.events.get()) is not None:
+        last = queued_event(engine, job, first=True)
+        if last is not None:
+            yield last
+        async for ev in job_events(job, runtime.settings.sse_keepalive_s):
+            if ev is None:  # silence: a new place in the queue, or a comment that keeps proxies from timing out
+                queued = queued_event(engine, job)
+                changed = queued is not None and queued != last
+                last = queued if changed else last
+                yield queued if changed else KEEPALIVE
+                continue
             data = {"index": ev.index, "step": ev.step, "steps": ev.steps, "revealed": ev.revealed,
                     "tokens": ev.tokens}
             if ev.preview is not None:
@@ -249,7 +282,8 @@ async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | Non
         except ApiError as e:
             yield sse("error", error_body(e.status, e.code, e.message, e.param, job.id))
             return
-        encoded = await encode_all(runtime, results, fmt, quality)
+        runtime.tracing.job_spans(job, time.monotonic())
+        encoded = await encode_all(runtime, job, results, fmt, quality)
         yield sse("images", native_body(runtime, job, results, encoded, fmt))
     finally:
         runtime.engine.cancel(job, "disconnected")  # no-op once the job is done
@@ -261,15 +295,17 @@ async def run_native(request: Request, runtime: Runtime, job: Job, fmt: str, qua
     if raw is not None and len(job.params) != 1:
         raise ApiError(406, "not_acceptable", f"Accept: {media_type(raw)} returns one raw image, but n="
                        f"{len(job.params)}; ask for application/json or n=1", "n", reason="invalid")
+    note(request, job=job)
     engine.submit(job)
     if job.stream:
         return StreamingResponse(stream_events(runtime, job, fmt, quality), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    runtime.tracing.job_spans(job, time.monotonic())
     results = await wait_for(request, engine, job)
     if raw is not None:
-        (data, seconds), = await encode_all(runtime, results, raw, quality)
+        (data, seconds), = await encode_all(runtime, job, results, raw, quality)
         return Response(data, media_type=media_type(raw), headers={"X-Seed": str(results[0].seed)})
-    encoded = await encode_all(runtime, results, fmt, quality)
+    encoded = await encode_all(runtime, job, results, fmt, quality)
     return JSONResponse(native_body(runtime, job, results, encoded, fmt))
 
 

@@ -18,8 +18,10 @@ from dcar.model.pipeline import Pipeline
 from dcar.server.engine import Engine
 from dcar.server.errors import ApiError
 from dcar.server.metrics import Metrics
+from dcar.server.provenance import weights_digest
 from dcar.server.schemas import Limits
 from dcar.server.settings import Settings, parse_size
+from dcar.server.tracing import Tracing
 
 log = logging.getLogger("dcar.server")
 
@@ -41,11 +43,13 @@ class Runtime:
     def __init__(self, settings: Settings, pipeline: Pipeline | None = None):
         self.settings = settings
         self.metrics = Metrics()
+        self.tracing = Tracing(settings)
         self.pipeline = pipeline
         self.engine: Engine | None = None
         self.limits: Limits | None = None
         self.sizes: list[tuple[int, int]] = []
         self.error: str | None = None
+        self.weights_digest: str | None = None  # provenance: the digest of the weights served
         self.booting = True
         self.created = int(time.time())
 
@@ -72,8 +76,10 @@ class Runtime:
     async def boot(self) -> None:
         s = self.settings
         try:
+            injected = self.pipeline is not None
             pipe = self.pipeline or await asyncio.to_thread(load_pipeline, s)
             self.pipeline = pipe
+            self.weights_digest = await asyncio.to_thread(weights_digest, None if injected else s.weights, pipe)
             self.sizes = served_sizes(s, pipe)
             # its own tokenizer copy: prompts are counted on the event loop while the worker tokenizes
             counter = pipe.text_encoder.token_counter()

@@ -12,7 +12,7 @@ import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,9 @@ from dcar.model.knobs import KnobError
 from dcar.model.params import MAX_SEED, SamplingParams
 from dcar.server.errors import ApiError, invalid
 from dcar.server.settings import parse_size
+
+if TYPE_CHECKING:
+    from dcar.server.schemas_openai import OpenAIImageRequest
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -68,36 +71,6 @@ class EditJSONRequest(EditFields):
     mask: str
 
 
-class OpenAIImageRequest(BaseModel):
-    """POST /v1/images/generations, and the form fields of /v1/images/edits (OpenAI's shapes).
-
-    OpenAI fields without meaning here (quality, style, user, background, moderation, ...) are accepted and
-    ignored; seed, guidance_scale, steps and the other sampling knobs of /v1/generate are extensions.
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    prompt: str
-    model: str | None = None
-    n: int = 1
-    size: str | None = None
-    response_format: str | None = None
-    output_format: OutputFormat | None = None
-    output_compression: int | None = None
-    stream: bool | None = None
-    # extensions (the knobs of /v1/generate), typed so that multipart strings are parsed like JSON values
-    seed: int | None = None
-    guidance_scale: float | None = None
-    guidance_decay: str | None = None
-    steps: int | None = None
-    randomize_temperature: float | None = None
-    softmax_temperature_annealing: bool | None = None
-    residual_steps: int | None = None
-    residual_temperature: float | None = None
-    use_residuals: bool | None = None
-    timeout: float | None = None
-
-
 # --- responses -----------------------------------------------------------------------------------------
 
 
@@ -116,18 +89,8 @@ class GenerateResponse(BaseModel):
     output_format: OutputFormat
     images: list[ImageOut]
     timings: dict[str, float] = Field(description="request-level seconds: queue_wait (longest row), total")
-
-
-class OpenAIImage(BaseModel):
-    b64_json: str
-    revised_prompt: str | None = None
-
-
-class OpenAIImagesResponse(BaseModel):
-    created: int
-    data: list[OpenAIImage]
-    output_format: OutputFormat = "png"
-    size: str | None = None
+    parameters: dict = Field(description="every resolved sampling parameter but the per-image seed")
+    weights_digest: str = Field(description="sha256 of the weights served (server/provenance.py)")
 
 
 # --- validation ----------------------------------------------------------------------------------------
@@ -195,13 +158,17 @@ def check_timeout(timeout: float | None, limits: Limits) -> float:
     return timeout
 
 
-def to_params(k: Knobs | OpenAIImageRequest, limits: Limits, size: tuple[int, int]) -> list[SamplingParams]:
-    """Validated knobs -> one ``SamplingParams`` per image (seeds seed, seed+1, ...)."""
+def to_params(k: Knobs | OpenAIImageRequest, limits: Limits, size: tuple[int, int],
+              defaults: dict | None = None) -> list[SamplingParams]:
+    """Validated knobs -> one ``SamplingParams`` per image (seeds seed, seed+1, ...).
+
+    ``defaults`` replace the model's defaults where the request sets nothing (OpenAI quality presets).
+    """
     check_prompt(k.prompt, limits)
     check_range("n", k.n, 1, limits.max_n)
     seed = k.seed if k.seed is not None else secrets.randbelow(2**32)
     check_range("seed", seed, 0, MAX_SEED - (k.n - 1))
-    overrides: dict = {}
+    overrides: dict = dict(defaults or {})
     if k.steps is not None:
         check_range("steps", k.steps, 1, limits.max_steps)
         overrides["steps"] = k.steps

@@ -18,6 +18,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from dcar.server import logs
 from dcar.server.app import create_app
 from dcar.server.runtime import Runtime
 from dcar.server.settings import Settings
@@ -116,10 +117,11 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"dcar serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = logs.configure(settings.log_format, settings.log_level)
     app = create_app(settings)
+    # uvicorn's loggers through dcar's formatter; dcar.access replaces uvicorn's access lines (it knows more)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=5, lifespan="on")
+                            log_config=log_config, access_log=False, timeout_graceful_shutdown=5, lifespan="on")
     server = DrainingServer(config, app.state.runtime)
     try:
         server.run()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -74,7 +74,17 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of PNG outputs (1: fast, 9: small)")
     log_level: str = "info"
 
-    @field_validator("api_keys", "allowed_sizes", mode="before")
+    # --- ecosystem: OpenAI names, logs, traces, streams, provenance --------------------------------
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="other model names the OpenAI routes answer to (e.g. gpt-image-1)")
+    log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per record")
+    log_prompts: bool = Field(False, description="put prompts into the per-request log records")
+    otel_endpoint: str | None = Field(None, description="OTLP/HTTP endpoint for OpenTelemetry traces; unset: off")
+    sse_keepalive_s: float = Field(15.0, gt=0, le=300, description="SSE comment interval while nothing else is sent")
+    mark_output: bool = Field(True, description="write parameters, weights digest and IPTC DigitalSourceType "
+                                                "into every image's metadata")
+
+    @field_validator("api_keys", "allowed_sizes", "model_aliases", mode="before")
     @classmethod
     def _lists(cls, value):
         return _split_list(value)
