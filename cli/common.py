@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,38 +17,78 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"size must look like 512 or 512x512, got {text!r}") from e
+        raise argparse.ArgumentTypeError(f"must look like 512 or 512x512, got {text!r}") from e
     if len(parts) == 1:
         parts = parts * 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"size must look like 512 or 512x512, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must look like 512 or 512x512, got {text!r}")
     return parts[0], parts[1]
+
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def device_arg(text: str) -> str:
+    """``--device``: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
+    if not DEVICE_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else unchanged."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """The one ``--device`` of every subcommand that runs a model: default ``auto`` (or $DCAR_DEVICE)."""
+    p.add_argument("--device", type=device_arg, default=os.environ.get("DCAR_DEVICE", "auto"),
+                   help="auto (CUDA when available), cpu, cuda, cuda:N or mps [env DCAR_DEVICE; "
+                        f"default: {os.environ.get('DCAR_DEVICE', 'auto')}]")
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=os.environ.get("DCAR_WEIGHTS", str(embedded_weights())),
                    help="weights directory (dcar or official layout), or preset:tiny for a random tiny model "
-                        "(default: $DCAR_WEIGHTS or the embedded weights/dcar-tiny-shapes)")
-    p.add_argument("--device", default=os.environ.get("DCAR_DEVICE", "cpu"), help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: fp32 on CPU, fp16 on CUDA)")
+                        "[env DCAR_WEIGHTS; default: the embedded weights/dcar-tiny-shapes]")
+    add_device_argument(p)
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="floating-point type of the model (default: fp32 on CPU, fp16 on CUDA)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("-o", "--output", default="out.png", help="output image (.png, .jpg, .webp); with -n > 1, "
                    "an index is added before the extension")
-    p.add_argument("-n", type=int, default=1, help="number of images (seeds seed, seed+1, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="unmasking steps (default: the model's, 12)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 4.5)")
+    p.add_argument("-n", type=positive_int, default=1, help="number of images (seeds seed, seed+1, ...)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the first image")
+    p.add_argument("--steps", type=positive_int, default=None, help="unmasking steps (default: the model's, 12)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the model's, 4.5 for DC-AR)")
     p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 32 (default: native size)")
-    p.add_argument("--residual-steps", type=int, default=None, help="diffusion-head steps (default 32)")
+    p.add_argument("--residual-steps", type=positive_int, default=None,
+                   help="diffusion-head steps (default: the model's, 32 for DC-AR)")
     p.add_argument("--no-residuals", action="store_true", help="decode the discrete tokens only (ablation)")
     add_model_arguments(p)
 
 
 def load_pipeline(args: argparse.Namespace) -> Pipeline:
-    return Pipeline.load(args.weights, device=args.device, dtype=args.dtype)
+    return Pipeline.load(args.weights, device=resolve_device(args.device), dtype=args.dtype)
 
 
 def sampling_params(pipe: Pipeline, args: argparse.Namespace) -> list:
@@ -62,8 +103,6 @@ def sampling_params(pipe: Pipeline, args: argparse.Namespace) -> list:
         overrides["width"], overrides["height"] = args.size
     if args.no_residuals:
         overrides["use_residuals"] = False
-    if args.n < 1:
-        raise SystemExit("dcar: -n must be >= 1")
     limit = pipe.text_encoder.max_length
     if pipe.text_encoder.count_tokens(args.prompt) > limit:
         print(f"dcar: warning: the prompt is longer than {limit} tokens and will be truncated", file=sys.stderr)

@@ -9,7 +9,9 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see training/cli.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cli/train.py
+
+from dcar.cli.common import add_device_argument, resolve_device  # noqa: E402
 
 CARD_PROMPTS = ("a red circle", "two blue squares", "a yellow triangle above a purple square",
                 "a green circle in the top left corner", "three white triangles on a gray background",
@@ -27,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-split", default="runs/eval-split", help="evaluation split directory")
     parser.add_argument("--num-eval", type=int, default=100, help="evaluation-split scenes used")
     parser.add_argument("--recon-sizes", default="256,512")
-    parser.add_argument("--skip", default="", help="comma list of: shapes, discrete, recon, hybrid")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip", default="", help="comma list of: shapes, discrete, recon, hybrid (default: skip nothing)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    add_device_argument(parser)
     parser.add_argument("--per-prompt", action="store_true", help="print every prompt's result")
     parser.add_argument("--json", default=None, help="write the results here as well")
     parser.add_argument("--write-card", action="store_true",
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = {s for s in args.skip.split(",") if s}
-    pipe = Pipeline.from_pretrained(args.weights, device="cpu", dtype=torch.float32)
+    # float32 on every device: the reported numbers must not depend on where they were measured.
+    pipe = Pipeline.from_pretrained(args.weights, device=resolve_device(args.device), dtype=torch.float32)
     seeds = tuple(int(s) for s in args.seeds.split(","))
     overrides = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     if args.prompts == "tuning":

@@ -2,6 +2,10 @@
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``; this
 file only wires them, so ``dcar --help`` stays cheap (heavy imports happen inside ``run``).
+
+Conventions every subcommand gets from here: ``--help`` shows each option's default (and, for ``dcar serve``,
+the ``DCAR_*`` variable behind it), and a bad value ends the command with status 2 and one line on stderr,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from dcar import __version__
 
 # name -> (module, help); modules are imported lazily
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,13 +30,53 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcar", description="DC-AR text-to-image: server, sampling, training.")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help already names its default.
+
+    Options whose default is None or False (flags, "unset means the model's own value") say so in their
+    own words instead: "(default: None)" would tell the reader nothing.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False \
+                or action.default in ("", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with the defaults formatter, and errors as one line: ``dcar serve: error: ...``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        # An option without help text would show no default at all: give it one that states the default.
+        default = kwargs.get("default")
+        if kwargs.get("help") is None and default is not None and default is not False and args[0].startswith("-"):
+            kwargs["help"] = "default: %(default)s"
+        return super().add_argument(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(only: str | None = None) -> Parser:
+    """The whole ``dcar`` parser; only the subcommand ``only`` gets its options (that imports its module)."""
+    parser = Parser(prog="dcar", description="DC-AR text-to-image: server, sampling, training.")
+    parser.add_argument("--version", action="version", version=f"dcar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices  # name -> its parser, for errors found after parsing
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == only:
             importlib.import_module(module).add_arguments(p)
+            if name == "serve":
+                from dcar.cli.serve_flags import describe_settings
+
+                describe_settings(p)
     return parser
 
 
@@ -45,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "serve":
+        from dcar.cli.serve_flags import check_settings
+
+        check_settings(args, parser.commands["serve"])
     return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
 
 

@@ -19,17 +19,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny-shapes", help="training preset (training/presets.py)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data stream and the initialisation")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available (one GPU per torchrun rank), else CPU")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="autocast precision (auto: bf16 where the hardware has it)")
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--sample-minutes", type=float, default=10.0, help="sample-grid interval")
     p.add_argument("--stop-at", type=int, default=None, help="stop with a checkpoint at this global step")
     p.add_argument("--fresh", action="store_true", help="delete the run directory's checkpoint first")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,26 +41,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--out", required=True, help="run directory (checkpoint, losses.csv, samples/)")
     t.add_argument("--stage-steps", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
                    help="steps of the three stages, e.g. 1500,3500,2500 (the tiny-shapes default)")
-    t.add_argument("--batch", type=int, default=None, help="crops per process and step")
-    t.add_argument("--crop", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--batch", type=int, default=None, help="crops per process and step (default: the preset's)")
+    t.add_argument("--crop", type=int, default=None, help="training crop size in pixels (default: the preset's)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
 
     g = sub.add_parser("generator", help="DC-AR + T5: masked-token CE + residual diffusion loss")
     _common(g)
     g.add_argument("--tokenizer", required=True, help="tokenizer run directory (its checkpoint)")
     g.add_argument("--data", required=True, help="pre-tokenized dataset directory (written if missing)")
     g.add_argument("--out", required=True, help="run directory")
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--batch", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--num-images", type=int, default=None, help="images to pre-tokenize")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    g.add_argument("--batch", type=int, default=None, help="images per process and step (default: the preset's)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    g.add_argument("--num-images", type=int, default=None, help="images to pre-tokenize (default: the preset's)")
 
     e = sub.add_parser("export", help="write a weights directory (Pipeline.save_pretrained layout)")
-    e.add_argument("--preset", default="tiny-shapes")
+    e.add_argument("--preset", default="tiny-shapes", help="training preset the runs used")
     e.add_argument("--tokenizer", required=True, help="tokenizer run directory")
     e.add_argument("--generator", required=True, help="generator run directory")
     e.add_argument("--out", required=True, help="weights directory to write")
-    e.add_argument("--name", default=None)
+    e.add_argument("--name", default=None, help="model name stored in the config (default: the preset's)")
     e.add_argument("--guidance-scale", type=float, default=None, help="sampling default to store")
     e.add_argument("--randomize-temperature", type=float, default=None,
                    help="sampling default to store (Gumbel noise on the confidences at the first step)")

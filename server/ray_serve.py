@@ -13,7 +13,7 @@ Two ways in:
   ``ADDR`` (or ``RAY_ADDRESS``; else starts a local Ray head), deploys, serves on ``--host``/``--port``, and
   on SIGTERM deletes the application, letting each replica drain, before it exits.
 - ``serve run deploy/ray-serve.yaml`` (or ``serve deploy`` to a running cluster): the config's
-  ``import_path`` is ``server.ray_serve:app_builder``; its ``args`` are the fields of ``RayOptions`` plus
+  ``import_path`` is ``dcar.server.ray_serve:app_builder``; its ``args`` are the fields of ``RayOptions`` plus
   ``settings``, and its ``deployments`` section may override any deployment option.
 
 Ray is an optional dependency (the ``ray`` extra: ``pip install -e '.[ray]'``): this module imports it only when it runs.
@@ -65,6 +65,17 @@ class RayOptions:
             raise ValueError(f"metrics_port must be between 0 and 65535, got {self.metrics_port}")
 
 
+def proxy_queue_limit(settings: Settings) -> int:
+    """Ray's ``max_queued_requests`` for these settings: a count of requests, derived from ``max_queue`` rows.
+
+    Ray's proxy queues whole requests (each of 1 to ``max_n`` images) while every replica has
+    ``max_ongoing_requests`` in flight; dcar's ``max_queue`` counts rows (images). Feeding the row limit to
+    Ray would let its queue hold up to ``max_n`` times as many images. ``max_queue // max_n`` requests hold
+    at most ``max_queue`` rows whatever their sizes (Settings guarantees ``max_queue >= max_n``).
+    """
+    return max(1, settings.max_queue // settings.max_n)
+
+
 def deployment_options(settings: Settings, opts: RayOptions, cluster_gpus: float) -> dict:
     """``DcarReplica.options(...)`` for these settings on a cluster with ``cluster_gpus`` GPUs."""
     gpus = opts.gpus_per_replica
@@ -77,8 +88,8 @@ def deployment_options(settings: Settings, opts: RayOptions, cluster_gpus: float
         "ray_actor_options": {"num_cpus": opts.cpus_per_replica, "num_gpus": gpus},
         "max_ongoing_requests": max_ongoing,
         # Requests waiting in Ray's proxy for a free replica; beyond it Ray answers 503 (each replica's own
-        # queue answers 429 past max_queue).
-        "max_queued_requests": settings.max_queue,
+        # queue answers 429 past max_queue rows).
+        "max_queued_requests": proxy_queue_limit(settings),
         # Serve stops routing to a stopping replica, waits for its requests, then runs the app's lifespan
         # shutdown, which drains the engine for up to drain_timeout_s.
         "graceful_shutdown_timeout_s": settings.drain_timeout_s + 10.0,
@@ -114,7 +125,7 @@ def build_app(settings: dict, opts: RayOptions, cluster_gpus: float | None = Non
 
 
 def app_builder(args: dict):
-    """Entry point of ``serve run`` / ``serve deploy`` configs (``import_path: server.ray_serve:app_builder``).
+    """Entry point of ``serve run`` / ``serve deploy`` configs (``import_path: dcar.server.ray_serve:app_builder``).
 
     ``args``: ``settings`` (a dict of Settings fields) and any ``RayOptions`` field.
     """
@@ -134,7 +145,8 @@ FLAGS = {
                                           "$RAY_ADDRESS, else a new local Ray head"),
     "replicas": ("--replicas", int, "replicas at start and at least (default: one per GPU in the cluster, "
                                     "1 without GPUs)"),
-    "max_replicas": ("--max-replicas", int, "autoscale up to this many replicas on ongoing requests"),
+    "max_replicas": ("--max-replicas", int, "autoscale up to this many replicas on ongoing requests "
+                                            "(default: --replicas, no autoscaling)"),
     "gpus_per_replica": ("--gpus-per-replica", float, "GPUs each replica reserves (default: 1 when the "
                                                       "cluster has GPUs, else 0)"),
     "cpus_per_replica": ("--cpus-per-replica", float, "CPUs each replica reserves (default 1)"),

@@ -40,7 +40,8 @@ class Settings(BaseSettings):
 
     # --- model -------------------------------------------------------------------------------------
     weights: str = Field(str(DEFAULT_WEIGHTS), description="weights directory, or 'preset:tiny' for a random tiny model")
-    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: str | None = Field(None, description="float32 / float16 / bfloat16; default fp16 on CUDA, fp32 on CPU")
     warmup: bool = Field(True, description="run one real generation per allowed size before reporting ready")
 
@@ -72,7 +73,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="413 above this (decompression-bomb guard)")
     preview_size: int = Field(64, ge=8, le=1024, description="longest side of SSE preview images")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level of PNG outputs (1: fast, 9: small)")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="level of dcar's and uvicorn's loggers (any case)")
 
     # --- ecosystem: OpenAI names, logs, traces, streams, provenance --------------------------------
     model_aliases: Annotated[list[str], NoDecode] = Field(
@@ -88,6 +90,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value):
         return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value):
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("allowed_sizes")
     @classmethod

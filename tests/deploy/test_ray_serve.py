@@ -39,8 +39,22 @@ def test_one_replica_per_gpu_by_default():
     assert options["num_replicas"] == 4 and "autoscaling_config" not in options
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert options["max_ongoing_requests"] == 32  # 2 x max_batch_size
-    assert options["max_queued_requests"] == 256  # max_queue
+    assert options["max_queued_requests"] == 256 // 8  # requests of up to max_n=8 rows hold <= max_queue rows
     assert options["graceful_shutdown_timeout_s"] > Settings(weights="preset:tiny").drain_timeout_s
+
+
+def test_proxy_queue_counts_requests_not_rows():
+    """Ray's max_queued_requests counts requests; filled with requests of max_n images it holds at most
+    max_queue rows, and with single images it still holds a useful number of requests."""
+    for max_queue, max_n in ((256, 8), (256, 1), (100, 7), (8, 8), (1000, 64)):
+        settings = Settings(weights="preset:tiny", max_queue=max_queue, max_n=max_n)
+        limit = deployment_options(settings, RayOptions(), cluster_gpus=0)["max_queued_requests"]
+        assert limit * max_n <= max_queue, (max_queue, max_n, limit)  # worst case: every request is max_n rows
+        assert (limit + 1) * max_n > max_queue  # and no smaller than that bound needs
+        assert limit >= 1
+    # The row limit itself would let the proxy hold max_n times max_queue images.
+    assert deployment_options(Settings(weights="preset:tiny", max_queue=256, max_n=8), RayOptions(),
+                              cluster_gpus=0)["max_queued_requests"] != 256
 
 
 def test_cpu_replicas_reserve_no_gpu():

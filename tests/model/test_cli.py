@@ -1,11 +1,20 @@
-"""The dcar command-line entry points, run in-process through ``server.cli.main``."""
+"""The dcar command-line entry points, run in-process through ``dcar.cli.main`` (and as a process where the
+exit status and stderr are the point)."""
 
 from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
-from dcar.cli.main import main
+import dcar
+from dcar.cli.main import COMMANDS, build_parser, main
+from dcar.server.settings import Settings
 
 
 def test_generate_writes_a_png_of_the_requested_size(tmp_path, capsys):
@@ -52,3 +61,122 @@ def test_fetch_weights_verify_only_reports_what_is_missing(tmp_path):
     (tmp_path / "dc-ht").mkdir()
     with pytest.raises(SystemExit, match="verification failed"):
         main(["fetch-weights", str(tmp_path), "--verify-only"])
+
+
+# --- conventions of every subcommand: --version, defaults and env names in --help, one-line errors ----------
+
+SUBCOMMANDS = [[name] for name in COMMANDS if name != "train"] + [["train", w] for w in ("tokenizer", "generator",
+                                                                                          "export")]
+
+
+def help_text(argv: list[str], capsys, monkeypatch) -> str:
+    """``dcar ARGV --help`` as one line per option (a wide terminal, so nothing wraps)."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def option_help(text: str, flag: str) -> str:
+    """The help block of ``flag`` in a --help text: its line and the indented lines after it, joined."""
+    lines = text.splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.strip().startswith((flag + " ", flag + ","))
+              or ln.strip() == flag]
+    assert len(starts) == 1, (flag, starts)
+    block = [lines[starts[0]]]
+    for ln in lines[starts[0] + 1:]:
+        if not ln.startswith(" " * 6) or ln.strip().startswith("-"):
+            break
+        block.append(ln)
+    return " ".join(" ".join(block).split())
+
+
+def test_version_prints_the_installed_version():
+    out = subprocess.run([sys.executable, "-m", "dcar.cli.main", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"dcar {dcar.__version__}", out
+    assert dcar.__version__ == importlib.metadata.version("dcar")
+
+
+@pytest.mark.parametrize("argv", SUBCOMMANDS, ids=" ".join)
+def test_every_option_with_a_default_shows_it(argv, capsys, monkeypatch):
+    monkeypatch.delenv("DCAR_DEVICE", raising=False)
+    text = help_text(argv, capsys, monkeypatch)
+    parser = build_parser(argv[0]).commands[argv[0]]
+    if len(argv) > 1:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[1]]
+    checked = 0
+    for action in parser._actions:
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+            continue
+        line = option_help(text, action.option_strings[0])
+        assert "default" in line, f"dcar {' '.join(argv)}: {line!r} does not state its default"
+        checked += 1
+    if argv[0] in ("generate", "edit", "eval"):
+        assert checked >= 2  # at least --weights/--device or --size/--device
+
+
+def test_serve_help_names_every_variable_and_its_default(capsys, monkeypatch):
+    text = help_text(["serve"], capsys, monkeypatch)
+    flags = {a.dest: a for a in build_parser("serve").commands["serve"]._actions if a.dest in Settings.model_fields}
+    assert len(flags) >= 14, sorted(flags)
+    defaults = Settings.model_construct()  # the built-in defaults, whatever DCAR_* this process has
+    for field, action in flags.items():
+        line = option_help(text, action.option_strings[0])
+        assert f"env DCAR_{field.upper()};" in line, line
+        value = getattr(defaults, field)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            assert f"default: {value}]" in line, line
+    assert "default: auto]" in option_help(text, "--device")
+
+
+def test_device_defaults_to_auto_everywhere(monkeypatch):
+    monkeypatch.delenv("DCAR_DEVICE", raising=False)
+    for argv in (["generate", "x"], ["edit", "--image", "a.png", "--mask", "m.png", "x"], ["eval", "w"],
+                 ["train", "tokenizer", "--out", "o"],
+                 ["train", "generator", "--tokenizer", "t", "--data", "d", "--out", "o"]):
+        assert build_parser(argv[0]).parse_args(argv).device == "auto", argv
+    assert Settings.model_fields["device"].default == "auto"  # dcar serve
+    monkeypatch.setenv("DCAR_DEVICE", "cpu")  # the variable still chooses, as for dcar serve
+    assert build_parser("generate").parse_args(["generate", "x"]).device == "cpu"
+
+
+def test_generate_on_the_default_device(tmp_path, monkeypatch):
+    monkeypatch.delenv("DCAR_DEVICE", raising=False)
+    assert main(["generate", "x", "--weights", "preset:tiny", "-o", str(tmp_path / "o.png"), "--steps", "2"]) == 0
+    assert (tmp_path / "o.png").is_file()
+
+
+@pytest.mark.parametrize(("argv", "env", "names"), [
+    (["serve", "--log-level", "foo"], {}, "--log-level"),
+    (["serve"], {"DCAR_LOG_LEVEL": "foo"}, "DCAR_LOG_LEVEL"),
+    (["serve", "--max-queue", "2"], {}, "max_queue=2 is below max_n=8"),
+    (["serve", "--device", "gpu"], {}, "--device"),
+    (["serve", "--port", "http"], {}, "--port"),
+    (["serve", "--ray", "--replicas", "0"], {}, "replicas must be at least 1"),
+    (["generate", "x", "-n", "0"], {}, "-n: must be at least 1, got 0"),
+    (["generate", "x", "--size", "big"], {}, "--size"),
+    (["generate", "x", "--dtype", "fp8"], {}, "--dtype"),
+    (["edit", "x", "--device", "gpu"], {}, "--device"),
+    (["train", "tokenizer", "--out", "o", "--device", "tpu"], {}, "--device"),
+    (["nonsense"], {}, "invalid choice"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_invalid_values_exit_2_with_one_line(argv, env, names, capsys, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and names in err and "error" in err, err
+
+
+def test_a_bad_log_level_is_one_line_without_traceback():
+    """The reported case, end to end: the installed command, its own process, its own stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DCAR_")}
+    out = subprocess.run([sys.executable, "-m", "dcar.cli.main", "serve", "--log-level", "foo"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("dcar serve: error: --log-level:") and "'foo'" in line and "'debug'" in line, line
