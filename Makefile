@@ -1,4 +1,18 @@
 # dcar: `make serve` and `make test` set everything up (idempotent; a second run only checks stamps).
+#
+#   make serve       the HTTP server on $(HOST):$(PORT) with the embedded model (creates .venv on first use)
+#   make test        the whole suite, as CI runs it (installs the Debian packages below first)
+#   make test-fast   the inner loop: everything but slow, browser (ui), deploy and Ray tests; no apt-get
+#   make lint        ruff check + ruff format --check
+#   make typecheck   mypy on model/ and server/
+#
+# System packages: `make test` installs three Debian packages with apt-get (through sudo unless run as
+# root), each only when its binary is missing:
+#   prometheus      -> /usr/bin/promtool        checks the /metrics exposition and the alerting rules
+#   chromium        -> /usr/bin/chromium        headless browser for the playground tests (tests/ui)
+#   docker-compose  -> /usr/bin/docker-compose  validates docker-compose.yml (no Docker engine needed)
+# Nothing else is installed outside .venv, and nothing is downloaded at test time but these packages and
+# the Python dependencies from PyPI.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,13 +21,14 @@ PIP := $(BIN)/pip
 TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
+PYTEST_ARGS ?=
 # Root installs Debian packages directly; anyone else goes through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # PyTorch's OpenMP threads busy-wait by default: on a shared CPU a 2-thread generation became ~100x slower
 # while another process kept a core busy. Passive waiting costs nothing measurable when alone.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: serve test lint train-tiny clean-venv
+.PHONY: serve test test-fast lint typecheck train-tiny clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,10 +66,25 @@ serve: $(VENV)/.installed
 	$(BIN)/dcar serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-test /usr/bin/promtool /usr/bin/chromium /usr/bin/docker-compose
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The markers are set in pyproject.toml and tests/conftest.py (ui and deploy: by folder).
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m "not slow and not ui and not deploy and not ray" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir mapping (dcar.model -> model/, ...): it reads the folders
+# through links under build/typecheck/dcar/ (mypy_path in pyproject.toml).
+TYPECHECK_LINKS := $(addprefix build/typecheck/dcar/,__init__.py model server training cli weights)
+$(TYPECHECK_LINKS):
+	mkdir -p build/typecheck/dcar
+	ln -sfn $(CURDIR)/$(if $(filter __init__.py,$(@F)),dcar/__init__.py,$(@F)) $@
+
+typecheck: $(VENV)/.installed-test $(TYPECHECK_LINKS)
+	$(BIN)/mypy -p dcar.model -p dcar.server
 
 # The whole training recipe from scratch into weights/dcar-tiny-shapes (about 5 hours on a 2-core CPU).
 # Each step resumes from its checkpoint under runs/tiny-shapes/ and skips what is finished: rerun to continue.

@@ -1,17 +1,17 @@
-"""The batching policy and the service-time estimate: pure objects, no torch, no asyncio (unit-testable alone).
+"""The batching policy: a pure object, no torch, no asyncio.
 
-``BatchPolicy`` decides *which* waiting rows join *which* running group at a step boundary and how long an
-idle engine keeps collecting rows; ``ServiceEstimate`` turns measured step times into a predicted completion
-time (deadline-aware admission) and a ``Retry-After``. The engine (server/engine.py) asks them and executes.
+``BatchPolicy`` decides *how many* waiting rows join the running batch at a step boundary, how long an idle
+engine keeps collecting rows, and holds the one per-forward cap; ``pack`` groups rows into forwards under
+that cap. The engine (server/engine.py) asks and executes; the worker (server/worker.py) packs with the cap
+the engine hands it in each plan.
 
 Vocabulary: a *row* is one image; a *group* is one running ``BatchState`` (rows that share a token grid and
-go through one forward per step). Several groups may run at once (other image sizes, or the halves of a
-batch split after out-of-memory); each engine iteration steps every group once.
+go through one forward per step). Several groups may run at once (other image sizes, or the parts of a
+batch above the cap); each engine iteration steps every group once.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,7 +37,7 @@ class BatchPolicy:
 
     * ``max_batch_size`` bounds the rows in flight (all groups together);
     * ``cap`` bounds the rows of one forward; it starts at ``max_batch_size`` and is halved below the size
-      of a batch that ran out of memory (``lower_cap``);
+      of a batch that ran out of memory (``lower_cap``). It is the only cap: plans carry its value;
     * an idle engine waits up to ``max_wait_s`` after the oldest waiting row arrived, or until a full batch of
       that row's grid is waiting (Triton's ``max_queue_delay``, Ray's timer from the first arrival).
     """
@@ -59,46 +59,12 @@ class BatchPolicy:
             return 0.0
         return max(0.0, head.enqueued + self.max_wait_s - now)
 
-    def admit(self, waiting: Sequence[Waiting], groups: Sequence[GroupView]) -> list[int]:
-        """Targets for the longest FIFO prefix of ``waiting`` that fits now.
+    def free_slots(self, running: int) -> int:
+        return max(0, self.max_batch_size - running)
 
-        Returns one group index per admitted row: an existing group of the same grid with room under the cap,
-        else a new group (indices ``len(groups)``, ``len(groups) + 1``, ... in order of creation).
-        """
-        grids = [g.grid for g in groups]
-        sizes = [g.size for g in groups]
-        free = self.max_batch_size - sum(sizes)
-        targets = []
-        for w in waiting:
-            if free <= 0:
-                break
-            target = next((i for i, (g, s) in enumerate(zip(grids, sizes)) if g == w.grid and s < self.cap), None)
-            if target is None:
-                grids.append(w.grid)
-                sizes.append(0)
-                target = len(grids) - 1
-            sizes[target] += 1
-            free -= 1
-            targets.append(target)
-        return targets
-
-    def merges(self, groups: Sequence[GroupView]) -> list[list[int]]:
-        """Partition of group indices: same-grid groups packed together while they fit under the cap.
-
-        Groups shrink as rows finish; packing them back saves forwards. Each part keeps index order.
-        """
-        parts: list[list[int]] = []
-        sizes: list[int] = []
-        for i, g in enumerate(groups):
-            for p, part in enumerate(parts):
-                if groups[part[0]].grid == g.grid and sizes[p] + g.size <= self.cap:
-                    part.append(i)
-                    sizes[p] += g.size
-                    break
-            else:
-                parts.append([i])
-                sizes.append(g.size)
-        return parts
+    def admit(self, waiting: Sequence[Waiting], running: int) -> int:
+        """How many rows of the FIFO ``waiting`` join now, with ``running`` rows in flight."""
+        return min(len(waiting), self.free_slots(running))
 
     def lower_cap(self, failed_size: int) -> int:
         """A forward of ``failed_size`` rows ran out of memory: cap at half of it (at least 1)."""
@@ -106,43 +72,25 @@ class BatchPolicy:
         return self.cap
 
 
-class ServiceEstimate:
-    """Exponential moving averages of the engine's step time, for admission and ``Retry-After``.
+def pack(groups: Sequence[GroupView], cap: int) -> list[list[tuple[int, int, int]]]:
+    """Forwards for ``groups`` under ``cap``: each a list of (group index, first row, end row) slices.
 
-    ``step_s``: wall time of one engine iteration (every running row advances one step);
-    ``row_step_s``: that time divided by the rows it advanced (the marginal cost of a row-step).
-    Both include the head and decoder of rows that finished in the iteration, amortised.
+    Groups above the cap are cut into cap-sized slices; slices of one grid are packed together while they fit
+    (first fit, in index order), so groups that shrank as rows finished go back into one forward.
     """
-
-    def __init__(self, alpha: float = 0.2):
-        self.alpha = alpha
-        self.step_s: float | None = None
-        self.row_step_s: float | None = None
-
-    def observe(self, rows: int, seconds: float) -> None:
-        if rows <= 0 or seconds < 0:
-            return
-        per_row = seconds / rows
-        a = self.alpha
-        self.step_s = seconds if self.step_s is None else (1 - a) * self.step_s + a * seconds
-        self.row_step_s = per_row if self.row_step_s is None else (1 - a) * self.row_step_s + a * per_row
-
-    def predict(self, rows: int, steps: int, waiting: int, running: int, capacity: int) -> float | None:
-        """Seconds until ``rows`` new rows of ``steps`` steps are done; None before any measurement.
-
-        Rows beyond ``capacity`` (ours included) must wait for earlier rows to finish, at the measured
-        throughput; then ours take ``steps`` iterations of a batch of the expected size.
-        """
-        if self.step_s is None or self.row_step_s is None:
-            return None
-        total = waiting + running + rows
-        queued_work = max(0, total - capacity) * steps * self.row_step_s
-        batch = min(total, capacity)
-        service = steps * max(self.step_s, self.row_step_s * batch)
-        return queued_work + service
-
-    def retry_after(self, waiting: int, steps: int, low: int = 1, high: int = 600) -> int:
-        """Whole seconds after which the queue will have worked off the ``waiting`` rows."""
-        per_row = self.row_step_s if self.row_step_s is not None else 0.0
-        seconds = waiting * steps * per_row
-        return int(min(high, max(low, math.ceil(seconds))))
+    slices = []
+    for i, g in enumerate(groups):
+        slices += [(i, s, min(s + cap, g.size)) for s in range(0, g.size, cap)]
+    parts: list[list[tuple[int, int, int]]] = []
+    sizes: list[int] = []
+    for sl in slices:
+        grid, n = groups[sl[0]].grid, sl[2] - sl[1]
+        for p, part in enumerate(parts):
+            if groups[part[0][0]].grid == grid and sizes[p] + n <= cap:
+                part.append(sl)
+                sizes[p] += n
+                break
+        else:
+            parts.append([sl])
+            sizes.append(n)
+    return parts

@@ -2,10 +2,21 @@
 
 Shape (vLLM's three beats, TGI's running batch): the asyncio loop task ``_run`` decides what happens at each
 step boundary (``_plan``: drop rows whose client left or whose deadline passed, admit waiting rows by the
-``BatchPolicy``), hands that plan to the single worker thread (server/worker.py: start the new rows, merge them into
-the running groups, one unmasking step per group, head + decode for rows that took their last step), then
-delivers progress and results back to the requests (``_deliver``). All scheduling state lives on the loop;
-the worker only ever touches the model and the ``BatchState``s, and the two never run at the same time.
+``BatchPolicy``), hands that plan to the single worker thread (server/worker.py: start the new rows, pack
+them with the running ones into forwards, one unmasking step per forward, head + decode for rows that took
+their last step), then delivers progress and results back to the requests (``_deliver``).
+
+Concurrency: the loop and the worker thread run at the same time. While the worker steps, the loop accepts
+and refuses requests, cancels jobs and answers /metrics. They share no mutable state: the loop sends a
+``Plan`` (row ids to drop, ``RowSpec``s of admitted rows: params, deadline, stream flag; the batch cap) and
+gets back an ``Outcome`` (progress, results and failures by row id; the measured cost of every forward).
+The loop owns the jobs, tickets, queue, policy, cost model and metrics; the worker owns the model, the
+``BatchState``s and its copies of the row specs. The one shared object is ``_attention``, an Event the loop
+sets when a step boundary is needed (new rows, a cancellation, draining) and the worker only reads.
+
+Admission (server/admission.py) predicts each request's completion from the measured per-batch-size costs
+(server/forecast.py) and refuses at once what cannot finish in time, or would wait longer than
+``max_queue_delay_s``; so accepted requests finish, and the backlog stays bounded in seconds.
 
 Rows are images: a request for n images is n rows with seeds seed, seed+1, ... Each row draws from its own
 generator (model/noise.py), so joining, leaving or splitting a batch never changes an image.
@@ -13,25 +24,29 @@ generator (model/noise.py), so joining, leaving or splitting a batch never chang
 Faults: an exception fails the rows of the forward it happened in (500 with the request id), then a probe
 generation checks the model still works (readiness fails if not). ``torch.cuda.OutOfMemoryError`` splits
 the forward in halves and retries each, and lowers the per-forward cap; one row that still does not fit
-fails alone.
+fails alone. A row whose image holds NaN or inf fails alone (500 ``non_finite_output``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dcar.model.params import NonFiniteOutput, RowResult, SamplingParams
-from dcar.model.sampler import BatchState
-from dcar.server.batching import BatchPolicy, GroupView, ServiceEstimate
+from dcar.server.admission import Limits, Request, admit_or_refuse, retry_after
+from dcar.server.batching import BatchPolicy
 from dcar.server.errors import ApiError
-from dcar.server.jobs import Job, Progress, Ticket
+from dcar.server.forecast import CostModel, forecast
+from dcar.server.jobs import Job, Progress, RowSpec, Ticket
+from dcar.server.memory import HeapTrimmer
 from dcar.server.worker import ModelWorker, Outcome, OutOfMemory, Plan
 
 log = logging.getLogger("dcar.engine")
@@ -47,22 +62,23 @@ class Engine:
     """Queue + batching loop + model worker. Create, ``await start()``, ``await warmup(...)``, ``set_ready()``."""
 
     def __init__(self, pipe, *, max_batch_size: int, max_wait_s: float, max_queue: int, metrics,
-                 preview_size: int = 64, probe_size: tuple[int, int] | None = None):
+                 max_queue_delay_s: float = 2.0, preview_size: int = 64, probe_size: tuple[int, int] | None = None):
         self.pipe = pipe
         self.policy = BatchPolicy(max_batch_size, max_wait_s)
-        self.estimate = ServiceEstimate()
+        self.costs = CostModel()
         self.max_queue = max_queue
+        self.max_queue_delay_s = max_queue_delay_s
         self.metrics = metrics
-        self.preview_size = preview_size
         native = pipe.config.sampling.size
         self.probe_size = probe_size or (native, native)
         self.status = "starting"  # starting -> ready -> draining -> stopped; or failed
         self.failure: str | None = None
         self._waiting: deque[Ticket] = deque()
-        self._groups: list[BatchState] = []
-        # Rows of the iteration in flight (running groups + rows admitted into it); None between iterations.
-        # While the worker steps, admitted rows are in neither the queue nor _groups yet.
-        self._planned_rows: int | None = None
+        self._running: dict[int, Ticket] = {}  # admitted rows, by row id, until their result or drop
+        self._released: list[str] = []  # edit keys of ended jobs, for the next plan
+        self._row_ids = itertools.count()
+        self._reported = time.monotonic()  # when the worker last reported (the state _running describes)
+        self._drain_deadline: float | None = None
         # Set from the loop when a step boundary needs it (new rows, a cancellation, draining): until then
         # the worker keeps stepping without a round trip through the event loop per step.
         self._attention = threading.Event()
@@ -72,7 +88,8 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
-        self._worker = ModelWorker(pipe, self.policy, self._attention, preview_size)
+        self._worker = ModelWorker(pipe, self._attention, preview_size)
+        self._trimmer = HeapTrimmer(enabled=pipe.device.type == "cpu")
         metrics.set_batch_limit(self.policy.cap)
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -101,17 +118,28 @@ class Engine:
         return await self._loop.run_in_executor(self._executor, fn, *args)
 
     async def warmup(self, sizes: Sequence[tuple[int, int]]) -> None:
-        """One real generation per (width, height); seeds the service-time estimate."""
+        """Per (width, height): one generation for the one-time setup, then batches of 1 and 2 rows through
+        the worker, whose measured costs seed the cost model (two batch sizes give it a slope)."""
         for width, height in sizes:
-            params = self.pipe.params("warm-up", seed=0, height=height, width=width)
-            seconds = await self.call(self._timed_generate, params)
-            self.estimate.observe(1, seconds / params.steps)
-            log.info("warm-up %dx%d: %.3f s", width, height, seconds)
+            t0 = time.perf_counter()
+            await self.call(self.pipe.generate, [self.pipe.params("warm-up", seed=0, height=height, width=width)])
+            grid = self.pipe.sampler.grid_for(height, width)
+            for n in sorted({1, min(2, self.policy.max_batch_size)}):
+                params = [self.pipe.params("warm-up", seed=i, height=height, width=width) for i in range(n)]
+                await self._run_alone([RowSpec(next(self._row_ids), p, grid, math.inf, False) for p in params])
+            log.info("warm-up %dx%d: %.3f s; step costs %s", width, height, time.perf_counter() - t0,
+                     {n: round(s, 4) for n, s in self.costs.table("step", grid).items()})
 
-    def _timed_generate(self, params: SamplingParams) -> float:
-        t0 = time.perf_counter()
-        self.pipe.generate([params])
-        return time.perf_counter() - t0
+    async def _run_alone(self, specs: list[RowSpec]) -> None:
+        left = {s.id for s in specs}
+        plan = Plan(self.policy.cap, admit=tuple(specs))
+        while left:
+            out = await self.call(self._worker.work, plan)
+            plan = Plan(self.policy.cap)
+            self._learn(out, count=False)
+            if out.failures:
+                raise out.failures[0][1]
+            left -= {r.tag for r in out.results}
 
     def set_ready(self) -> None:
         if self.status == "starting":
@@ -128,17 +156,21 @@ class Engine:
                 self._wake.set()
 
     async def drain(self, timeout: float) -> bool:
-        """Stop admitting and wait up to ``timeout`` s for accepted rows; refuse the rest with 503."""
+        """Stop admitting and wait for accepted rows, up to ``timeout`` s from the first call (later calls share
+        that deadline); refuse what is left with 503 then. True when everything finished."""
         self.begin_drain()
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + timeout
         if self._idle is None:
             return True
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), max(0.0, self._drain_deadline - time.monotonic()))
             return True
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             for job in list(self._jobs):
                 self._close(job, "shutdown", ApiError(503, "shutting_down", "the server shut down before this "
-                                                      f"request finished (drain timeout {timeout:g} s)"))
+                                                      f"request finished (drain timeout {timeout:g} s)",
+                                                      headers=retry_after(1.0), reason=None))
             return False
 
     async def stop(self) -> None:
@@ -164,9 +196,7 @@ class Engine:
 
     @property
     def running_rows(self) -> int:
-        if self._planned_rows is not None:
-            return self._planned_rows
-        return sum(len(g) for g in self._groups)
+        return len(self._running)
 
     def rows_ahead(self, job: Job) -> int | None:
         """Rows waiting ahead of the job's first waiting row (0: next in line); None once none of its rows waits."""
@@ -175,10 +205,17 @@ class Engine:
                 return i
         return None
 
+    def backlog_s(self) -> float:
+        """Predicted seconds until every accepted row is done (0 when idle or before any measurement)."""
+        rows = [(t.grid, t.steps_left) for t in self._running.values()]
+        rows += [(t.grid, t.params.steps) for t in self._waiting]
+        fc = forecast([], rows, self.costs, self.policy.max_batch_size, self.policy.cap)
+        return max(fc.finished, default=0.0) if fc is not None else 0.0
+
     def _publish(self) -> None:
         self.metrics.occupancy(len(self._waiting), self.running_rows)
         if self._idle is not None:
-            if self._waiting or self._groups:
+            if self._waiting or self._running:
                 self._idle.clear()
             else:
                 self._idle.set()
@@ -192,35 +229,36 @@ class Engine:
         if self.status == "failed":
             return ApiError(503, "engine_failed", f"the engine failed and serves nothing: {self.failure}",
                             reason="not_ready")
+        # Until the accepted work is done (or the drain gives up) this server is going away: retry elsewhere
+        # or after its restart.
+        left = self.backlog_s()
+        if self._drain_deadline is not None:
+            left = min(left, max(0.0, self._drain_deadline - time.monotonic()))
         return ApiError(503, "shutting_down", "the server is shutting down and accepts no new requests",
-                        reason="draining")
+                        headers=retry_after(left), reason="draining")
 
     def submit(self, job: Job) -> None:
-        """Queue the job's rows or refuse it (503 not accepting, 429 queue full or deadline unmeetable)."""
+        """Queue the job's rows or refuse it (503 not accepting; 429/400 by ``admit_or_refuse``)."""
         if self.status != "ready":
             raise self._refusal()
-        n, steps = len(job.params), max(p.steps for p in job.params)
-        queued = len(self._waiting)
-        if queued + n > self.max_queue:
-            wait = self.estimate.retry_after(queued + n - self.max_queue, steps)
-            raise ApiError(429, "queue_full", f"the queue holds {queued} of max_queue={self.max_queue} rows and "
-                           f"cannot take n={n} more; retry after {wait} s", headers={"Retry-After": str(wait)},
-                           reason="queue_full")
+        n, p = len(job.params), job.params[0]
+        grid = self.pipe.sampler.grid_for(p.height, p.width)
         now = time.monotonic()
-        predicted = self.estimate.predict(n, steps, queued, self.running_rows, self.policy.max_batch_size)
-        if predicted is not None and now + predicted > job.deadline:
-            wait = self.estimate.retry_after(queued, steps)
-            raise ApiError(429, "deadline_unmeetable", f"predicted completion in {predicted:.3f} s exceeds "
-                           f"timeout={job.timeout:g} s; retry later or allow more time", param="timeout",
-                           headers={"Retry-After": str(wait)}, reason="deadline")
-        grid = self.pipe.sampler.grid_for(job.params[0].height, job.params[0].width)
+        limits = Limits(self.policy.max_batch_size, self.policy.cap, self.max_queue, self.max_queue_delay_s)
+        running = [(t.grid, t.steps_left) for t in self._running.values()]
+        predicted = admit_or_refuse(Request(grid, n, p.steps, job.timeout, job.deadline - now), running,
+                                    [(t.grid, t.params.steps) for t in self._waiting], self.costs, limits,
+                                    now - self._reported if running else 0.0)
+        if predicted is not None:
+            log.debug("request %s: predicted done in %.3f s", job.id, predicted)
         job.future = self._loop.create_future()
         job.future.add_done_callback(_retrieve)
         job.results = [None] * n
+        job.enqueued, job.admitted = now, [None] * n
         if job.stream:
             job.events = asyncio.Queue()
         self._jobs.add(job)
-        self._waiting.extend(Ticket(job, i, grid, now) for i in range(n))
+        self._waiting.extend(Ticket(next(self._row_ids), job, i, grid, now) for i in range(n))
         self._attention.set()
         self._wake.set()
         self._publish()
@@ -245,6 +283,8 @@ class Engine:
 
     def _finish_job(self, job: Job, results: list[RowResult] | None = None, error: ApiError | None = None) -> None:
         self._jobs.discard(job)
+        if job.edit is not None:
+            self._released.append(job.id)
         if error is not None:
             job.future.set_exception(error)
         else:
@@ -262,7 +302,7 @@ class Engine:
     async def _run(self) -> None:
         while True:
             self._expire_waiting(time.monotonic())
-            if not self._groups:
+            if not self._running:
                 if self._stopping and not self._waiting:
                     return
                 delay = self.policy.start_delay(self._waiting, time.monotonic())
@@ -276,13 +316,15 @@ class Engine:
             failed = await self._iterate()
             if failed:
                 await self._probe()
+            if self._trimmer.due(not self._running and not self._waiting):
+                await self.call(self._trimmer.trim)
 
     def _expire_waiting(self, now: float) -> None:
         for job in {t.job for t in self._waiting if t.job.deadline < now}:
             self._close(job, "deadline", self.deadline_error(job))
 
     async def _iterate(self) -> bool:
-        """One step boundary + one step. Returns True when a non-OOM error failed rows."""
+        """One step boundary + the worker's steps. Returns True when a non-OOM error failed rows."""
         plan = self._plan(time.monotonic())
         if plan is None:
             return False
@@ -290,63 +332,74 @@ class Engine:
             out = await self.call(self._worker.work, plan)
         except Exception as exc:  # a bug outside any one batch: fail everything in flight, keep serving
             log.exception("engine iteration failed")
-            tickets = [r.tag for g in plan.groups for r in g.rows] + [t for ts in plan.admit.values() for t in ts]
-            out = Outcome(failures=[(t, exc) for t in tickets])
+            out = Outcome(failures=[(rid, exc) for rid in self._running])
         return self._deliver(out)
 
     def _plan(self, now: float) -> Plan | None:
         # 1. jobs whose deadline passed end now (504); their rows are dropped below.
-        for g in self._groups:
-            for r in g.rows:
-                job = r.tag.job
-                if not job.done and job.deadline < now:
-                    self._close(job, "deadline", self.deadline_error(job))
+        for t in list(self._running.values()):
+            if not t.job.done and t.job.deadline < now:
+                self._close(t.job, "deadline", self.deadline_error(t.job))
         # 2. drop rows of ended jobs (client gone, deadline, failed sibling), counting the work they cost.
-        keep: list[list[int] | None] = []
+        drop = [rid for rid, t in self._running.items() if t.job.done]
         wasted: dict[str, list[float]] = defaultdict(list)
-        for g in self._groups:
-            kept = [i for i, r in enumerate(g.rows) if not r.tag.job.done]
-            for r in g.rows:
-                if r.tag.job.done:
-                    wasted[r.tag.job.closed or "finished"].append(r.tag.compute_s)
-            keep.append(None if len(kept) == len(g) else kept)
+        for rid in drop:
+            t = self._running.pop(rid)
+            wasted[t.job.closed or "finished"].append(t.compute_s)
         for reason, costs in wasted.items():
             self.metrics.rows_dropped(reason, len(costs), sum(costs))
-        # 3. admit waiting rows, first come first served, into groups of their grid.
-        views = [GroupView(g.grid, len(g) if k is None else len(k)) for g, k in zip(self._groups, keep) if k != []]
-        targets = self.policy.admit(self._waiting, views)
-        admit: dict[int, list[Ticket]] = defaultdict(list)
-        for target in targets:
+        # 3. admit waiting rows, first come first served, into the free slots.
+        admit = []
+        for _ in range(self.policy.admit(self._waiting, len(self._running))):
             t = self._waiting.popleft()
-            t.admitted = now
+            t.job.admitted[t.index] = now
             self.metrics.row_started(now - t.enqueued)
-            admit[target].append(t)
-        if not views and not admit:
-            self._groups = []
+            self._running[t.id] = t
+            admit.append(t.spec())
+        if not admit and not drop and not self._running:
             self._publish()
             return None
-        self._planned_rows = sum(v.size for v in views) + len(targets)
-        self.metrics.occupancy(len(self._waiting), self._planned_rows)
+        release, self._released = tuple(self._released), []
         self._attention.clear()
-        return Plan(list(self._groups), keep, dict(admit), self.policy.cap)
+        self._trimmer.saw(Counter(t.grid for t in self._running.values()))
+        self._publish()
+        return Plan(self.policy.cap, tuple(admit), frozenset(drop), release)
+
+    def _learn(self, out: Outcome, count: bool = True) -> None:
+        """Feed the measured costs into the cost model (and, for real work, the metrics and rows' shares)."""
+        self._reported = time.monotonic()
+        for grid, rows, seconds in out.starts:
+            self.costs.observe("start", grid, rows, seconds)
+        for f in out.forwards:
+            self.costs.observe("step", f.grid, len(f.rows), f.step_s)
+            if f.finished:
+                self.costs.observe("finish", f.grid, f.finished, f.finish_s)
+            if count:
+                self.metrics.batch(len(f.rows), f.step_s + f.finish_s)
+                share = (f.step_s + f.finish_s) / len(f.rows)
+                for rid in f.rows:
+                    if (t := self._running.get(rid)) is not None:
+                        t.compute_s += share
 
     def _deliver(self, out: Outcome) -> bool:
-        self._groups = out.groups
-        self._planned_rows = None
         for size in out.ooms:
             split = size > 1
             self.metrics.out_of_memory(split)
             if split:
                 self.metrics.set_batch_limit(self.policy.lower_cap(size))
-        for rows, seconds in out.batches:
-            self.metrics.batch(rows, seconds)
-        for rows, seconds in out.steps:
-            self.estimate.observe(rows, seconds)
-        for t, ev, preview in out.progress:
+        self._learn(out)
+        for ev, preview in out.progress:
+            t = self._running.get(ev.tag)
+            if t is None:
+                continue
+            t.steps_done = ev.step
             job = t.job
             if job.events is not None and not job.done:
                 job.events.put_nowait(Progress(t.index, ev.step, ev.steps, ev.revealed, ev.tokens, preview))
-        for t, res in out.results:
+        for res in out.results:
+            t = self._running.pop(res.tag, None)
+            if t is None:
+                continue
             job = t.job
             if job.done:  # ended while its last step ran
                 self.metrics.rows_dropped(job.closed or "finished", 1, t.compute_s)
@@ -356,12 +409,13 @@ class Engine:
             if all(r is not None for r in job.results):
                 self._finish_job(job, results=list(job.results))
         real_failure = False
-        for t, exc in out.failures:
+        for rid, exc in out.failures:
+            t = self._running.pop(rid, None)
             reason = failure_reason(exc)
             # out-of-memory and a non-finite row are the row's own trouble; anything else may be the engine's
             real_failure |= reason == "error"
             self.metrics.rows_failed(reason, 1)
-            if not t.job.done:
+            if t is not None and not t.job.done:
                 self._close(t.job, "failed", self._failure_error(t, exc))
         self._publish()
         return real_failure
@@ -383,7 +437,7 @@ class Engine:
     async def _probe(self) -> None:
         """After a failed batch: one tiny generation; if even that fails the engine is unhealthy."""
         width, height = self.probe_size
-        params = self.pipe.params("", seed=0, steps=1, residual_steps=1, height=height, width=width)
+        params: SamplingParams = self.pipe.params("", seed=0, steps=1, residual_steps=1, height=height, width=width)
         try:
             await self.call(self.pipe.generate, [params])
         except Exception as exc:

@@ -1,6 +1,8 @@
-"""What a request becomes inside the server: a ``Job`` of n rows, each row a ``Ticket``; plus the edit input
-and the progress items a streaming job receives. Plain dataclasses, created by the routes, driven by the
-engine (server/engine.py).
+"""What a request becomes inside the server, and what the engine's two threads hand each other.
+
+Loop side (owned by the event loop, server/engine.py): a ``Job`` of n rows, each row a ``Ticket``.
+Worker side (server/worker.py): a ``RowSpec`` per admitted row, a frozen copy of what the model thread needs.
+The two sides exchange only ``RowSpec``s, row ids and results; neither reads the other's objects.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dcar.model.params import EditSpec, RowResult, SamplingParams
+from dcar.model.params import RowResult, SamplingParams
 
 
 @dataclass(eq=False)
 class EditInput:
     """A decoded edit upload: image (3, H, W) in [-1, 1]; mask (1, H, W), 1 = regenerate; blend = keep the
-    input's pixels outside the mask."""
+    input's pixels outside the mask. Never modified after decoding, so the worker may read it."""
 
     image: torch.Tensor
     mask: torch.Tensor
@@ -59,12 +61,18 @@ class Job:
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
     closed: str | None = None  # why it ended early: disconnected, deadline, failed, shutdown
-    spec: EditSpec | None = None  # tokenized edit input, prepared by the worker when first admitted
     results: list[RowResult | None] = field(default_factory=list)
+    enqueued: float | None = None  # time.monotonic() when its rows entered the queue
+    admitted: list[float | None] = field(default_factory=list)  # per row: when it entered the running batch
 
     @property
     def deadline(self) -> float:
         return self.submitted + self.timeout
+
+    def queue_wait(self, index: int) -> float:
+        """Seconds row ``index`` waited between the queue and the running batch (0 if never admitted)."""
+        admitted = self.admitted[index] if index < len(self.admitted) else None
+        return 0.0 if admitted is None or self.enqueued is None else admitted - self.enqueued
 
     def wants_preview(self, step: int) -> bool:
         return self.preview and (self.preview_steps is None or step in self.preview_steps)
@@ -76,15 +84,44 @@ class Job:
 
 @dataclass(eq=False)
 class Ticket:
-    """One row of a job, from the queue to its result. The sampler carries it as the row's tag."""
+    """One row of a job on the loop side, from the queue to its result."""
 
+    id: int  # the row id the worker knows this row by
     job: Job
     index: int
     grid: tuple[int, int]
     enqueued: float
-    admitted: float | None = None
-    compute_s: float = 0.0  # this row's share of the batches it was in
+    steps_done: int = 0  # as last reported by the worker
+    compute_s: float = 0.0  # this row's share of the forwards it was in
 
     @property
     def params(self) -> SamplingParams:
         return self.job.params[self.index]
+
+    @property
+    def steps_left(self) -> int:
+        return max(1, self.params.steps - self.steps_done)
+
+    def spec(self) -> RowSpec:
+        job = self.job
+        preview_steps = frozenset() if not job.preview else job.preview_steps
+        return RowSpec(self.id, self.params, self.grid, job.deadline, job.stream, preview_steps, job.preview_size,
+                       job.edit, job.id if job.edit is not None else None)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What the worker gets for one admitted row: plain values, copied from the job at admission."""
+
+    id: int
+    params: SamplingParams
+    grid: tuple[int, int]
+    deadline: float  # time.monotonic() seconds; the worker returns to the loop once it passes
+    stream: bool  # a client waits for every step's progress event
+    preview_steps: frozenset[int] | None = frozenset()  # steps that carry a preview image; None: every step
+    preview_size: int | None = None  # longest side of previews; None: the server's preview_size
+    edit: EditInput | None = None
+    edit_key: str | None = None  # rows of one edit job share one tokenized input (the worker caches it)
+
+    def wants_preview(self, step: int) -> bool:
+        return self.preview_steps is None or step in self.preview_steps

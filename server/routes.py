@@ -229,10 +229,9 @@ def native_body(runtime: Runtime, job: Job, results: list[RowResult], encoded: l
                 fmt: str) -> dict:
     images = []
     for i, (r, (data, enc_s)) in enumerate(zip(results, encoded)):
-        ticket = r.tag
         timings = {k: round(v, 6) for k, v in r.timings.items()}
         timings["image_encode"] = round(enc_s, 6)
-        timings["queue_wait"] = round((ticket.admitted or ticket.enqueued) - ticket.enqueued, 6)
+        timings["queue_wait"] = round(job.queue_wait(i), 6)
         images.append(ImageOut(index=i, seed=r.seed, b64_json=base64.b64encode(data).decode("ascii"),
                                timings=timings))
     p = job.params[0]

@@ -59,6 +59,19 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="rows waiting for admission before 429")
     request_timeout_s: float = Field(120.0, gt=0, description="default deadline; a request may only shorten it")
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM, how long in-flight rows may take to finish")
+    # Bounds the backlog in seconds of predicted work (docs/reliability.md): an accepted request waits at most
+    # this long for a slot, then takes one image's time in the batch; after an overload the server is back to
+    # normal latency within about this much. 2 s is a few steps of a full batch, enough to keep the batch full
+    # between arrivals, and short enough that a client refused with 429 loses little by retrying.
+    max_queue_delay_s: float = Field(2.0, ge=0, description="429 when a request's rows would wait longer for a slot")
+
+    # --- connections (server/guard.py) -------------------------------------------------------------
+    header_timeout_s: float = Field(10.0, gt=0, description="408 and close when request line + headers take longer")
+    body_timeout_s: float = Field(60.0, gt=0, description="408 and close when a request body takes longer to arrive")
+    keepalive_timeout_s: float = Field(5.0, gt=0, description="close a connection idle this long (before or "
+                                                             "between requests)")
+    # Below the usual open-files limit (1024) with room for the model's files, threads and sockets of its own.
+    max_connections: int = Field(512, ge=1, description="open connections at most; more get 503 and are closed")
 
     # --- request limits ----------------------------------------------------------------------------
     allowed_sizes: Annotated[list[str], NoDecode] = Field(

@@ -1,11 +1,15 @@
 """The model worker: what the engine's single model thread does with one ``Plan``.
 
 The engine (server/engine.py) decides on the event loop what happens at a step boundary and hands the
-worker a ``Plan``; the worker starts the admitted rows, merges them into the running groups, steps every
-group, runs head + decode for rows that took their last step, and returns an ``Outcome``. It only touches the
-model and the ``BatchState``s, and the loop's scheduling never touches those while a plan runs. The loop itself
-keeps running: new rows, cancellations and drain set ``attention``, and the worker keeps stepping without a
-round trip through the loop only while that event is clear and no row needs the loop (``_keep_going``).
+worker a ``Plan`` of plain data: row ids to drop, ``RowSpec``s of rows to admit, and the per-forward cap. The
+worker owns the model, the running ``BatchState``s and its copies of the row specs; it drops and starts
+rows, packs the groups into forwards under the cap, steps every group, runs head + decode for rows that
+took their last step, and returns an ``Outcome``: per-row progress, results and failures by row id, and the
+measured seconds of every forward. It never reads the loop's jobs, and the loop never reads its batches.
+
+The loop keeps running meanwhile: new rows, cancellations and drain set ``attention`` (the one object both
+threads touch), and the worker keeps stepping without a round trip through the loop only while that event
+is clear and no row needs the loop (``_keep_going``).
 """
 
 from __future__ import annotations
@@ -15,42 +19,54 @@ import io
 import logging
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from dcar.model.images import tensor_to_pil
 from dcar.model.params import EditSpec, NonFiniteOutput, RowResult
 from dcar.model.sampler import BatchState, StepEvent
-from dcar.server.batching import BatchPolicy, GroupView
-from dcar.server.jobs import Job, Ticket
+from dcar.server.batching import GroupView, pack
+from dcar.server.jobs import RowSpec
 
 log = logging.getLogger("dcar.engine")
 OutOfMemory = torch.cuda.OutOfMemoryError
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """What the worker does in one iteration (decided on the loop)."""
 
-    groups: list[BatchState]
-    keep: list[list[int] | None]  # per group: rows to keep (None: all, []: drop the group)
-    admit: dict[int, list[Ticket]]  # target group index (after drops) -> new rows
-    cap: int
+    cap: int  # rows per forward (the policy's one cap)
+    admit: tuple[RowSpec, ...] = ()
+    drop: frozenset[int] = frozenset()  # row ids whose request ended (client gone, deadline, failed sibling)
+    release: tuple[str, ...] = ()  # edit keys of jobs that ended: their tokenized input may go
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One measured forward: one unmasking step of ``rows``, then the finish of ``finished`` of them."""
+
+    grid: tuple[int, int]
+    rows: tuple[int, ...]  # row ids
+    step_s: float
+    finished: int
+    finish_s: float
 
 
 @dataclass
 class Outcome:
-    """What one iteration produced (returned by the worker to the loop)."""
+    """What one plan produced (returned by the worker to the loop); rows are named by their ids."""
 
-    groups: list[BatchState] = field(default_factory=list)
-    progress: list[tuple[Ticket, StepEvent, str | None]] = field(default_factory=list)
-    results: list[tuple[Ticket, RowResult]] = field(default_factory=list)
-    failures: list[tuple[Ticket, BaseException]] = field(default_factory=list)
-    batches: list[tuple[int, float]] = field(default_factory=list)  # (rows, seconds) per forward batch
+    progress: list[tuple[StepEvent, str | None]] = field(default_factory=list)  # event (tag = row id), preview
+    results: list[RowResult] = field(default_factory=list)  # tag = row id
+    failures: list[tuple[int, BaseException]] = field(default_factory=list)
+    forwards: list[Forward] = field(default_factory=list)
+    starts: list[tuple[tuple[int, int], int, float]] = field(default_factory=list)  # (grid, rows, seconds)
     ooms: list[int] = field(default_factory=list)  # sizes that ran out of memory
-    steps: list[tuple[int, float]] = field(default_factory=list)  # (rows advanced, seconds) per engine step
 
 
 def _select_list(items: list, idx: Sequence[int]) -> list:
@@ -64,37 +80,56 @@ def _select_state(state: BatchState, idx: Sequence[int]) -> BatchState:
 class ModelWorker:
     """Runs plans on the model thread. ``attention`` is set by the loop when a step boundary needs it."""
 
-    def __init__(self, pipe, policy: BatchPolicy, attention: threading.Event, preview_size: int):
+    def __init__(self, pipe, attention: threading.Event, preview_size: int):
         self.pipe = pipe
-        self.policy = policy
         self._attention = attention
         self.preview_size = preview_size
+        self._groups: list[BatchState] = []
+        self._rows: dict[int, RowSpec] = {}
+        self._edits: dict[str, EditSpec] = {}
 
     def work(self, plan: Plan) -> Outcome:
-        """Admit, then step every group; keep stepping while nothing needs the loop (see ``_keep_going``)."""
+        """Drop, admit and pack; then step every group, and keep stepping while nothing needs the loop."""
         out = Outcome()
-        t_start = time.monotonic()
-        slots: dict[int, BatchState] = {}
-        for g, k in zip(plan.groups, plan.keep):
-            if k != []:
-                slots[len(slots)] = g if k is None else g.select(k)
-        for target, tickets in plan.admit.items():
-            for part, state in self._run_split(tickets, self._start, _select_list, out):
+        try:
+            self._apply(plan, out)
+            while self._groups:
+                groups, self._groups = self._groups, []
+                for g in groups:
+                    self._advance(g, out)  # puts the rows that keep running back into self._groups
+                if not self._keep_going(out):
+                    break
+        except BaseException:
+            # A bug outside any one forward: the loop fails every row in flight; hold nothing stale.
+            self._groups, self._rows, self._edits = [], {}, {}
+            raise
+        return out
+
+    def _apply(self, plan: Plan, out: Outcome) -> None:
+        if plan.drop:
+            for rid in plan.drop:
+                self._rows.pop(rid, None)
+            kept = []
+            for g in self._groups:
+                idx = [i for i, r in enumerate(g.rows) if r.tag not in plan.drop]
+                if idx:
+                    kept.append(g if len(idx) == len(g) else g.select(idx))
+            self._groups = kept
+        for key in plan.release:
+            self._edits.pop(key, None)
+        by_grid: dict[tuple[int, int], list[RowSpec]] = defaultdict(list)
+        for spec in plan.admit:
+            self._rows[spec.id] = spec
+            by_grid[spec.grid].append(spec)
+        for grid, specs in by_grid.items():
+            t0 = time.monotonic()
+            for part, state in self._run_split(specs, self._start, _select_list, out):
                 if isinstance(state, BaseException):
-                    out.failures += [(t, state) for t in part]
-                    continue
-                prev = slots.get(target)
-                slots[target] = state if prev is None else BatchState.merge(prev, state)
-        groups = self._pack([slots[k] for k in sorted(slots)], plan.cap)
-        while True:
-            for g in groups:
-                self._advance(g, out)
-            now = time.monotonic()
-            out.steps.append((sum(len(g) for g in groups), now - t_start))
-            t_start = now
-            if not self._keep_going(out):
-                return out
-            groups, out.groups = out.groups, []
+                    self._fail([s.id for s in part], state, out)
+                else:
+                    self._groups.append(state)
+            out.starts.append((grid, len(specs), time.monotonic() - t0))
+        self._groups = self._pack(self._groups, plan.cap)
 
     def _keep_going(self, out: Outcome) -> bool:
         """Whether the worker may take another step without a step boundary on the loop.
@@ -104,78 +139,84 @@ class ModelWorker:
         progress event. Each step boundary costs a round trip through the event loop; at low load that was
         most of the gap between an HTTP request and a direct Pipeline call.
         """
-        if out.results or out.failures or out.ooms or not out.groups or self._attention.is_set():
+        if out.results or out.failures or out.ooms or not self._groups or self._attention.is_set():
             return False
         now = time.monotonic()
-        for g in out.groups:
-            for r in g.rows:
-                job = r.tag.job
-                if job.done or job.events is not None or job.deadline < now:
-                    return False
-        return True
+        return not any(s.stream or s.deadline < now for s in self._rows.values())
 
-    def _start(self, tickets: list[Ticket]) -> BatchState:
-        edits = [self._edit_spec(t.job) for t in tickets]
-        return self.pipe.sampler.start([t.params for t in tickets],
-                                       edits if any(e is not None for e in edits) else None, tags=tickets)
+    def _start(self, specs: list[RowSpec]) -> BatchState:
+        edits = [self._edit_spec(s) for s in specs]
+        return self.pipe.sampler.start([s.params for s in specs],
+                                       edits if any(e is not None for e in edits) else None,
+                                       tags=[s.id for s in specs])
 
-    def _edit_spec(self, job: Job) -> EditSpec | None:
-        if job.edit is None:
+    def _edit_spec(self, spec: RowSpec) -> EditSpec | None:
+        if spec.edit is None:
             return None
-        if job.spec is None:
-            job.spec = self.pipe.prepare_edit(job.edit.image, job.edit.mask, blend=job.edit.blend)
-        return job.spec
+        key = spec.edit_key or str(spec.id)
+        if key not in self._edits:
+            e = spec.edit
+            self._edits[key] = self.pipe.prepare_edit(e.image, e.mask, blend=e.blend)
+        return self._edits[key]
 
-    def _pack(self, groups: list[BatchState], cap: int) -> list[BatchState]:
-        """Split groups above the cap; merge same-grid groups that fit together under it."""
-        chunks = []
-        for g in groups:
-            if len(g) <= cap:
-                chunks.append(g)
-            else:
-                chunks += [g.select(list(range(s, min(s + cap, len(g))))) for s in range(0, len(g), cap)]
+    @staticmethod
+    def _pack(groups: list[BatchState], cap: int) -> list[BatchState]:
+        """Cut groups above the cap; merge same-grid groups that fit together under it (batching.pack)."""
         packed = []
-        for part in self.policy.merges([GroupView(g.grid, len(g)) for g in chunks]):
-            state = chunks[part[0]]
-            for i in part[1:]:
-                state = BatchState.merge(state, chunks[i])
+        for part in pack([GroupView(g.grid, len(g)) for g in groups], cap):
+            states = [groups[i] if (a, b) == (0, len(groups[i])) else groups[i].select(list(range(a, b)))
+                      for i, a, b in part]
+            state = states[0]
+            for s in states[1:]:
+                state = BatchState.merge(state, s)
             packed.append(state)
         return packed
+
+    def _fail(self, rows: Sequence[int], exc: BaseException, out: Outcome) -> None:
+        for rid in rows:
+            self._rows.pop(rid, None)
+            out.failures.append((rid, exc))
 
     def _advance(self, group: BatchState, out: Outcome) -> None:
         """One step for a group, then head + decode for its rows that are done.
 
         A failure fails the rows of the forward it happened in; rows that were not part of it keep running.
+        A row whose image holds NaN or inf fails alone (``NonFiniteOutput``); it is never delivered.
         """
         t0 = time.monotonic()
-        for part, events in self._run_split(group, self.pipe.sampler.step, _select_state, out):
+        parts = self._run_split(group, self.pipe.sampler.step, _select_state, out)
+        step_s = time.monotonic() - t0  # split into parts only after out-of-memory: shared by row count
+        for part, events in parts:
             if isinstance(events, BaseException):
-                out.failures += [(r.tag, events) for r in part.rows]
+                self._fail([r.tag for r in part.rows], events, out)
                 continue
+            t1 = time.monotonic()
             for i, ev in enumerate(events):
-                job = ev.tag.job
-                preview = self._preview(part, i, job.preview_size) if job.wants_preview(ev.step) else None
-                out.progress.append((ev.tag, ev, preview))
-            for sub, finished in self._run_split(part, self.pipe.sampler.finish, _select_state, out):
-                if isinstance(finished, BaseException):
-                    out.failures += [(r.tag, finished) for r in sub.rows if r.done]
+                spec = self._rows[ev.tag]
+                preview = self._preview(part, i, spec.preview_size) if spec.wants_preview(ev.step) else None
+                out.progress.append((ev, preview))
+            t2 = time.monotonic()
+            finished = 0
+            for sub, result in self._run_split(part, self.pipe.sampler.finish, _select_state, out):
+                if isinstance(result, BaseException):
+                    self._fail([r.tag for r in sub.rows if r.done], result, out)
                     rest = [i for i, r in enumerate(sub.rows) if not r.done]
                     if rest:
-                        out.groups.append(sub.select(rest))
+                        self._groups.append(sub.select(rest))
                     continue
-                results, rest = finished
-                for r in results:  # a NaN/inf image is never delivered: that row fails alone
+                results, rest = result
+                finished += len(results)
+                for r in results:
                     if r.finite:
-                        out.results.append((r.tag, r))
+                        self._rows.pop(r.tag, None)
+                        out.results.append(r)
                     else:
-                        out.failures.append((r.tag, NonFiniteOutput("the generated image held NaN or inf values")))
+                        self._fail([r.tag], NonFiniteOutput("the generated image held NaN or inf values"), out)
                 if len(rest):
-                    out.groups.append(rest)
-            seconds = time.monotonic() - t0
-            t0 = time.monotonic()
-            out.batches.append((len(part), seconds))
-            for r in part.rows:
-                r.tag.compute_s += seconds / len(part)
+                    self._groups.append(rest)
+            out.forwards.append(Forward(part.grid, tuple(r.tag for r in part.rows),
+                                        step_s * len(part) / len(group) + (t2 - t1), finished,
+                                        time.monotonic() - t2))
 
     def _run_split(self, items, run: Callable, select: Callable, out: Outcome) -> list[tuple[Any, Any]]:
         """``run(items)`` as (part, result) pairs; the result is the exception where a part failed.

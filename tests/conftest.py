@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 
-GOLDEN = Path(__file__).resolve().parent / "golden"  # provenance and tolerances: tests/golden/README.md
+TESTS = Path(__file__).resolve().parent
+GOLDEN = TESTS / "golden"  # provenance and tolerances: tests/golden/README.md
+# Folders whose every test carries a marker, so `make test-fast` can leave them out (-m "not ui ...").
+FOLDER_MARKERS = {"ui": "ui", "deploy": "deploy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).resolve().relative_to(TESTS).parts
+        if parts and parts[0] in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[parts[0]])
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The batching policy and the service estimate as pure logic (no model, no event loop)."""
+"""The batching policy, the cost model and the forecast as pure logic (no model, no event loop)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from dcar.server.batching import BatchPolicy, GroupView, ServiceEstimate
+from dcar.server.batching import BatchPolicy, GroupView, pack
+from dcar.server.forecast import CostModel, alone, forecast
 
 A, B = (4, 4), (8, 8)  # two token grids
 
@@ -31,37 +32,30 @@ def test_idle_engine_starts_at_once_when_a_full_batch_of_the_head_grid_waits():
     assert policy.start_delay([Row(A), Row(B), Row(A), Row(A)], now=0.0) == 0.0
 
 
-def test_admission_is_fifo_and_bounded_by_max_batch_size():
+def test_admission_fills_the_free_slots_whatever_the_grid():
     policy = BatchPolicy(max_batch_size=4, max_wait_s=0.0)
-    targets = policy.admit([Row(A)] * 6, [GroupView(A, 1)])
-    assert targets == [0, 0, 0]  # 1 running + 3 admitted = 4
+    assert policy.admit([Row(A)] * 6, running=1) == 3  # 1 running + 3 admitted = 4
+    assert policy.admit([Row(B), Row(A)], running=1) == 2
+    assert policy.admit([Row(A)], running=4) == 0
 
 
-def test_rows_of_another_grid_open_a_new_group():
-    policy = BatchPolicy(max_batch_size=8, max_wait_s=0.0)
-    targets = policy.admit([Row(B), Row(A), Row(B)], [GroupView(A, 2)])
-    assert targets == [1, 0, 1]
-
-
-def test_cap_bounds_one_forward_not_the_rows_in_flight():
+def test_cap_is_halved_below_an_out_of_memory_size_and_never_raised():
     policy = BatchPolicy(max_batch_size=8, max_wait_s=0.0)
     assert policy.lower_cap(6) == 3
-    targets = policy.admit([Row(A)] * 8, [GroupView(A, 2)])
-    assert targets == [0, 1, 1, 1, 2, 2]  # groups of at most 3, 8 rows in flight
+    assert policy.admit([Row(A)] * 8, running=2) == 6  # the cap bounds one forward, not the rows in flight
     assert policy.lower_cap(1) == 1  # never below one row
     assert policy.lower_cap(16) == 1  # never raised by a larger failure
 
 
-def test_full_engine_admits_nothing():
-    policy = BatchPolicy(max_batch_size=2, max_wait_s=0.0)
-    assert policy.admit([Row(A)], [GroupView(A, 2)]) == []
-
-
-def test_merges_pack_same_grid_groups_under_the_cap():
-    policy = BatchPolicy(max_batch_size=8, max_wait_s=0.0)
-    policy.cap = 4
-    groups = [GroupView(A, 1), GroupView(B, 3), GroupView(A, 2), GroupView(A, 3), GroupView(B, 1)]
-    assert policy.merges(groups) == [[0, 2], [1, 4], [3]]
+def test_pack_cuts_groups_at_the_cap_and_merges_same_grid_slices():
+    groups = [GroupView(A, 1), GroupView(B, 3), GroupView(A, 2), GroupView(A, 6), GroupView(B, 1)]
+    parts = pack(groups, cap=4)
+    assert parts == [[(0, 0, 1), (2, 0, 2)], [(1, 0, 3), (4, 0, 1)], [(3, 0, 4)], [(3, 4, 6)]]
+    for part in parts:  # every forward holds one grid and at most cap rows
+        assert len({groups[i].grid for i, _, _ in part}) == 1
+        assert sum(b - a for _, a, b in part) <= 4
+    assert sorted((i, a, b) for part in parts for i, a, b in part) == [
+        (0, 0, 1), (1, 0, 3), (2, 0, 2), (3, 0, 4), (3, 4, 6), (4, 0, 1)]  # every row exactly once
 
 
 def test_policy_refuses_an_empty_batch_size():
@@ -69,27 +63,56 @@ def test_policy_refuses_an_empty_batch_size():
         BatchPolicy(0, 0.0)
 
 
-def test_estimate_knows_nothing_before_a_measurement():
-    est = ServiceEstimate()
-    assert est.predict(1, 12, waiting=0, running=0, capacity=4) is None
-    assert est.retry_after(10, 12) == 1
+def costs_of(step: dict[int, float], finish: dict[int, float], grid=A) -> CostModel:
+    model = CostModel(alpha=1.0)
+    for rows, seconds in step.items():
+        model.observe("step", grid, rows, seconds)
+    for rows, seconds in finish.items():
+        model.observe("finish", grid, rows, seconds)
+    return model
 
 
-def test_estimate_predicts_service_and_queueing():
-    est = ServiceEstimate(alpha=1.0)
-    est.observe(rows=4, seconds=0.04)  # 10 ms per iteration, 10 ms per row-step at batch 4
-    alone = est.predict(1, 12, waiting=0, running=0, capacity=4)
-    assert alone == pytest.approx(12 * 0.04)  # an iteration never takes less than the measured step
-    behind = est.predict(1, 12, waiting=7, running=4, capacity=4)
-    assert behind == pytest.approx(8 * 12 * 0.01 + 12 * 0.04)  # 8 rows must finish first
-    assert est.retry_after(waiting=20, steps=12) == 3  # 20 * 12 * 0.01 = 2.4 s
-    assert est.retry_after(waiting=10**6, steps=12) == 600
+def test_cost_model_interpolates_and_extrapolates_batch_sizes():
+    model = costs_of({1: 0.10, 2: 0.12, 8: 0.30}, {1: 0.5})
+    assert model.cost("step", A, 2, cap=16) == pytest.approx(0.12)  # measured
+    assert model.cost("step", A, 5, cap=16) == pytest.approx(0.21)  # between 2 and 8
+    assert model.cost("step", A, 12, cap=16) == pytest.approx(0.42)  # slope of the two largest (0.03/row)
+    assert model.cost("step", A, 12, cap=8) == pytest.approx(0.30 + 0.18)  # forwards of 8 and 4 (interpolated)
+    assert model.cost("finish", A, 3, cap=16) == pytest.approx(1.5)  # one point: proportional
+    assert model.cost("step", A, 0, cap=16) == 0.0
+    assert not model.known(B)
 
 
-def test_estimate_is_a_moving_average():
-    est = ServiceEstimate(alpha=0.5)
-    est.observe(1, 1.0)
-    est.observe(1, 3.0)
-    assert est.step_s == pytest.approx(2.0)
-    est.observe(0, 100.0)  # nothing stepped: ignored
-    assert est.step_s == pytest.approx(2.0)
+def test_cost_model_is_a_moving_average():
+    model = CostModel(alpha=0.5)
+    model.observe("step", A, 1, 1.0)
+    model.observe("step", A, 1, 3.0)
+    model.observe("step", A, 0, 100.0)  # nothing stepped: ignored
+    assert model.table("step", A) == {1: pytest.approx(2.0)}
+    with pytest.raises(ValueError, match="kind"):
+        model.observe("decode", A, 1, 1.0)
+
+
+def test_forecast_knows_nothing_before_a_measurement():
+    assert forecast([], [(A, 12)], CostModel(), max_batch_size=4, cap=4) is None
+
+
+def test_forecast_of_an_idle_engine_is_steps_times_step_plus_finish():
+    model = costs_of({1: 0.1, 2: 0.15}, {1: 0.4, 2: 0.5})
+    assert alone(A, 1, 12, model, max_batch_size=4, cap=4) == pytest.approx(12 * 0.1 + 0.4)
+    assert alone(A, 2, 12, model, max_batch_size=4, cap=4) == pytest.approx(12 * 0.15 + 0.5)
+    assert alone(A, 2, 12, model, max_batch_size=1, cap=1) == pytest.approx(2 * (12 * 0.1 + 0.4))  # one by one
+
+
+def test_forecast_waits_for_running_rows_to_free_slots_fifo():
+    model = costs_of({1: 0.1, 2: 0.2}, {1: 1.0, 2: 1.0})
+    # Two slots, both busy: one row with 3 steps left, one with 5. Two rows wait, 4 steps each.
+    fc = forecast([(A, 3), (A, 5)], [(A, 4), (A, 4)], model, max_batch_size=2, cap=2)
+    # t=0.6: 3 steps of 2 rows; the first running row finishes (1.0) -> t=1.6, waiting row 0 joins.
+    assert fc.admitted[0] == pytest.approx(1.6)
+    # 2 more steps of 2 rows (0.4) -> the second running row finishes (1.0) at 3.0; waiting row 1 joins.
+    assert fc.admitted[1] == pytest.approx(3.0)
+    # row 0 had 2 steps left: 2 x 0.2 + finish 1.0 -> 4.4; row 1: 2 more steps alone (0.2) + finish -> 5.6
+    assert fc.finished == [pytest.approx(4.4), pytest.approx(5.6)]
+    later = forecast([(A, 3), (A, 5)], [(A, 4), (A, 4)], model, max_batch_size=2, cap=2, elapsed=1.0)
+    assert later.admitted[0] == pytest.approx(0.6) and later.finished[1] == pytest.approx(4.6)
