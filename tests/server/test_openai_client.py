@@ -6,8 +6,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from PIL import Image
-from server_harness import decode, live_server, png_bytes, same_image
+from server_harness import StepHook, decode, live_server, metric, png_bytes, same_image
 
 KEY = "sk-local-test-key"
 
@@ -44,6 +45,9 @@ def test_openai_client_generates_and_edits(pipe):
                             files={"image": ("i.png", png_bytes(Image.fromarray(source)), "image/png"),
                                    "mask": ("m.png", png_bytes(mask), "image/png")})
         assert same_image(out, decode(direct.json()["data"][0]["b64_json"]))  # extra_body reached the form
+        with pytest.raises(openai.UnprocessableEntityError, match="stepz is not a known field"):
+            client.images.edit(image=("image.png", png_bytes(Image.fromarray(source)), "image/png"),
+                               prompt="x", extra_body={"stepz": 4})
 
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong-key", max_retries=0).images.generate(prompt="x")
@@ -52,3 +56,71 @@ def test_openai_client_generates_and_edits(pipe):
 
         models = client.models.list()
         assert [m.id for m in models.data] == ["tiny-random"]
+
+
+def requests_seen(url: str, status: int) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return metric(text, "dcar_requests_total", endpoint="/v1/images/generations", status=str(status))
+
+
+def test_openai_fields_presets_usage_aliases_and_errors(pipe, monkeypatch):
+    def out_of_memory(state):
+        if any(r.params.prompt == "too big" for r in state.rows):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    hook = StepHook(pipe, monkeypatch, fail=out_of_memory)
+    with live_server(pipe, api_keys=KEY, model_aliases="gpt-image-1", max_wait_ms=0) as (url, app):
+        # max_retries=2, as the SDK's default: the errors below must still reach the server once each
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=2, timeout=60)
+        native = {}
+        for steps in (4, 8, 12):
+            r = httpx.post(f"{url}/v1/generate", json={"prompt": "a blue square", "seed": 7, "steps": steps},
+                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
+            native[steps] = decode(r["images"][0]["b64_json"])
+        for quality, steps in (("low", 4), ("medium", 8), ("high", 12), ("auto", 12)):
+            result = client.images.generate(model="gpt-image-1", prompt="a blue square", quality=quality,
+                                            moderation="low", user="user-42", extra_body={"seed": 7})
+            assert result.quality == ("high" if quality == "auto" else quality)
+            extra = result.to_dict()
+            assert extra["parameters"]["steps"] == steps and extra["data"][0]["seed"] == 7
+            assert extra["weights_digest"].startswith("sha256:") and extra["model"] == "tiny-random"
+            assert same_image(decode(result.data[0].b64_json), native[steps])  # the preset took effect
+            assert result.safety_identifier == "user-42" and result.background == "opaque"
+            usage = result.usage
+            assert usage.output_tokens == 16 and usage.output_tokens_details.image_tokens == 16  # 4x4 tokens
+            assert usage.input_tokens == usage.input_tokens_details.text_tokens > 0
+            assert usage.input_tokens_details.image_tokens == 0
+            assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+        explicit = client.images.generate(prompt="a blue square", quality="low", extra_body={"seed": 7, "steps": 12})
+        assert same_image(decode(explicit.data[0].b64_json), native[12])  # an explicit knob wins over the preset
+
+        with pytest.raises(openai.UnprocessableEntityError) as caught:  # a typo in extra_body
+            client.images.generate(prompt="x", extra_body={"step": 4})
+        assert caught.value.param == "step" and "step is not a known field" in caught.value.message
+        assert caught.value.type == "invalid_request_error"
+        with pytest.raises(openai.UnprocessableEntityError, match="quality"):
+            client.images.generate(prompt="x", extra_body={"quality": "ultra"})
+
+        refused = {"background": {"background": "transparent"}, "output_format": {"output_format": "gif"},
+                   "style": {"style": "vivid"}, "quality": {"quality": "hd"}, "n": {"n": 0},
+                   "response_format": {"response_format": "url"}, "model": {"model": "dall-e-3"}}
+        for param, fields in refused.items():
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.images.generate(prompt="x", **fields)
+            err = caught.value
+            assert err.param == param and err.type == "invalid_request_error", (param, err.body)
+            assert err.response.headers["x-should-retry"] == "false"
+            assert err.body["request_id"] == err.response.headers["x-request-id"]
+
+        hook.delay = 0.2  # warm-up measured fast steps, so the request is admitted; its deadline then passes
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.images.generate(prompt="slow", extra_body={"steps": 12, "timeout": 0.6})
+        assert caught.value.status_code == 504 and caught.value.code == "deadline_exceeded"
+        assert caught.value.type == "server_error" and caught.value.body["request_id"]
+        assert requests_seen(url, 504) == 1  # the SDK did not retry (x-should-retry: false)
+        hook.delay = 0.0
+
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.images.generate(prompt="too big", extra_body={"steps": 2})
+        assert caught.value.status_code == 500 and caught.value.code == "out_of_memory"
+        assert requests_seen(url, 500) == 1

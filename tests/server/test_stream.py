@@ -3,6 +3,7 @@ with a small preview when asked, then the images; a client that leaves mid-strea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -14,8 +15,11 @@ pytestmark = pytest.mark.anyio
 
 
 def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """Events as (name, data); comments (keep-alive) left out."""
     events = []
     for block in text.strip().split("\n\n"):
+        if block.startswith(":"):
+            continue
         lines = dict(line.split(": ", 1) for line in block.splitlines())
         events.append((lines["event"], json.loads(lines["data"])))
     return events
@@ -85,3 +89,22 @@ def test_leaving_a_stream_drops_the_rows(pipe, monkeypatch):
             time.sleep(0.05)
         assert metric(text, "dcar_dropped_rows_total", reason="disconnected") == 1
         assert len(hook.calls) < 30
+
+
+async def test_a_queued_stream_sends_its_place_and_keep_alive_comments(pipe, monkeypatch):
+    hook = StepHook(pipe, monkeypatch)
+    async with serve(pipe, max_batch_size=1, max_wait_ms=0, sse_keepalive_s=0.05) as client:
+        hook.delay, hook.calls = 0.05, []  # one row at a time: the first request holds it for about a second
+        first = asyncio.create_task(client.post("/v1/generate", json={"prompt": "first", "steps": 20}))
+        while not hook.calls:
+            await asyncio.sleep(0.01)
+        r = await client.post("/v1/generate", json={"prompt": "second", "steps": 2, "stream": True})
+        blocks = r.text.strip().split("\n\n")
+        kinds = ["comment" if b.startswith(":") else b.split("\n")[0].removeprefix("event: ") for b in blocks]
+        assert kinds[0] == "queued" and kinds[-1] == "images", kinds
+        queued = json.loads(blocks[0].split("data: ", 1)[1])
+        assert queued == {"position": 1, "queued_rows": 1}  # next in line, behind the running row
+        waiting = kinds[1:kinds.index("progress")]
+        assert waiting.count("comment") >= 5 and set(waiting) == {"comment"}  # the queue took ~1 s
+        assert [k for k in kinds[kinds.index("progress"):] if k != "comment"] == ["progress", "progress", "images"]
+        assert (await first).status_code == 200
