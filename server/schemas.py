@@ -2,8 +2,11 @@
 
 pydantic checks types (422 naming the field); ``to_params`` checks values against the served model and the
 settings (400 naming the field, the limit and the value, e.g. ``steps must be between 1 and 50, got 80``)
-and returns the plain frozen dataclasses of model/ (the model layer never sees pydantic). A prompt longer than the text
-encoder takes is refused, never truncated.
+and returns the plain frozen dataclasses of model/ (the model layer never sees pydantic). A prompt longer than
+the text encoder takes is refused, never truncated.
+
+The sampling knobs are not listed here: ``SamplingFields`` is generated from their one definition
+(model/knobs.py), and so are their bounds (``check_knobs``, with the settings' caps).
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from dcar.model.knobs import KnobError
+from dcar.model import knobs as model_knobs
+from dcar.model.knobs import KNOB_NAMES, KNOBS, KnobError
 from dcar.model.params import MAX_SEED, SamplingParams
 from dcar.server.errors import ApiError, invalid
 from dcar.server.settings import parse_size
@@ -29,9 +33,17 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 # --- requests ------------------------------------------------------------------------------------------
 
+# Every sampling knob as an optional field (unset: the served model's default), typed so that multipart
+# strings are parsed like JSON values; bounds are checked by ``to_params``, not by pydantic, so that a value
+# out of range is a 400 naming the limit. The native and the OpenAI requests both inherit these fields.
+SamplingFields: Any = create_model(
+    "SamplingFields",
+    **{k.name: (k.type | None, Field(None, description=f"{k.describe()}; default: the model's")) for k in KNOBS},
+)
 
-class Knobs(BaseModel):
-    """Sampling knobs shared by /v1/generate and /v1/edit. Unset knobs take the model's defaults."""
+
+class Knobs(SamplingFields):
+    """The body of /v1/generate and the fields of /v1/edit. Unset knobs take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -39,14 +51,6 @@ class Knobs(BaseModel):
     n: int = Field(1, description="images to generate (rows), seeds seed, seed+1, ...")
     size: str | None = Field(None, description="WIDTHxHEIGHT, one of the allowed sizes; default: native size")
     seed: int | None = Field(None, description="seed of the first image; random when omitted (echoed back)")
-    guidance_scale: float | None = None
-    guidance_decay: str | None = Field(None, description="constant, linear or power-cosine")
-    steps: int | None = Field(None, description="unmasking steps (default 12)")
-    randomize_temperature: float | None = Field(None, description="Gumbel temperature of token sampling")
-    softmax_temperature_annealing: bool | None = None
-    residual_steps: int | None = Field(None, description="diffusion-head sampling steps")
-    residual_temperature: float | None = None
-    use_residuals: bool | None = None
     output_format: OutputFormat = "png"
     quality: int | None = Field(None, description="JPEG/WebP quality 1..100 (default 95)")
     timeout: float | None = Field(None, description="seconds; may only shorten the server's request_timeout_s")
@@ -118,6 +122,11 @@ class Limits:
     def size_list(self) -> str:
         return ", ".join(f"{w}x{h}" for w, h in self.sizes)
 
+    @property
+    def caps(self) -> dict[str, float]:
+        """Each knob's upper bound from the settings (``Knob.cap`` names the setting, e.g. max_steps)."""
+        return {k.name: getattr(self, k.cap) for k in KNOBS if k.cap}
+
 
 def check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:  # also refuses NaN
@@ -169,30 +178,13 @@ def to_params(k: Knobs | OpenAIImageRequest, limits: Limits, size: tuple[int, in
     seed = k.seed if k.seed is not None else secrets.randbelow(2**32)
     check_range("seed", seed, 0, MAX_SEED - (k.n - 1))
     overrides: dict = dict(defaults or {})
-    if k.steps is not None:
-        check_range("steps", k.steps, 1, limits.max_steps)
-        overrides["steps"] = k.steps
-    if k.guidance_scale is not None:
-        check_range("guidance_scale", k.guidance_scale, 0, limits.max_guidance_scale)
-        overrides["guidance_scale"] = k.guidance_scale
-    for name, high in (("randomize_temperature", 10.0), ("residual_temperature", 10.0)):
-        value = getattr(k, name)
-        if value is not None:
-            check_range(name, value, 0, high)
-            overrides[name] = value
-    if k.residual_steps is not None:
-        check_range("residual_steps", k.residual_steps, 1, limits.max_residual_steps)
-        overrides["residual_steps"] = k.residual_steps
-    for name in ("guidance_decay", "softmax_temperature_annealing", "use_residuals"):
-        value = getattr(k, name)
-        if value is not None:
-            overrides[name] = value
-    width, height = size
+    overrides.update({name: getattr(k, name) for name in KNOB_NAMES if getattr(k, name) is not None})
     try:
-        return [limits.defaults(k.prompt, seed=seed + i, height=height, width=width, **overrides)
-                for i in range(k.n)]
-    except KnobError as e:  # the knobs' own bounds (model/knobs.py), e.g. an unknown guidance_decay
+        model_knobs.check_knobs(overrides, limits.caps)  # the knobs' bounds (model/knobs.py), capped by the settings
+    except KnobError as e:
         raise invalid(e.field, str(e)) from e
+    width, height = size
+    return [limits.defaults(k.prompt, seed=seed + i, height=height, width=width, **overrides) for i in range(k.n)]
 
 
 def check_knobs(k: Knobs) -> None:

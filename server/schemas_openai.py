@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dcar.server.schemas import SamplingFields
+
 OpenAIQuality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
 Quality = Literal["low", "medium", "high"]
 OpenAIOutputFormat = Literal["png", "jpeg", "webp", "gif", "svg"]
@@ -25,7 +27,7 @@ OpenAIOutputFormat = Literal["png", "jpeg", "webp", "gif", "svg"]
 QUALITY_PRESETS: dict[str, tuple[int, int] | None] = {"low": (4, 8), "medium": (8, 16), "high": None}
 
 
-class OpenAIImageRequest(BaseModel):
+class OpenAIImageRequest(SamplingFields):
     """POST /v1/images/generations (JSON) and the text fields of /v1/images/edits (multipart)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -50,16 +52,8 @@ class OpenAIImageRequest(BaseModel):
     frame_count: int | None = Field(None, description="refused (GIF output only)")
     frame_duration_ms: int | None = Field(None, description="refused (GIF output only)")
     svg: dict | None = Field(None, description="refused (SVG output only)")
-    # extensions (the knobs of /v1/generate), typed so that multipart strings are parsed like JSON values
+    # extensions: the sampling knobs of /v1/generate come from SamplingFields (server/schemas.py)
     seed: int | None = None
-    guidance_scale: float | None = None
-    guidance_decay: str | None = None
-    steps: int | None = None
-    randomize_temperature: float | None = None
-    softmax_temperature_annealing: bool | None = None
-    residual_steps: int | None = None
-    residual_temperature: float | None = None
-    use_residuals: bool | None = None
     timeout: float | None = None
 
     @field_validator("n", mode="before")

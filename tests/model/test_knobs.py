@@ -70,3 +70,14 @@ def test_every_knob_describes_itself_and_is_keyword_only():
         assert k.help and str(k.default).lower() in k.describe().lower(), k.name
     with pytest.raises(TypeError):
         SamplingKnobs(12)  # type: ignore[misc]
+
+
+def test_http_requests_take_every_knob_with_its_description():
+    from dcar.server.schemas import EditFields, GenerateRequest
+    from dcar.server.schemas_openai import OpenAIEditFields, OpenAIImageRequest
+
+    for model in (GenerateRequest, EditFields, OpenAIImageRequest, OpenAIEditFields):
+        props = model.model_json_schema()["properties"]
+        for k in KNOBS:
+            assert props[k.name]["description"].startswith(k.help), (model.__name__, k.name)
+            assert model.model_fields[k.name].default is None  # unset: the served model's default
