@@ -1,9 +1,11 @@
-"""docker/Dockerfile, .dockerignore and docker-compose.yml, checked without a Docker engine.
+"""docker/Dockerfile, its lock files, .dockerignore and docker-compose.yml, checked without a Docker engine.
 
 What a build or ``docker compose up`` would trip on is checked here: the compose file validates with the
-compose client, every file the Dockerfile copies exists and is not dropped by .dockerignore, the image installs
-with the Makefile's own commands (same torch pin, same pip steps), and the pieces refer to each other
-consistently (service names, ports, paths, the settings the environment sets, Grafana's provisioning).
+compose client, every file the Dockerfile copies exists and is not dropped by .dockerignore, the stages refer
+to each other, the base image is pinned by digest, every pip step installs hash-locked requirements or the
+package's own wheel (never editable), the locks pin what pyproject.toml asks for (torch as the Makefile pins
+it), and the pieces refer to each other consistently (service names, ports, paths, the settings the
+environment sets, Grafana's provisioning).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
 from server_harness import live_server
 
 from dcar.server.settings import Settings
@@ -28,14 +33,20 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERIGNORE = REPO / ".dockerignore"
 MAKEFILE = REPO / "Makefile"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+LOCKS = {name: REPO / "docker" / f"{name}.lock" for name in ("requirements", "requirements-ray", "build-requirements")}
 EMBEDDED_DEFAULT = "weights/dcar-tiny-shapes"
+# The image's interpreter (Ubuntu 24.04's python3) and platform: the environment lock markers are read in.
+IMAGE_ENV = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
+             "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+             "os_name": "posix", "implementation_name": "cpython", "platform_python_implementation": "CPython"}
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------------
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) in order; continuation lines joined, comments dropped."""
+    """(INSTRUCTION, arguments) in order; continuation lines joined, comments (and the syntax line) dropped."""
     out, current = [], ""
     for line in text.splitlines():
         stripped = line.strip()
@@ -61,8 +72,21 @@ def args_of(text: str) -> list[str]:
 DOCKER = instructions(DOCKERFILE.read_text())
 
 
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """{stage name: its instructions after FROM}, in order; the FROM line itself under key ``"FROM"``."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for word, rest in DOCKER:
+        if word == "FROM":
+            image, _, name = rest.partition(" AS ")
+            current = out.setdefault(name.strip(), [("FROM", image.strip())])
+        elif current is not None:
+            current.append((word, rest))
+    return out
+
+
 def docker_args() -> dict[str, str]:
-    """ARG defaults of the Dockerfile."""
+    """ARG defaults of the Dockerfile (global and per stage)."""
     out = {}
     for word, rest in DOCKER:
         if word == "ARG" and "=" in rest:
@@ -72,12 +96,14 @@ def docker_args() -> dict[str, str]:
 
 
 def copies() -> list[tuple[list[str], str]]:
-    """(sources, destination) of every COPY/ADD from the build context."""
+    """(sources, destination) of every COPY/ADD from the build context (not ``--from`` another stage)."""
     out = []
     for word, rest in DOCKER:
         if word in ("COPY", "ADD"):
-            words = [w for w in args_of(rest) if not w.startswith("--")]
-            assert not any(w.startswith("--from") for w in args_of(rest)), "multi-stage COPY: extend this test"
+            words = args_of(rest)
+            if any(w.startswith("--from=") for w in words):
+                continue
+            words = [w for w in words if not w.startswith("--")]
             out.append((words[:-1], words[-1]))
     return out
 
@@ -138,12 +164,21 @@ def test_every_copied_path_exists_and_reaches_the_build_context():
     assert missing == [], f"COPY sources that do not exist: {missing}"
 
 
+def test_the_wheel_gets_every_package_folder_and_its_data():
+    """The builder copies each folder pyproject maps into the ``dcar`` namespace, and the files it ships."""
+    copied = {src.rstrip("/") for sources, _ in copies() for src in sources}
+    for folder in PYPROJECT["tool"]["setuptools"]["package-dir"].values():
+        assert folder in copied or any(c.startswith(folder + "/") for c in copied), folder
+    assert {"pyproject.toml", "README.md", EMBEDDED_DEFAULT} <= copied
+
+
 def test_dockerignore_keeps_bulky_and_private_paths_out():
     rules = dockerignore_regexes()
     for path in (".venv/bin/python", ".git/config", "runs/tiny-shapes/x.pt", "weights/official/dc-ht/x.bin",
-                 "server/__pycache__/app.cpython-311.pyc", "tests/server/test_x.py"):
+                 "server/__pycache__/app.cpython-311.pyc", "tests/server/test_x.py", "docker/lock.sh"):
         assert ignored(path, rules), path
-    for path in ("server/app.py", "pyproject.toml", "weights/dcar-tiny-shapes/config.json"):
+    for path in ("server/app.py", "pyproject.toml", "weights/dcar-tiny-shapes/config.json",
+                 "docker/requirements.lock"):
         assert not ignored(path, rules), path
 
 
@@ -176,33 +211,129 @@ def makefile() -> tuple[dict[str, str], dict[str, list[str]]]:
     return variables, recipes
 
 
-def test_the_image_installs_with_the_makefiles_commands():
-    variables, recipes = makefile()
-    # What `make serve` runs: the venv with an upgraded pip, the torch pin, then the package.
-    make_steps = pip_installs(recipes["$(BIN)/python"] + recipes["$(VENV)/.torch"] + recipes["$(VENV)/.installed"],
-                              variables)
-    docker_steps = pip_installs([rest for word, rest in DOCKER if word == "RUN"], docker_args())
-    assert make_steps == [["--upgrade", "pip"], [variables["TORCH_SPEC"]], ["-e", "."]], make_steps
-    assert docker_steps == make_steps, "docker/Dockerfile installs differently from the Makefile"
-    assert docker_args()["TORCH_SPEC"] == variables["TORCH_SPEC"]
-    assert any("-m venv" in rest for word, rest in DOCKER if word == "RUN")
+def lock_entries(path: Path) -> dict[str, tuple[str, str, list[str]]]:
+    """{normalised name: (version, marker, sha256 hashes)} of a ``--generate-hashes`` requirements file."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    out = {}
+    for line in text.splitlines():
+        line = line.split(" #")[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", line)
+        req = Requirement(re.sub(r"\s*--hash=\S+", "", line))
+        [spec] = list(req.specifier)
+        assert spec.operator == "==", f"{path.name}: {line[:80]} is not pinned with =="
+        out[req.name.lower().replace("_", "-")] = (spec.version, str(req.marker or ""), hashes)
+    return out
+
+
+def image_pip_steps() -> dict[str, list[list[str]]]:
+    """{stage: pip install argument lists of its RUN steps}."""
+    return {name: pip_installs([rest for w, rest in body if w == "RUN"], docker_args())
+            for name, body in stages().items()}
+
+
+def test_every_pip_step_is_hash_locked_or_the_built_wheel():
+    steps = [step for per_stage in image_pip_steps().values() for step in per_stage]
+    assert steps, "no pip install in the Dockerfile"
+    locked, wheels = [], []
+    for step in steps:
+        assert "-e" not in step and "--editable" not in step, f"editable install: {step}"
+        if "--require-hashes" in step:
+            assert step[-2] == "-r" and "--no-deps" in step, step
+            locked.append(Path(step[-1]).name)
+        else:  # the package itself: the wheel built in the same stage, nothing fetched
+            assert "--no-index" in step and "--no-deps" in step and step[-1].endswith(".whl"), step
+            wheels.append(step[-1])
+    assert sorted(locked) == sorted(f.name for f in LOCKS.values()), locked
+    assert len(wheels) == 1
+    build = stages()["build"]
+    assert any("pip wheel" in rest and "--no-build-isolation" in rest for w, rest in build if w == "RUN")
+    # The lock files reach the stages that install them.
+    sent = {Path(src).name for sources, _ in copies() for src in sources if src.startswith("docker/")}
+    assert sent == set(locked)
+
+
+def test_locks_pin_with_hashes_what_pyproject_asks_for():
+    variables, _ = makefile()
+    runtime, ray, build = (lock_entries(LOCKS[n]) for n in ("requirements", "requirements-ray", "build-requirements"))
+    for entries in (runtime, ray, build):
+        assert entries and all(hashes for _v, _m, hashes in entries.values())
+
+    def check(requirements: list[str], entries: dict, where: str) -> None:
+        for text in requirements:
+            req = Requirement(text)
+            if req.marker and not req.marker.evaluate(IMAGE_ENV):
+                continue
+            name = req.name.lower().replace("_", "-")
+            assert name in entries, f"{where}: {req} is not in the lock; run `sh docker/lock.sh`"
+            assert req.specifier.contains(entries[name][0], prereleases=True), (
+                f"{where}: {name}=={entries[name][0]} does not satisfy {req}; run `sh docker/lock.sh`")
+
+    check(PYPROJECT["project"]["dependencies"], runtime, "requirements.lock")
+    check(PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["ray"], ray,
+          "requirements-ray.lock")
+    check(PYPROJECT["build-system"]["requires"], build, "build-requirements.lock")
+    torch_pin = Requirement(variables["TORCH_SPEC"])
+    assert runtime["torch"][0] == next(iter(torch_pin.specifier)).version, "the image's torch is the Makefile's"
+    # uvicorn[standard]'s extras come along (uvloop and httptools are what make it fast).
+    assert {"uvloop", "httptools", "websockets"} <= set(runtime)
+    # The Ray image only adds packages: every runtime pin is the same, with the same files.
+    changed = {n for n, entry in runtime.items() if ray.get(n) != entry}
+    assert changed == set(), f"requirements-ray.lock moves runtime pins: {sorted(changed)}"
+    # Every marker in the locks holds on the image's platform (a pin that would not install is a silent gap).
+    skipped = [n for entries in (runtime, ray) for n, (_v, m, _h) in entries.items()
+               if m and not Requirement(f"x; {m}").marker.evaluate(IMAGE_ENV)]
+    assert skipped == [], skipped
 
 
 def test_dockerfile_shape():
-    words = [w for w, _ in DOCKER]
-    base = next(rest for w, rest in DOCKER if w == "FROM")
-    assert base == "${CUDA_IMAGE}" and re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+",
-                                                       docker_args()["CUDA_IMAGE"])
-    users = [rest for w, rest in DOCKER if w == "USER"]
-    assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
-    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN"), "a RUN after USER runs as the user"
-    volumes = [v for w, rest in DOCKER if w == "VOLUME" for v in args_of(rest)]
+    names = list(stages())
+    assert names == ["base", "build", "build-ray", "common", "ray", "runtime"], names
+    for name, body in stages().items():
+        image = body[0][1]
+        assert image in names[:names.index(name)] or image == "${BASE_NAME}@${BASE_DIGEST}", (name, image)
+    arg = docker_args()
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+", arg["BASE_NAME"])
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", arg["BASE_DIGEST"]), "the base image is pinned by digest"
+    # The last stage is what a plain `docker build` gives: the server, as a non-root user, no compilers.
+    final = stages()["runtime"]
+    for stage in ("runtime", "ray"):
+        body = stages()[stage]
+        users = [rest for w, rest in body if w == "USER"]
+        assert users == ["dcar"], (stage, users)
+        words = [w for w, _ in body]
+        assert not [i for i, w in enumerate(words) if w == "RUN" and i > words.index("USER")], (
+            f"{stage}: a RUN after USER runs as the user")
+        assert ("COPY", f"--from={'build' if stage == 'runtime' else 'build-ray'} /opt/venv /opt/venv") in body
+    assert args_of(next(rest for w, rest in final if w == "CMD")) == ["dcar", "serve"]
+    assert args_of(next(rest for w, rest in stages()["ray"] if w == "CMD")) == ["dcar", "serve", "--ray"]
+    common = stages()["common"]
+    volumes = [v for w, rest in common if w == "VOLUME" for v in args_of(rest)]
     assert volumes == ["/weights"]
-    health = next(rest for w, rest in DOCKER if w == "HEALTHCHECK")
+    health = next(rest for w, rest in common if w == "HEALTHCHECK")
     assert "/readyz" in health and "--start-period" in health
-    assert args_of(next(rest for w, rest in DOCKER if w == "CMD")) == ["dcar", "serve"]
-    env = " ".join(rest for w, rest in DOCKER if w == "ENV")
-    assert "DCAR_HOST=0.0.0.0" in env and "DCAR_PORT=8000" in env
+    env = " ".join(rest for w, rest in common if w == "ENV")
+    assert "DCAR_HOST=0.0.0.0" in env and "DCAR_PORT=8000" in env and "DCAR_WEIGHTS" not in env
+
+
+def test_oci_labels():
+    labels = {}
+    for word, rest in stages()["common"]:
+        if word == "LABEL":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                labels[key] = value
+    arg = docker_args()
+    expand = {"${VERSION}": arg["VERSION"], "${BASE_NAME}": arg["BASE_NAME"], "${BASE_DIGEST}": arg["BASE_DIGEST"]}
+    labels = {k: expand.get(v, v) for k, v in labels.items()}
+    prefix = "org.opencontainers.image."
+    for key in ("title", "description", "version", "revision", "created", "licenses", "base.name", "base.digest"):
+        assert labels.get(prefix + key), key
+    assert labels[prefix + "version"] == PYPROJECT["project"]["version"]
+    assert labels[prefix + "licenses"] == PYPROJECT["project"]["license"]["text"]
+    assert f"{labels[prefix + 'base.name']}@{labels[prefix + 'base.digest']}" == \
+        f"{arg['BASE_NAME']}@{arg['BASE_DIGEST']}"
 
 
 def healthcheck_command() -> list[str]:
@@ -224,18 +355,15 @@ def test_the_healthcheck_command_probes_readiness(deploy_pipe):
     assert down.returncode != 0
 
 
-def image_path(dest: str) -> str:
-    workdir = next(rest for w, rest in DOCKER if w == "WORKDIR")
-    return os.path.normpath(dest if dest.startswith("/") else f"{workdir}/{dest}")
-
-
-def test_embedded_default_is_where_settings_look_for_it():
-    """Settings' default is <install root>/weights/dcar-tiny-shapes; the editable install's root is WORKDIR."""
-    workdir = next(rest for w, rest in DOCKER if w == "WORKDIR")
-    baked = [image_path(dest) for sources, dest in copies() if any(s.rstrip("/") == EMBEDDED_DEFAULT for s in sources)]
-    relative = Path(Settings.model_fields["weights"].default).relative_to(REPO).as_posix()
-    assert baked == [f"{workdir}/{relative}"]
-    assert compose()["services"]["dcar"]["environment"]["DCAR_WEIGHTS"] == f"${{DCAR_WEIGHTS:-{baked[0]}}}"
+def test_embedded_default_travels_in_the_wheel():
+    """With DCAR_WEIGHTS unset the image serves the embedded default: it must be package data of the wheel."""
+    data = PYPROJECT["tool"]["setuptools"]["package-data"]["dcar.weights"]
+    shipped = [p.relative_to(REPO / "weights").as_posix() for p in (REPO / EMBEDDED_DEFAULT).rglob("*") if p.is_file()]
+    assert shipped
+    unmatched = [f for f in shipped if not any(Path(f).match(pattern) for pattern in data)]
+    assert unmatched == [], f"embedded weights files the wheel would leave out: {unmatched}"
+    assert Path(Settings.model_fields["weights"].default).parts[-2:] == ("weights", "dcar-tiny-shapes")
+    assert compose()["services"]["dcar"]["environment"]["DCAR_WEIGHTS"] is None  # passed through, else unset
 
 
 # --- docker-compose.yml --------------------------------------------------------------------------------------
@@ -292,7 +420,7 @@ def test_dcar_service_reserves_a_gpu_and_builds_from_the_dockerfile():
 
 
 def test_dcar_environment_is_valid_settings():
-    env = {k: resolve(v) for k, v in compose()["services"]["dcar"]["environment"].items()}
+    env = {k: resolve(v) for k, v in compose()["services"]["dcar"]["environment"].items() if v is not None}
     fields = {f"DCAR_{name.upper()}" for name in Settings.model_fields}
     assert set(env) <= fields, f"not settings: {set(env) - fields}"
     settings = Settings(**{k.removeprefix("DCAR_").lower(): v for k, v in env.items()})
