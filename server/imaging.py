@@ -59,6 +59,13 @@ def encode_image(image: torch.Tensor | Image.Image, fmt: str, quality: int | Non
     return buf.getvalue()
 
 
+def encode_preview(image: torch.Tensor, size: int) -> str:
+    """A progress preview: (3, H, W) in [0, 1] -> base64 PNG whose longest side is at most ``size``."""
+    pil = tensor_to_pil(image)
+    pil.thumbnail((size, size))
+    return base64.b64encode(encode_image(pil, "png")).decode("ascii")
+
+
 def decode_base64(text: str, field: str, max_bytes: int) -> bytes:
     """Base64 (optionally a ``data:image/...;base64,`` URL) -> bytes; 413 above ``max_bytes``, 400 if broken."""
     if not isinstance(text, str) or not text.strip():

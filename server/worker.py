@@ -14,8 +14,6 @@ is clear and no row needs the loop (``_keep_going``).
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import threading
 import time
@@ -26,10 +24,10 @@ from typing import Any
 
 import torch
 
-from dcar.model.images import tensor_to_pil
 from dcar.model.params import EditSpec, NonFiniteOutput, RowResult
 from dcar.model.sampler import BatchState, StepEvent
 from dcar.server.batching import GroupView, pack
+from dcar.server.imaging import encode_preview
 from dcar.server.jobs import RowSpec
 
 log = logging.getLogger("dcar.engine")
@@ -242,12 +240,7 @@ class ModelWorker:
 
     def _preview(self, state: BatchState, index: int, size: int | None = None) -> str | None:
         try:
-            image = tensor_to_pil(self.pipe.sampler.preview(state, index))
+            return encode_preview(self.pipe.sampler.preview(state, index), size or self.preview_size)
         except Exception:  # a preview is a courtesy; never fail a row for it
             log.exception("preview failed")
             return None
-        size = size or self.preview_size
-        image.thumbnail((size, size))
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode("ascii")
