@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from dcar.model.knobs import KnobError, SamplingKnobs
 
 MAX_SEED = 2**63 - 1
@@ -63,6 +64,7 @@ class RowResult:
     timings: dict[str, float] = field(default_factory=dict)
     tag: object = None
     finite: bool = True
+    residual: torch.Tensor | None = None  # (L, C) float32 residuals the head sampled (None without the head)
 
 
 class NonFiniteOutput(ArithmeticError):
