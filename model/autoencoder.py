@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dcar.model.config import DecoderConfig, EncoderConfig
 from torch import nn
+
+from dcar.model.config import DecoderConfig, EncoderConfig
 
 
 class LayerNorm2d(nn.LayerNorm):

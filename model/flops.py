@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from dcar.model.config import PipelineConfig
 from dcar.model.tokenizer import DCHT
 from dcar.model.transformer import DCARTransformer
-from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass(frozen=True)

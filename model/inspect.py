@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from dcar.model.config import DC_AR_512, GeneratorConfig, TokenizerConfig, preset
 from dcar.model.loading import LoadError, check_keys, find_weights, read_state_dict, state_dict_shapes
 from dcar.model.tokenizer import DCHT

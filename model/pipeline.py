@@ -17,6 +17,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
+from safetensors.torch import save_file
+
 from dcar.model.config import (
     DC_AR_512,
     T5_BASE,
@@ -43,8 +46,6 @@ from dcar.model.sampler import Sampler, SamplerOptions
 from dcar.model.text_encoder import TextEncoder
 from dcar.model.tokenizer import DCHT
 from dcar.model.transformer import DCARTransformer
-from PIL import Image
-from safetensors.torch import save_file
 
 OFFICIAL_DIRS = {"tokenizer": "dc-ht", "generator": "dc-ar-512", "text_encoder": "t5-base"}
 INDEX = "model_index.json"

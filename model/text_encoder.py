@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from dcar.model.config import TextEncoderConfig
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 from transformers.utils import logging as hf_logging
+
+from dcar.model.config import TextEncoderConfig
 
 hf_logging.disable_progress_bar()
 

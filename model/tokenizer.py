@@ -8,10 +8,11 @@ codewords plus residuals (hybrid, the generation path). Images are in [-1, 1].
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from dcar.model.autoencoder import Decoder, Encoder
 from dcar.model.config import TokenizerConfig
 from dcar.model.quantizer import HybridQuantizer, QuantizerOutput
-from torch import nn
 
 
 class DCHT(nn.Module):

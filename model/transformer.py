@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from dcar.model.config import GeneratorConfig
 from dcar.model.diffusion_head import DiffusionHead
-from torch import nn
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], base_size: int) -> torch.Tensor:
