@@ -139,10 +139,12 @@ def take_file(fields: dict[str, str], files: dict[str, bytes], name: str, requir
 
 
 def decode_edit(image_bytes: bytes, mask_bytes: bytes | None, runtime: Runtime, limits: Limits,
-                transparent_means_edit: bool, blend: bool = True) -> tuple[EditInput, tuple[int, int]]:
+                transparent_means_edit: bool, blend: bool = True,
+                size: str | None = None) -> tuple[EditInput, tuple[int, int]]:
     """Uploaded image and mask -> model tensors; the image must be an allowed size and the mask match it.
 
-    Without a mask (OpenAI only) the image's own transparency is the mask, as in OpenAI's API.
+    The edit checks of both APIs: without a mask (OpenAI only) the image's own transparency is the mask, as in
+    OpenAI's API; a requested ``size`` other than auto must be the image's (an edit keeps the input size).
     """
     s = runtime.settings
     image = decode_image(image_bytes, "image", s.max_image_bytes, s.max_image_pixels)
@@ -160,6 +162,9 @@ def decode_edit(image_bytes: bytes, mask_bytes: bytes | None, runtime: Runtime, 
         mask = mask_to_tensor(mask_image, transparent_means_edit=transparent_means_edit)
     except ValueError as e:
         raise invalid("mask", f"mask: {e}") from e
+    if size not in (None, "auto") and check_size(size, limits) != image.size:
+        raise invalid("size", f"size {size} differs from the image's {image.width}x{image.height}; "
+                              "an edit keeps the input size")
     return EditInput(pil_to_tensor(image), mask, blend), image.size
 
 
@@ -350,10 +355,7 @@ async def edit(request: Request, runtime: RuntimeDep, _: Authorized) -> Response
                        "Content-Type", reason="invalid")
     check_knobs(body)
     edit_input, size = await asyncio.to_thread(decode_edit, image_bytes, mask_bytes, runtime, limits, False,
-                                              body.blend)
-    if body.size not in (None, "auto") and check_size(body.size, limits) != size:
-        raise invalid("size", f"size {body.size} differs from the image's {size[0]}x{size[1]}; "
-                              "an edit keeps the input size")
+                                              body.blend, body.size)
     params = to_params(body, limits, size)
     job = Job(request_id(request), "edit", params, check_timeout(body.timeout, limits), edit=edit_input,
               stream=body.stream, preview=body.preview)

@@ -260,9 +260,7 @@ async def images_edits(request: Request, runtime: RuntimeDep, _: Authorized) -> 
         raise ApiError(422, "invalid_request", f"{unknown[0]} is not a known field", unknown[0], reason="invalid")
     body = validate(OpenAIEditFields, fields)
     plan = check_openai(body, runtime, "image_edit")
-    edit_input, size = await asyncio.to_thread(decode_edit, image_bytes, mask_bytes, runtime, limits, True)
-    if body.size not in (None, "auto") and check_size(body.size, limits) != size:
-        raise invalid("size", f"size {body.size} differs from the image's {size[0]}x{size[1]}; "
-                              "an edit keeps the input size")
+    edit_input, size = await asyncio.to_thread(decode_edit, image_bytes, mask_bytes, runtime, limits, True,
+                                              size=body.size)
     job = make_job(request, runtime, limits, body, plan, size, edit=edit_input)
     return await respond(request, runtime, limits, job, plan)

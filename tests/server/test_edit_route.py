@@ -91,3 +91,23 @@ async def test_openai_edit_uses_transparent_as_regenerate(pipe):
         assert r.status_code == 200, r.text
         out = decode(r.json()["data"][0]["b64_json"])
         assert np.array_equal(out[64:, 64:], STRIPES[64:, 64:])
+
+
+@pytest.mark.parametrize("route", ["/v1/edit", "/v1/images/edits"])
+async def test_both_apis_refuse_a_size_other_than_the_images(pipe, route):
+    """One edit check for both APIs: a requested size must be the input's; 'auto' and the input's own pass."""
+    if route == "/v1/edit":  # white = regenerate
+        the_mask = mask(box=(0, 0, 32, 32))
+    else:  # OpenAI: transparent = regenerate
+        rgba = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
+        rgba.paste((0, 0, 0, 0), (0, 0, 32, 32))
+        the_mask = png_bytes(rgba)
+    files = {"image": ("in.png", IMAGE, "image/png"), "mask": ("mask.png", the_mask, "image/png")}
+    async with serve(pipe, allowed_sizes="128x128,256x256") as client:
+        for size, status in (("256x256", 400), ("auto", 200), ("128x128", 200)):
+            r = await client.post(route, data={"prompt": "p", "steps": "2", "size": size}, files=files)
+            assert r.status_code == status, (size, r.text)
+            if status == 400:
+                error = r.json()["error"]
+                assert error["param"] == "size"
+                assert error["message"] == "size 256x256 differs from the image's 128x128; an edit keeps the input size"
