@@ -23,7 +23,6 @@ from dcar.server.routes_openai import router as openai_router
 from dcar.server.routes_ui import router as ui_router
 from dcar.server.runtime import Runtime
 from dcar.server.settings import Settings
-from dcar.server.tracing import TracingMiddleware
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -128,7 +127,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
                 await asyncio.wait({boot}, timeout=settings.drain_timeout_s)
             await runtime.shutdown()
 
-    app = FastAPI(title="dcar", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="dcar", version="0.1.0", lifespan=lifespan, telemetry=runtime.tracing.telemetry,
                   description="DC-AR text-to-image and inpainting server (iteration-level batching).")
     app.state.runtime = runtime
     install_handlers(app, runtime.metrics)
@@ -136,7 +135,6 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     app.include_router(openai_router)
     app.include_router(ui_router)
     app.add_middleware(EdgeMiddleware, runtime=runtime)
-    # outside the edge, so that they see its request id and its 413s, and time everything
-    app.add_middleware(TracingMiddleware, tracing=runtime.tracing)
+    # outside the edge, so that it sees its request id and its refusals, and times everything
     app.add_middleware(AccessLog, log_prompts=settings.log_prompts)
     return app

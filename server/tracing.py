@@ -1,10 +1,11 @@
 """Optional OpenTelemetry traces: one span per HTTP request, with child spans ``queue``, ``steps`` and ``encode``.
 
-Off unless ``DCAR_OTEL_ENDPOINT`` is set (then the ``otel`` extra must be installed). The request span
-continues the caller's trace when the request carries a W3C ``traceparent`` header. Spans go to the
-process's tracer provider when the host already configured one (``opentelemetry-instrument``, or a test
-with an in-memory exporter), else to an OTLP/HTTP exporter at the endpoint (batched, off the request path).
-``queue`` (enqueued until admitted into a batch) and ``steps`` (admitted until the last row's image was
+Off unless ``DCAR_OTEL_ENDPOINT`` is set (then the ``otel`` extra must be installed). The request span is
+FastAPI's own (its native OpenTelemetry support: server span, ``traceparent`` continued, ``http.route`` and
+status); dcar adds the request id to it and the child spans. Spans go to the process's tracer provider when
+the host already configured one (``opentelemetry-instrument``, or a test with an in-memory exporter), else to
+an OTLP/HTTP exporter at the endpoint (batched, off the request path, flushed at exit). ``queue``
+(submission until the last row was admitted) and ``steps`` (the first admission until the last image was
 decoded) are recorded afterwards from the engine's timestamps; ``encode`` is timed live.
 """
 
@@ -17,6 +18,8 @@ from collections.abc import Iterator
 from dcar.server.settings import Settings
 
 SERVICE_NAME = "dcar"
+# FastAPI's telemetry with dcar's tracing off: no spans, even where the process has a tracer provider
+TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
 
 def _wall_ns(monotonic: float) -> int:
@@ -29,6 +32,7 @@ class Tracing:
 
     def __init__(self, settings: Settings):
         self.tracer = None
+        self.telemetry: dict = dict(TELEMETRY_OFF)  # FastAPI(telemetry=...)
         if settings.otel_endpoint is None:
             return
         try:
@@ -41,6 +45,9 @@ class Tracing:
         if not isinstance(provider, TracerProvider):  # nobody configured one: export to the endpoint
             provider = self._otlp_provider(settings.otel_endpoint)
         self.tracer = provider.get_tracer("dcar.server")
+        # request spans only: Prometheus has the metrics, and operation spans would sit between them and ours
+        self.telemetry = {"tracer_provider": provider, "tracing": True, "metrics": False, "logs": False,
+                          "operation_spans": False}
 
     @staticmethod
     def _otlp_provider(endpoint: str):
@@ -72,6 +79,9 @@ class Tracing:
         """``queue`` and ``steps`` spans of a finished job, from its rows' timestamps (monotonic seconds)."""
         if self.tracer is None:
             return
+        from opentelemetry import trace
+
+        trace.get_current_span().set_attribute("dcar.request_id", job.id)  # FastAPI's request span
         admitted = [a for a in job.admitted if a is not None]
         if job.enqueued is None or not admitted:
             return
@@ -81,44 +91,3 @@ class Tracing:
         steps = self.tracer.start_span("steps", start_time=_wall_ns(min(admitted)),
                                        attributes={**rows, "dcar.steps": job.params[0].steps})
         steps.end(end_time=_wall_ns(finished))
-
-
-class TracingMiddleware:
-    """ASGI middleware: the request span around everything inside it, continuing an incoming ``traceparent``."""
-
-    def __init__(self, app, tracing: Tracing):
-        self.app = app
-        self.tracing = tracing
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.tracing.enabled:
-            return await self.app(scope, receive, send)
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers") or []}
-        parent = TraceContextTextMapPropagator().extract(headers)
-        method = scope.get("method", "")
-        status = {"code": 500}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        with self.tracing.tracer.start_as_current_span(
-                method, context=parent, kind=SpanKind.SERVER,
-                attributes={"http.request.method": method, "url.path": scope.get("path", "")}) as span:
-            try:
-                await self.app(scope, receive, send_wrapper)
-            finally:
-                route = getattr(scope.get("route"), "path", None)
-                if route:
-                    span.update_name(f"{method} {route}")
-                    span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status["code"])
-                rid = scope.get("state", {}).get("request_id")
-                if rid:
-                    span.set_attribute("dcar.request_id", rid)
-                if status["code"] >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
