@@ -1,0 +1,257 @@
+"""deploy/k8s: every manifest valid, strictly, for Kubernetes and its operators, and the pieces consistent.
+
+Validation (k8s_schemas.py) refuses unknown fields and wrong types, which the API server would silently drop
+or a controller would reject only at run time; the tests below prove it does by feeding it typical mistakes.
+Consistency: the Deployment's probes answer on a live server, its grace period outlasts preStop plus the
+drain, its settings are valid dcar settings, and the Service, PodMonitor, ScaledObject and PVC point at what
+the Deployment has; the ScaledObject queries series dcar exports; the RayService carries deploy/ray-serve.yaml
+unchanged, on workers with the GPUs and the Ray version it needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from k8s_schemas import K8S_VERSIONS, problems
+from prometheus_client import generate_latest
+from promql import ALERTS, selectors
+from server_harness import live_server, samples
+
+from dcar.server.metrics import Metrics
+from dcar.server.ray_serve import RayOptions, deployment_options
+from dcar.server.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s"
+RAY_CONFIG = REPO / "deploy" / "ray-serve.yaml"
+DRAIN_MARGIN_S = 5  # uvicorn's own graceful shutdown after the drain (server/serve.py timeout_graceful_shutdown)
+
+
+def manifests() -> dict[str, dict]:
+    """{kind: document} of every manifest (one document per file)."""
+    out = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        [doc] = list(yaml.safe_load_all(path.read_text()))
+        assert doc["kind"] not in out, f"two {doc['kind']} manifests"
+        out[doc["kind"]] = doc
+    return out
+
+
+M = manifests()
+
+
+def container(kind: str = "Deployment") -> dict:
+    [c] = M[kind]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env() -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container()["env"] if "value" in e}
+
+
+# --- validation ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("kind", sorted(M))
+def test_every_manifest_is_valid_strictly(kind, version):
+    assert problems(M[kind], version) == []
+
+
+def test_the_expected_kinds_are_there():
+    assert set(M) == {"Deployment", "Service", "PersistentVolumeClaim", "PodMonitor", "ScaledObject", "Job",
+                      "RayService"}
+
+
+@pytest.mark.parametrize(("kind", "path", "value", "expected"), [
+    ("Deployment", ["spec", "template", "spec", "containers", 0, "livenessprobe"], {}, "'livenessprobe' was unexpected"),
+    ("Deployment", ["spec", "template", "spec", "terminationGracePeriodSeconds"], "90s", "is not of type"),
+    ("Service", ["spec", "ports", 0, "port"], "http", "is not of type"),
+    ("PersistentVolumeClaim", ["spec", "accessMode"], ["ReadWriteMany"], "'accessMode' was unexpected"),
+    ("PodMonitor", ["spec", "podMetricEndpoints"], [], "'podMetricEndpoints' was unexpected"),
+    ("PodMonitor", ["spec", "podMetricsEndpoints", 0, "interval"], "15 s", "does not match"),
+    ("ScaledObject", ["spec", "triggers", 0, "metadata", "threshold"], 16, "16 is not of type 'string'"),
+    ("ScaledObject", ["spec", "triggers", 0, "metadata", "querry"], "x", "'querry' was unexpected"),
+    ("ScaledObject", ["spec", "maxReplicas"], 4, "'maxReplicas' was unexpected"),
+    ("RayService", ["spec", "rayClusterConfig", "headGroupSpec", "rayStartParams", "num-cpus"], 0, "is not of type"),
+    ("RayService", ["spec", "rayClusterConfig", "workerGroupSpecs", 0, "template", "spec", "containers", 0,
+                    "resource"], {}, "'resource' was unexpected"),
+    ("RayService", ["spec", "rayClusterConfig", "enableInTreeAutoScaling"], True, "was unexpected"),
+    ("Job", ["spec", "template", "spec", "restartPolicy"], 3, "is not of type"),
+], ids=lambda v: ".".join(map(str, v)) if isinstance(v, list) else None)
+def test_validation_catches_typical_mistakes(kind, path, value, expected):
+    broken = copy.deepcopy(M[kind])
+    node = broken
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    found = problems(broken)
+    assert found and expected in found[0], found
+
+
+def test_kustomization_applies_the_plain_deployment():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = kustomization["resources"]
+    assert all((K8S / name).is_file() for name in listed), listed
+    # The weights Job runs once by hand, and the RayService is the alternative to the Deployment.
+    assert set(listed) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "fetch-weights-job.yaml",
+                                                                  "rayservice.yaml"}
+    assert [i["name"] for i in kustomization["images"]] == [container()["image"]] == [container("Job")["image"]]
+
+
+# --- the Deployment and what points at it ------------------------------------------------------------------
+
+
+def test_deployment_settings_are_valid_dcar_settings():
+    values = env()
+    assert set(values) | {"DCAR_API_KEYS"} <= {f"DCAR_{f.upper()}" for f in Settings.model_fields}
+    settings = Settings(**{k.removeprefix("DCAR_").lower(): v for k, v in values.items()})
+    assert settings.device == "cuda" and settings.allowed_sizes == ["512x512"]
+    [secret] = [e for e in container()["env"] if "valueFrom" in e]
+    assert secret["name"] == "DCAR_API_KEYS" and secret["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_deployment_requests_a_gpu_and_runs_as_the_images_user():
+    c = container()
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    pod = M["Deployment"]["spec"]["template"]["spec"]
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    uid = int(re.search(r"useradd .*--uid (\d+)", dockerfile).group(1))
+    assert pod["securityContext"]["runAsUser"] == uid and pod["securityContext"]["runAsNonRoot"] is True
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+def test_grace_period_outlasts_prestop_and_the_drain():
+    pod = M["Deployment"]["spec"]["template"]["spec"]
+    pre_stop = container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    drain = Settings(drain_timeout_s=env()["DCAR_DRAIN_TIMEOUT_S"]).drain_timeout_s
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + drain + DRAIN_MARGIN_S
+
+
+def test_probes_answer_on_a_live_server(deploy_pipe):
+    c = container()
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}
+    probes = {name: c[name]["httpGet"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert {name: p["path"] for name, p in probes.items()} == {
+        "startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    assert {p["port"] for p in probes.values()} == {"http"} and port["http"] == Settings().port == 8000
+    # Loading and warm-up may take minutes: the startup probe allows at least 10 of them.
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 600
+    with live_server(deploy_pipe) as (url, _app):
+        for p in probes.values():
+            r = httpx.get(url + p["path"], timeout=10)
+            assert r.status_code == 200, (p, r.text)
+
+
+def pod_labels() -> dict[str, str]:
+    return M["Deployment"]["spec"]["template"]["metadata"]["labels"]
+
+
+def test_service_podmonitor_and_pvc_point_at_the_deployment():
+    labels = pod_labels()
+    assert M["Deployment"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    service = M["Service"]["spec"]
+    assert service["selector"].items() <= labels.items()
+    assert [p["targetPort"] for p in service["ports"]] == ["http"]
+    monitor = M["PodMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= labels.items()
+    [endpoint] = monitor["podMetricsEndpoints"]
+    assert endpoint["port"] in {p["name"] for p in container()["ports"]} and endpoint["path"] == "/metrics"
+    # The job label the shipped alert rules select.
+    [relabel] = endpoint["relabelings"]
+    assert relabel["targetLabel"] == "job"
+    jobs = set(re.findall(r'\bjob\s*=\s*"([^"]*)"', ALERTS.read_text()))
+    assert jobs == {relabel["replacement"]}
+    [volume] = M["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == M["PersistentVolumeClaim"]["metadata"]["name"]
+    [mount] = container()["volumeMounts"]
+    assert mount["readOnly"] and Path(env()["DCAR_WEIGHTS"]).is_relative_to(mount["mountPath"])
+    [job_mount] = container("Job")["volumeMounts"]
+    assert container("Job")["command"][-1] == env()["DCAR_WEIGHTS"]
+    assert Path(env()["DCAR_WEIGHTS"]).is_relative_to(job_mount["mountPath"]) and not job_mount.get("readOnly")
+
+
+def test_scaledobject_scales_the_deployment_on_exported_queue_series():
+    spec = M["ScaledObject"]["spec"]
+    assert spec["scaleTargetRef"]["name"] == M["Deployment"]["metadata"]["name"]
+    assert spec["scaleTargetRef"]["kind"] == "Deployment"
+    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    # One replica per full batch of rows waiting or running.
+    assert float(trigger["metadata"]["threshold"]) == Settings(max_batch_size=env()["DCAR_MAX_BATCH_SIZE"]).max_batch_size
+    exported = {name: dict(labels) for name, labels in samples(generate_latest(Metrics().registry).decode())}
+    used = selectors(trigger["metadata"]["query"])
+    assert {s.name for s in used} == {"dcar_queue_size", "dcar_rows_running"}
+    for sel in used:
+        assert sel.name in exported
+        assert [(label, op) for label, op, _v in sel.matchers] == [("job", "=")]
+        assert sel.matchers[0][2] == M["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["replacement"]
+
+
+# --- RayService ---------------------------------------------------------------------------------------------
+
+
+def ray_lock_version() -> str:
+    return re.search(r"^ray==([\w.]+)", (REPO / "docker" / "requirements-ray.lock").read_text(), re.M).group(1)
+
+
+def test_rayservice_carries_deploy_ray_serve_yaml_unchanged():
+    spec = M["RayService"]["spec"]
+    assert yaml.safe_load(spec["serveConfigV2"]) == yaml.safe_load(RAY_CONFIG.read_text())
+
+
+def test_rayservice_cluster_fits_the_serve_config():
+    spec = M["RayService"]["spec"]
+    [app] = yaml.safe_load(spec["serveConfigV2"])["applications"]
+    args = dict(app["args"])
+    settings = Settings(**args.pop("settings"))
+    options = deployment_options(settings, RayOptions(**args), cluster_gpus=1)
+    cluster = spec["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray_lock_version(), "the pods' Ray must be the cluster's rayVersion"
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replica lands on the head
+    [workers] = cluster["workerGroupSpecs"]
+    [worker] = workers["template"]["spec"]["containers"]
+    gpus_per_pod = worker["resources"]["limits"]["nvidia.com/gpu"]
+    replicas_per_pod = gpus_per_pod // options["ray_actor_options"]["num_gpus"]
+    scaling = options["autoscaling_config"]
+    assert workers["minReplicas"] * replicas_per_pod >= scaling["min_replicas"]
+    assert workers["maxReplicas"] * replicas_per_pod >= scaling["max_replicas"]
+    assert workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+    [mount] = worker["volumeMounts"]
+    assert Path(settings.weights).is_relative_to(mount["mountPath"])
+    [volume] = workers["template"]["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == M["PersistentVolumeClaim"]["metadata"]["name"]
+    # Serve waits graceful_shutdown_timeout_s for a stopping replica; the pod must live that long.
+    assert workers["template"]["spec"]["terminationGracePeriodSeconds"] > options["graceful_shutdown_timeout_s"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"serve": 8000, "dashboard": 8265, "gcs-server": 6379}.items() <= \
+        {p["name"]: p["containerPort"] for p in head["ports"]}.items()
+    assert yaml.safe_load(spec["serveConfigV2"])["http_options"]["port"] == 8000
+
+
+# --- the deployment doc ---------------------------------------------------------------------------------------
+
+
+def test_the_deployment_doc_exists_where_the_files_point():
+    doc = (REPO / "docs" / "deployment.md").read_text()
+    pointing = [REPO / "docker-compose.yml", RAY_CONFIG, REPO / "docker" / "Dockerfile",
+                *sorted(K8S.glob("*.yaml"))]
+    for path in [*pointing, *sorted((REPO / "docker").rglob("*")), *sorted((REPO / "deploy").rglob("*"))]:
+        if path.is_file() and path.suffix not in (".lock", ".json"):
+            assert "README_DEPLOY" not in path.read_text(), f"{path} points at a file that does not exist"
+    for path in (REPO / "docker-compose.yml", RAY_CONFIG, REPO / "docker" / "Dockerfile"):
+        assert "docs/deployment.md" in path.read_text(), path
+    for path in K8S.glob("*.yaml"):
+        assert path.name in doc, f"docs/deployment.md does not mention deploy/k8s/{path.name}"
+    for target in ("--target ray", "sh docker/lock.sh", "max_queue // max_n"):
+        assert target in doc, target
