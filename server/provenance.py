@@ -56,10 +56,12 @@ def _file_digest(path: Path) -> str:
 
 
 def directory_digest(root: Path) -> str:
-    """sha256 over every file's relative path and sha256, in path order: ``sha256sum`` can check it by hand."""
+    """sha256 of ``sha256sum``'s lines for every file, in byte order of the relative paths; by hand:
+    ``cd DIR && find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs -d '\\n' sha256sum | sha256sum``."""
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f"{_file_digest(path)}  {path.relative_to(root).as_posix()}\n".encode())
+    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    for rel, path in files:
+        h.update(f"{_file_digest(path)}  {rel}\n".encode())
     return "sha256:" + h.hexdigest()
 
 
