@@ -8,21 +8,52 @@ import re
 import sys
 from pathlib import Path
 
+from dcar.model.knobs import KNOBS, Knob, KnobError, check_knob, parse_size
 from dcar.model.pipeline import Pipeline
 from dcar.weights import embedded_weights
 
+# Flag spellings kept from before the knob flags were generated: --guidance, --no-residuals.
+FLAG_ALIASES = {"guidance_scale": ("--guidance",), "use_residuals": ("--residuals",)}
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'512' or '512x384' (width x height) -> (width, height)."""
+
+def size_arg(text: str) -> tuple[int, int]:
+    """``--size``: the one size grammar (model/knobs.py), WIDTHxHEIGHT or one side."""
     try:
-        parts = [int(p) for p in text.lower().split("x")]
+        return parse_size(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"must look like 512 or 512x512, got {text!r}") from e
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"must look like 512 or 512x512, got {text!r}")
-    return parts[0], parts[1]
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def knob_arg(k: Knob):
+    """The argparse ``type`` of a numeric knob: parses and checks it against the knob's bounds."""
+
+    def parse(text: str):
+        try:
+            value = k.type(text)
+        except ValueError:
+            kind = "a whole number" if k.type is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        try:
+            check_knob(k.name, value)
+        except KnobError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = k.name
+    return parse
+
+
+def add_knob_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per sampling knob of model/knobs.py (``--steps``, ``--guidance-scale``, ...); unset: the model's."""
+    for k in KNOBS:
+        flags = (f"--{k.name.replace('_', '-')}", *FLAG_ALIASES.get(k.name, ()))
+        help_text = f"{k.describe()} [default: the model's]"
+        if k.type is bool:
+            p.add_argument(*flags, dest=k.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif k.choices:
+            p.add_argument(*flags, dest=k.name, choices=k.choices, default=None, help=help_text)
+        else:
+            p.add_argument(*flags, dest=k.name, type=knob_arg(k), default=None, help=help_text)
 
 
 DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -77,13 +108,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    "an index is added before the extension")
     p.add_argument("-n", type=positive_int, default=1, help="number of images (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the first image")
-    p.add_argument("--steps", type=positive_int, default=None, help="unmasking steps (default: the model's, 12)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the model's, 4.5 for DC-AR)")
-    p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 32 (default: native size)")
-    p.add_argument("--residual-steps", type=positive_int, default=None,
-                   help="diffusion-head steps (default: the model's, 32 for DC-AR)")
-    p.add_argument("--no-residuals", action="store_true", help="decode the discrete tokens only (ablation)")
+    p.add_argument("--size", type=size_arg, default=None,
+                   help="WIDTHxHEIGHT or one side, multiples of 32 (default: the model's native size)")
+    add_knob_arguments(p)
     add_model_arguments(p)
 
 
@@ -92,17 +119,10 @@ def load_pipeline(args: argparse.Namespace) -> Pipeline:
 
 
 def sampling_params(pipe: Pipeline, args: argparse.Namespace) -> list:
-    overrides = {}
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    if args.guidance is not None:
-        overrides["guidance_scale"] = args.guidance
-    if args.residual_steps is not None:
-        overrides["residual_steps"] = args.residual_steps
+    """One SamplingParams per image: the knob flags that were given, the model's defaults for the rest."""
+    overrides: dict = {k.name: getattr(args, k.name) for k in KNOBS if getattr(args, k.name) is not None}
     if args.size is not None:
         overrides["width"], overrides["height"] = args.size
-    if args.no_residuals:
-        overrides["use_residuals"] = False
     limit = pipe.text_encoder.max_length
     if pipe.text_encoder.count_tokens(args.prompt) > limit:
         print(f"dcar: warning: the prompt is longer than {limit} tokens and will be truncated", file=sys.stderr)

@@ -81,3 +81,42 @@ def test_http_requests_take_every_knob_with_its_description():
         for k in KNOBS:
             assert props[k.name]["description"].startswith(k.help), (model.__name__, k.name)
             assert model.model_fields[k.name].default is None  # unset: the served model's default
+
+
+def _generate_args(*argv):
+    from dcar.cli.main import build_parser
+
+    return build_parser("generate").parse_args(["generate", "a prompt", "--weights", "preset:tiny", *argv])
+
+
+def test_cli_has_a_flag_for_every_knob_and_passes_each_to_the_params(tiny_pipe):
+    from dcar.cli.common import sampling_params
+
+    args = _generate_args("--steps", "5", "--guidance-scale", "2", "--guidance-decay", "linear",
+                          "--randomize-temperature", "0.5", "--no-softmax-temperature-annealing",
+                          "--residual-steps", "4", "--residual-temperature", "0.5", "--no-use-residuals",
+                          "--size", "64", "-n", "2")
+    params = sampling_params(tiny_pipe, args)
+    assert [p.seed for p in params] == [0, 1] and (params[0].width, params[0].height) == (64, 64)
+    given = {"steps": 5, "guidance_scale": 2.0, "guidance_decay": "linear", "randomize_temperature": 0.5,
+             "softmax_temperature_annealing": False, "residual_steps": 4, "residual_temperature": 0.5,
+             "use_residuals": False}
+    assert set(given) == set(KNOB_NAMES)
+    assert knob_values(params[0]) == given
+    # unset flags take the model's defaults; the old spellings still work
+    assert knob_values(sampling_params(tiny_pipe, _generate_args())[0]) == knob_values(tiny_pipe.config.sampling)
+    old = sampling_params(tiny_pipe, _generate_args("--guidance", "3", "--no-residuals"))[0]
+    assert old.guidance_scale == 3.0 and old.use_residuals is False
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--steps", "0"], "argument --steps: steps must be at least 1, got 0"),
+    (["--randomize-temperature", "11"], "randomize_temperature must be between 0 and 10, got 11.0"),
+    (["--residual-steps", "2.5"], "--residual-steps: must be a whole number, got '2.5'"),
+    (["--guidance-decay", "cosine"], "--guidance-decay: invalid choice: 'cosine'"),
+])
+def test_cli_refuses_a_bad_knob_with_one_line_naming_it(argv, text, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _generate_args(*argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and text in err[-1], err
