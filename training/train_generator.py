@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcar.model.config import GeneratorConfig
 from dcar.model.images import tensor_to_pil
+from dcar.model.knobs import knob_values
 from dcar.model.params import SamplingParams
 from dcar.model.sampler import Sampler
 from dcar.model.text_encoder import TextEncoder
@@ -256,8 +257,8 @@ class GeneratorTrainer:
         sampler = Sampler(gen, self.tok, text)
         size = self.recipe.image_size
         d = self.preset.pipeline.sampling
-        base = dict(height=size, width=size, steps=d.steps, guidance_scale=d.guidance_scale,
-                    randomize_temperature=d.randomize_temperature, residual_steps=d.residual_steps)
+        base = {**knob_values(d), "height": size, "width": size}  # every sampling default of the preset
+        base.pop("use_residuals")  # set per monitor row below
         rows = []
         for seed, use_res in ((0, True), (0, False), (1, True)):
             params = [SamplingParams(prompt=p, seed=seed, use_residuals=use_res, **base) for _, p in MONITOR]
