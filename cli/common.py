@@ -49,7 +49,9 @@ def add_knob_arguments(p: argparse.ArgumentParser) -> None:
         flags = (f"--{k.name.replace('_', '-')}", *FLAG_ALIASES.get(k.name, ()))
         help_text = f"{k.describe()} [default: the model's]"
         if k.type is bool:
-            p.add_argument(*flags, dest=k.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            p.add_argument(
+                *flags, dest=k.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif k.choices:
             p.add_argument(*flags, dest=k.name, choices=k.choices, default=None, help=help_text)
         else:
@@ -88,28 +90,47 @@ def positive_int(text: str) -> int:
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
     """The one ``--device`` of every subcommand that runs a model: default ``auto`` (or $DCAR_DEVICE)."""
-    p.add_argument("--device", type=device_arg, default=os.environ.get("DCAR_DEVICE", "auto"),
-                   help="auto (CUDA when available), cpu, cuda, cuda:N or mps [env DCAR_DEVICE; "
-                        f"default: {os.environ.get('DCAR_DEVICE', 'auto')}]")
+    p.add_argument(
+        "--device",
+        type=device_arg,
+        default=os.environ.get("DCAR_DEVICE", "auto"),
+        help="auto (CUDA when available), cpu, cuda, cuda:N or mps [env DCAR_DEVICE; "
+        f"default: {os.environ.get('DCAR_DEVICE', 'auto')}]",
+    )
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", default=os.environ.get("DCAR_WEIGHTS", str(embedded_weights())),
-                   help="weights directory (dcar or official layout), or preset:tiny for a random tiny model "
-                        "[env DCAR_WEIGHTS; default: the embedded weights/dcar-tiny-shapes]")
+    p.add_argument(
+        "--weights",
+        default=os.environ.get("DCAR_WEIGHTS", str(embedded_weights())),
+        help="weights directory (dcar or official layout), or preset:tiny for a random tiny model "
+        "[env DCAR_WEIGHTS; default: the embedded weights/dcar-tiny-shapes]",
+    )
     add_device_argument(p)
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="floating-point type of the model (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="floating-point type of the model (default: fp32 on CPU, fp16 on CUDA)",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the text prompt")
-    p.add_argument("-o", "--output", default="out.png", help="output image (.png, .jpg, .webp); with -n > 1, "
-                   "an index is added before the extension")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="out.png",
+        help="output image (.png, .jpg, .webp); with -n > 1, an index is added before the extension",
+    )
     p.add_argument("-n", type=positive_int, default=1, help="number of images (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the first image")
-    p.add_argument("--size", type=size_arg, default=None,
-                   help="WIDTHxHEIGHT or one side, multiples of 32 (default: the model's native size)")
+    p.add_argument(
+        "--size",
+        type=size_arg,
+        default=None,
+        help="WIDTHxHEIGHT or one side, multiples of 32 (default: the model's native size)",
+    )
     add_knob_arguments(p)
     add_model_arguments(p)
 
@@ -125,7 +146,9 @@ def sampling_params(pipe: Pipeline, args: argparse.Namespace) -> list:
         overrides["width"], overrides["height"] = args.size
     limit = pipe.text_encoder.max_length
     if pipe.text_encoder.count_tokens(args.prompt) > limit:
-        print(f"dcar: warning: the prompt is longer than {limit} tokens and will be truncated", file=sys.stderr)
+        print(
+            f"dcar: warning: the prompt is longer than {limit} tokens and will be truncated", file=sys.stderr
+        )
     return [pipe.params(args.prompt, seed=args.seed + i, **overrides) for i in range(args.n)]
 
 
@@ -142,6 +165,7 @@ def run_with_progress(pipe: Pipeline, params: list, edits=None):
 
     total = max(p.steps for p in params)
     with tqdm(total=total, desc="unmasking", unit="step", file=sys.stderr, leave=False) as bar:
+
         def callback(events, state):
             bar.n = max((e.step for e in events), default=bar.n)
             bar.refresh()

@@ -19,8 +19,11 @@ from dcar.cli.common import (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", required=True, help="input image; its size must be a multiple of 32")
     p.add_argument("--mask", required=True, help="mask image of the same size: white = regenerate")
-    p.add_argument("--no-blend", action="store_true",
-                   help="keep the decoded pixels outside the mask instead of the input's own pixels")
+    p.add_argument(
+        "--no-blend",
+        action="store_true",
+        help="keep the decoded pixels outside the mask instead of the input's own pixels",
+    )
     add_sampling_arguments(p)
 
 

@@ -13,9 +13,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cli/train.py
 
 from dcar.cli.common import add_device_argument, resolve_device  # noqa: E402
 
-CARD_PROMPTS = ("a red circle", "two blue squares", "a yellow triangle above a purple square",
-                "a green circle in the top left corner", "three white triangles on a gray background",
-                "a black square to the right of an orange circle")
+CARD_PROMPTS = (
+    "a red circle",
+    "two blue squares",
+    "a yellow triangle above a purple square",
+    "a green circle in the top left corner",
+    "three white triangles on a gray background",
+    "a black square to the right of an orange circle",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,18 +29,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=12, help="unmasking steps")
     parser.add_argument("--seeds", default="0,1,2,3", help="ShapesEval seeds per prompt")
     parser.add_argument("--guidance-scale", type=float, default=None, help="override the model's default")
-    parser.add_argument("--prompts", choices=("shapes-eval", "tuning"), default="shapes-eval",
-                        help="ShapesEval's prompts, or held-out ones of the same categories for tuning defaults")
+    parser.add_argument(
+        "--prompts",
+        choices=("shapes-eval", "tuning"),
+        default="shapes-eval",
+        help="ShapesEval's prompts, or held-out ones of the same categories for tuning defaults",
+    )
     parser.add_argument("--eval-split", default="runs/eval-split", help="evaluation split directory")
     parser.add_argument("--num-eval", type=int, default=100, help="evaluation-split scenes used")
     parser.add_argument("--recon-sizes", default="256,512")
-    parser.add_argument("--skip", default="", help="comma list of: shapes, discrete, recon, hybrid (default: skip nothing)")
+    parser.add_argument(
+        "--skip", default="", help="comma list of: shapes, discrete, recon, hybrid (default: skip nothing)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     add_device_argument(parser)
     parser.add_argument("--per-prompt", action="store_true", help="print every prompt's result")
     parser.add_argument("--json", default=None, help="write the results here as well")
-    parser.add_argument("--write-card", action="store_true",
-                        help="write README.md, samples.png and eval.json into the weights directory")
+    parser.add_argument(
+        "--write-card",
+        action="store_true",
+        help="write README.md, samples.png and eval.json into the weights directory",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,15 +76,22 @@ def run(args: argparse.Namespace) -> int:
     overrides = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     if args.prompts == "tuning":
         overrides["prompts"] = tuning_prompts()
-    results: dict = {"weights": str(args.weights), "size": args.size, "steps": args.steps, "seeds": list(seeds),
-                     "prompts": args.prompts, "guidance_scale": args.guidance_scale}
+    results: dict = {
+        "weights": str(args.weights),
+        "size": args.size,
+        "steps": args.steps,
+        "seeds": list(seeds),
+        "prompts": args.prompts,
+        "guidance_scale": args.guidance_scale,
+    }
     t0 = time.monotonic()
     if "shapes" not in skip:
         results["shapes_eval"] = shapes_eval(pipe, args.size, args.steps, seeds, **overrides)
         print(format_results(results["shapes_eval"], per_prompt=args.per_prompt))
         if "discrete" not in skip:
-            results["shapes_eval_discrete"] = shapes_eval(pipe, args.size, args.steps, seeds, use_residuals=False,
-                                                          **overrides)
+            results["shapes_eval_discrete"] = shapes_eval(
+                pipe, args.size, args.steps, seeds, use_residuals=False, **overrides
+            )
             print(f"without residuals: overall {results['shapes_eval_discrete']['overall']:.3f}")
     if not ({"recon", "hybrid"} <= skip):
         samples = eval_split(args.eval_split, args.num_eval)

@@ -12,8 +12,18 @@ from pathlib import Path
 REPOS = {
     "dc-ht": ("mit-han-lab/dc-ht", ["*.json", "*.safetensors", "pytorch_model.bin"]),
     "dc-ar-512": ("mit-han-lab/dc-ar-512", ["*.json", "pytorch_model.bin", "*.safetensors"]),
-    "t5-base": ("google-t5/t5-base", ["config.json", "model.safetensors", "spiece.model", "tokenizer.json",
-                                      "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]),
+    "t5-base": (
+        "google-t5/t5-base",
+        [
+            "config.json",
+            "model.safetensors",
+            "spiece.model",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+        ],
+    ),
 }
 
 
@@ -33,8 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
         for sub, (repo, patterns) in REPOS.items():
             print(f"fetching {repo} -> {root / sub}")
-            snapshot_download(repo_id=repo, local_dir=str(root / sub), allow_patterns=patterns,
-                              revision=args.revision)
+            snapshot_download(
+                repo_id=repo, local_dir=str(root / sub), allow_patterns=patterns, revision=args.revision
+            )
     try:
         for line in verify_official(root):
             print(line)

@@ -22,8 +22,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("dcar.server.serve", "run the HTTP server (uvicorn)"),
     "generate": ("dcar.cli.generate", "generate images from a prompt"),
     "edit": ("dcar.cli.edit", "inpaint the masked part of an image"),
-    "inspect": ("dcar.cli.inspect", "print name<TAB>shape of every state-dict entry of a preset or checkpoint"),
-    "fetch-weights": ("dcar.cli.fetch", "download the official DC-HT, DC-AR-512 and T5-base weights and verify them"),
+    "inspect": (
+        "dcar.cli.inspect",
+        "print name<TAB>shape of every state-dict entry of a preset or checkpoint",
+    ),
+    "fetch-weights": (
+        "dcar.cli.fetch",
+        "download the official DC-HT, DC-AR-512 and T5-base weights and verify them",
+    ),
     "train": ("dcar.cli.train", "train the tokenizer or the generator (see README: training)"),
     "eval": ("dcar.cli.eval", "ShapesEval and reconstruction metrics of a weights directory"),
     "bench": ("dcar.cli.bench", "run a benchmark script from benchmarks/"),
@@ -39,8 +45,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default is None or action.default is False \
-                or action.default in ("", argparse.SUPPRESS):
+        if (
+            "default" in text.lower()
+            or action.default is None
+            or action.default is False
+            or action.default in ("", argparse.SUPPRESS)
+        ):
             return text
         return super()._get_help_string(action)
 
@@ -55,7 +65,12 @@ class Parser(argparse.ArgumentParser):
     def add_argument(self, *args, **kwargs):
         # An option without help text would show no default at all: give it one that states the default.
         default = kwargs.get("default")
-        if kwargs.get("help") is None and default is not None and default is not False and args[0].startswith("-"):
+        if (
+            kwargs.get("help") is None
+            and default is not None
+            and default is not False
+            and args[0].startswith("-")
+        ):
             kwargs["help"] = "default: %(default)s"
         return super().add_argument(*args, **kwargs)
 

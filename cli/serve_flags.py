@@ -23,7 +23,7 @@ def _default_text(field: str) -> str:
     if default is None:
         # e.g. dtype: "float32 / float16 / bfloat16; default fp16 on CUDA, fp32 on CPU"
         description = info.description or ""
-        return description[description.find("default"):] if "default" in description else "default: unset"
+        return description[description.find("default") :] if "default" in description else "default: unset"
     if isinstance(default, bool):
         return f"default: {str(default).lower()}"
     if isinstance(default, list):

@@ -20,11 +20,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny-shapes", help="training preset (training/presets.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data stream and the initialisation")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when available (one GPU per torchrun rank), else CPU")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when available (one GPU per torchrun rank), else CPU",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="autocast precision (auto: bf16 where the hardware has it)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="autocast precision (auto: bf16 where the hardware has it)",
+    )
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="checkpoint interval")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     p.add_argument("--sample-minutes", type=float, default=10.0, help="sample-grid interval")
@@ -36,13 +44,23 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
 
-    t = sub.add_parser("tokenizer", help="DC-HT: continuous warm-up, discrete learning, alternate fine-tuning")
+    t = sub.add_parser(
+        "tokenizer", help="DC-HT: continuous warm-up, discrete learning, alternate fine-tuning"
+    )
     _common(t)
     t.add_argument("--out", required=True, help="run directory (checkpoint, losses.csv, samples/)")
-    t.add_argument("--stage-steps", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
-                   help="steps of the three stages, e.g. 1500,3500,2500 (the tiny-shapes default)")
-    t.add_argument("--batch", type=int, default=None, help="crops per process and step (default: the preset's)")
-    t.add_argument("--crop", type=int, default=None, help="training crop size in pixels (default: the preset's)")
+    t.add_argument(
+        "--stage-steps",
+        type=lambda s: tuple(int(v) for v in s.split(",")),
+        default=None,
+        help="steps of the three stages, e.g. 1500,3500,2500 (the tiny-shapes default)",
+    )
+    t.add_argument(
+        "--batch", type=int, default=None, help="crops per process and step (default: the preset's)"
+    )
+    t.add_argument(
+        "--crop", type=int, default=None, help="training crop size in pixels (default: the preset's)"
+    )
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
 
     g = sub.add_parser("generator", help="DC-AR + T5: masked-token CE + residual diffusion loss")
@@ -51,9 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data", required=True, help="pre-tokenized dataset directory (written if missing)")
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
-    g.add_argument("--batch", type=int, default=None, help="images per process and step (default: the preset's)")
+    g.add_argument(
+        "--batch", type=int, default=None, help="images per process and step (default: the preset's)"
+    )
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    g.add_argument("--num-images", type=int, default=None, help="images to pre-tokenize (default: the preset's)")
+    g.add_argument(
+        "--num-images", type=int, default=None, help="images to pre-tokenize (default: the preset's)"
+    )
 
     e = sub.add_parser("export", help="write a weights directory (Pipeline.save_pretrained layout)")
     e.add_argument("--preset", default="tiny-shapes", help="training preset the runs used")
@@ -62,8 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--out", required=True, help="weights directory to write")
     e.add_argument("--name", default=None, help="model name stored in the config (default: the preset's)")
     e.add_argument("--guidance-scale", type=float, default=None, help="sampling default to store")
-    e.add_argument("--randomize-temperature", type=float, default=None,
-                   help="sampling default to store (Gumbel noise on the confidences at the first step)")
+    e.add_argument(
+        "--randomize-temperature",
+        type=float,
+        default=None,
+        help="sampling default to store (Gumbel noise on the confidences at the first step)",
+    )
 
 
 def _opts(args: argparse.Namespace, d):
@@ -71,9 +97,15 @@ def _opts(args: argparse.Namespace, d):
     from dcar.training.train_tokenizer import RunOptions
 
     precision = default_precision(d.device) if args.precision == "auto" else args.precision
-    return RunOptions(seed=args.seed, precision=precision, checkpoint_minutes=args.checkpoint_minutes,
-                      checkpoint_every=args.checkpoint_every, sample_minutes=args.sample_minutes,
-                      stop_at=args.stop_at, progress_bar=not args.no_progress)
+    return RunOptions(
+        seed=args.seed,
+        precision=precision,
+        checkpoint_minutes=args.checkpoint_minutes,
+        checkpoint_every=args.checkpoint_every,
+        sample_minutes=args.sample_minutes,
+        stop_at=args.stop_at,
+        progress_bar=not args.no_progress,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,8 +117,15 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "export":
         from dcar.training.export import export
 
-        path = export(train_preset(args.preset), args.tokenizer, args.generator, args.out, name=args.name,
-                      guidance_scale=args.guidance_scale, randomize_temperature=args.randomize_temperature)
+        path = export(
+            train_preset(args.preset),
+            args.tokenizer,
+            args.generator,
+            args.out,
+            name=args.name,
+            guidance_scale=args.guidance_scale,
+            randomize_temperature=args.randomize_temperature,
+        )
         print(f"wrote {path}")
         return 0
 
@@ -100,14 +139,18 @@ def run(args: argparse.Namespace) -> int:
         if args.what == "tokenizer":
             from dcar.training.train_tokenizer import train_tokenizer
 
-            preset = with_overrides(train_preset(args.preset), tokenizer=dict(
-                stage_steps=args.stage_steps, batch=args.batch, crop=args.crop, lr=args.lr))
+            preset = with_overrides(
+                train_preset(args.preset),
+                tokenizer=dict(stage_steps=args.stage_steps, batch=args.batch, crop=args.crop, lr=args.lr),
+            )
             summary = train_tokenizer(preset, out, d, _opts(args, d))
         else:
             from dcar.training.train_generator import train_generator
 
-            preset = with_overrides(train_preset(args.preset), generator=dict(
-                steps=args.steps, batch=args.batch, lr=args.lr, num_images=args.num_images))
+            preset = with_overrides(
+                train_preset(args.preset),
+                generator=dict(steps=args.steps, batch=args.batch, lr=args.lr, num_images=args.num_images),
+            )
             summary = train_generator(preset, args.tokenizer, args.data, out, d, _opts(args, d))
         if d.main:
             print(json.dumps(summary), file=sys.stderr)

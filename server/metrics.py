@@ -27,8 +27,25 @@ import dcar
 # Process-wide switch of prometheus_client (no per-registry option exists); see the module docstring.
 prometheus_client.disable_created_metrics()
 
-SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
-                   60.0, 120.0)
+SECONDS_BUCKETS = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 STAGES = ("text_encode", "unmask", "residual", "decode", "image_encode")
 TASKS = ("generate", "edit")
@@ -82,43 +99,84 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
-        Info("dcar_build", "The running build: dcar, torch and the CUDA version torch was built for.",
-             registry=r).info(build_info())
-        self.requests = Counter("dcar_requests", "HTTP requests answered, by endpoint and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.request_duration = Histogram("dcar_request_duration_seconds",
-                                          "Time from request received to response sent, by endpoint.",
-                                          ["endpoint"], buckets=SECONDS_BUCKETS, registry=r)
-        self.queue_wait = Histogram("dcar_queue_wait_seconds",
-                                    "Time a row (one image) waited between admission to the queue and its "
-                                    "first step.", buckets=SECONDS_BUCKETS, registry=r)
+        Info(
+            "dcar_build",
+            "The running build: dcar, torch and the CUDA version torch was built for.",
+            registry=r,
+        ).info(build_info())
+        self.requests = Counter(
+            "dcar_requests",
+            "HTTP requests answered, by endpoint and status code.",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "dcar_request_duration_seconds",
+            "Time from request received to response sent, by endpoint.",
+            ["endpoint"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "dcar_queue_wait_seconds",
+            "Time a row (one image) waited between admission to the queue and its first step.",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
         self.queue_size = Gauge("dcar_queue_size", "Rows (images) waiting to join a batch.", registry=r)
         self.rows_running = Gauge("dcar_rows_running", "Rows (images) inside running batches.", registry=r)
-        self.batch_size = Histogram("dcar_batch_size", "Rows per forward batch (one unmasking step).",
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.batch_duration = Histogram("dcar_batch_duration_seconds",
-                                        "Time of one batch iteration: admission, one unmasking step, and the "
-                                        "head and decoder for rows that finished.",
-                                        buckets=SECONDS_BUCKETS, registry=r)
-        self.batch_limit = Gauge("dcar_batch_size_limit",
-                                 "Current cap on rows per forward batch (lowered after out-of-memory).",
-                                 registry=r)
-        self.stage_duration = Histogram("dcar_stage_duration_seconds",
-                                        "Time one image spent in each stage (the stage's batch wall time).",
-                                        ["stage"], buckets=SECONDS_BUCKETS, registry=r)
-        self.images = Counter("dcar_images_generated", "Images delivered, by task (generate or edit).",
-                              ["task"], registry=r)
+        self.batch_size = Histogram(
+            "dcar_batch_size",
+            "Rows per forward batch (one unmasking step).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_duration = Histogram(
+            "dcar_batch_duration_seconds",
+            "Time of one batch iteration: admission, one unmasking step, and the "
+            "head and decoder for rows that finished.",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.batch_limit = Gauge(
+            "dcar_batch_size_limit",
+            "Current cap on rows per forward batch (lowered after out-of-memory).",
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "dcar_stage_duration_seconds",
+            "Time one image spent in each stage (the stage's batch wall time).",
+            ["stage"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter(
+            "dcar_images_generated", "Images delivered, by task (generate or edit).", ["task"], registry=r
+        )
         self.rejections = Counter("dcar_rejections", "Requests refused, by reason.", ["reason"], registry=r)
-        self.dropped_rows = Counter("dcar_dropped_rows", "Rows removed before finishing, by reason "
-                                    "(disconnected, deadline, shutdown).", ["reason"], registry=r)
-        self.wasted = Counter("dcar_wasted_seconds", "Engine seconds spent on rows that were later dropped "
-                              "(each row's share of its batches).", ["reason"], registry=r)
-        self.failed_rows = Counter("dcar_failed_rows", "Rows failed by an engine error, by reason "
-                                   "(error, out_of_memory, non_finite_output).", ["reason"], registry=r)
+        self.dropped_rows = Counter(
+            "dcar_dropped_rows",
+            "Rows removed before finishing, by reason (disconnected, deadline, shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        self.wasted = Counter(
+            "dcar_wasted_seconds",
+            "Engine seconds spent on rows that were later dropped (each row's share of its batches).",
+            ["reason"],
+            registry=r,
+        )
+        self.failed_rows = Counter(
+            "dcar_failed_rows",
+            "Rows failed by an engine error, by reason (error, out_of_memory, non_finite_output).",
+            ["reason"],
+            registry=r,
+        )
         self.oom = Counter("dcar_oom", "Out-of-memory errors caught by the engine.", registry=r)
         self.splits = Counter("dcar_batch_splits", "Batches split in halves after out-of-memory.", registry=r)
-        self.ready = Gauge("dcar_ready", "1 when the server accepts work (loaded, warmed up, not draining).",
-                           registry=r)
+        self.ready = Gauge(
+            "dcar_ready", "1 when the server accepts work (loaded, warmed up, not draining).", registry=r
+        )
         self.model = Info("dcar_model", "The served model.", registry=r)
         self.recent_images = RecentRate(60.0)  # for the playground's status strip (GET /v1/status)
         self.occupied = (0, 0)  # (queued, running) as last set on the gauges, for the same strip
@@ -142,10 +200,14 @@ class Metrics:
 
     def watch_gpu_memory(self, allocated: Callable[[], float], reserved: Callable[[], float]) -> None:
         """Only called on CUDA: the gauges read the allocator when scraped."""
-        Gauge("dcar_gpu_memory_allocated_bytes", "GPU memory held by tensors.",
-              registry=self.registry).set_function(allocated)
-        Gauge("dcar_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator.",
-              registry=self.registry).set_function(reserved)
+        Gauge(
+            "dcar_gpu_memory_allocated_bytes", "GPU memory held by tensors.", registry=self.registry
+        ).set_function(allocated)
+        Gauge(
+            "dcar_gpu_memory_reserved_bytes",
+            "GPU memory reserved by the caching allocator.",
+            registry=self.registry,
+        ).set_function(reserved)
 
     # --- HTTP --------------------------------------------------------------------------------------
 
@@ -191,8 +253,12 @@ class Metrics:
         delivered per second over the last minute (``rate(dcar_images_generated_total[1m])`` computed
         in-process, for clients without Prometheus)."""
         queued, running = self.occupied
-        return {"queue_size": queued, "rows_running": running,
-                "images_per_second": round(self.recent_images.rate(), 4), "window_s": self.recent_images.window_s}
+        return {
+            "queue_size": queued,
+            "rows_running": running,
+            "images_per_second": round(self.recent_images.rate(), 4),
+            "window_s": self.recent_images.window_s,
+        }
 
     def rows_dropped(self, reason: str, rows: int, wasted_seconds: float) -> None:
         self.dropped_rows.labels(reason).inc(rows)

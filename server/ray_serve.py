@@ -55,8 +55,10 @@ class RayOptions:
         if self.replicas is not None and self.replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {self.replicas}")
         if self.max_replicas is not None and self.max_replicas < (self.replicas or 1):
-            raise ValueError(f"max_replicas={self.max_replicas} is below replicas={self.replicas or 1}; "
-                             "raise max_replicas or lower replicas")
+            raise ValueError(
+                f"max_replicas={self.max_replicas} is below replicas={self.replicas or 1}; "
+                "raise max_replicas or lower replicas"
+            )
         if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
             raise ValueError(f"gpus_per_replica must be 0 or more, got {self.gpus_per_replica}")
         if self.cpus_per_replica < 0:
@@ -134,34 +136,59 @@ def app_builder(args: dict):
     fields = {f.name for f in dataclasses.fields(RayOptions)}
     unknown = sorted(set(args) - fields)
     if unknown:
-        raise ValueError(f"unknown app_builder args {unknown}; allowed: settings, {', '.join(sorted(fields))}")
+        raise ValueError(
+            f"unknown app_builder args {unknown}; allowed: settings, {', '.join(sorted(fields))}"
+        )
     return build_app(settings, RayOptions(**args))
 
 
 # --- dcar serve --ray ----------------------------------------------------------------------------------
 
 FLAGS = {
-    "ray_address": ("--ray-address", str, "Ray cluster to join (auto, HOST:PORT, ray://...); default: "
-                                          "$RAY_ADDRESS, else a new local Ray head"),
-    "replicas": ("--replicas", int, "replicas at start and at least (default: one per GPU in the cluster, "
-                                    "1 without GPUs)"),
-    "max_replicas": ("--max-replicas", int, "autoscale up to this many replicas on ongoing requests "
-                                            "(default: --replicas, no autoscaling)"),
-    "gpus_per_replica": ("--gpus-per-replica", float, "GPUs each replica reserves (default: 1 when the "
-                                                      "cluster has GPUs, else 0)"),
+    "ray_address": (
+        "--ray-address",
+        str,
+        "Ray cluster to join (auto, HOST:PORT, ray://...); default: $RAY_ADDRESS, else a new local Ray head",
+    ),
+    "replicas": (
+        "--replicas",
+        int,
+        "replicas at start and at least (default: one per GPU in the cluster, 1 without GPUs)",
+    ),
+    "max_replicas": (
+        "--max-replicas",
+        int,
+        "autoscale up to this many replicas on ongoing requests (default: --replicas, no autoscaling)",
+    ),
+    "gpus_per_replica": (
+        "--gpus-per-replica",
+        float,
+        "GPUs each replica reserves (default: 1 when the cluster has GPUs, else 0)",
+    ),
     "cpus_per_replica": ("--cpus-per-replica", float, "CPUs each replica reserves (default 1)"),
-    "max_ongoing_requests": ("--max-ongoing-requests", int, "requests in flight per replica "
-                                                            "(default 2 x max batch size)"),
-    "target_ongoing_requests": ("--target-ongoing-requests", float, "autoscaling target per replica "
-                                                                    "(default max batch size)"),
-    "metrics_port": ("--replica-metrics-port", int, "each replica also serves /metrics on this port + its "
-                                                    "rank (default: off)"),
+    "max_ongoing_requests": (
+        "--max-ongoing-requests",
+        int,
+        "requests in flight per replica (default 2 x max batch size)",
+    ),
+    "target_ongoing_requests": (
+        "--target-ongoing-requests",
+        float,
+        "autoscaling target per replica (default max batch size)",
+    ),
+    "metrics_port": (
+        "--replica-metrics-port",
+        int,
+        "each replica also serves /metrics on this port + its rank (default: off)",
+    ),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--ray`` flag of ``dcar serve`` and the options that go with it."""
-    group = parser.add_argument_group("Ray Serve", "serve through Ray Serve: replicas across GPUs and machines")
+    group = parser.add_argument_group(
+        "Ray Serve", "serve through Ray Serve: replicas across GPUs and machines"
+    )
     group.add_argument("--ray", action="store_true", help="serve through Ray Serve (needs the ray extra)")
     for field, (flag, kind, help_text) in FLAGS.items():
         group.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
@@ -208,7 +235,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("dcar serve --ray needs Ray Serve: pip install -e '.[ray]' (the ray extra)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     overrides = settings.model_dump(exclude_unset=True, exclude={"host", "port"})
     started = start(getattr(args, "ray_address", None), settings.host, settings.port)
     stop = threading.Event()

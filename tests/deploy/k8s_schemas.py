@@ -21,7 +21,10 @@ import jsonschema
 import kubernetes_validate
 from referencing import Registry, Resource
 
-K8S_VERSIONS = ("1.30", kubernetes_validate.utils.major_minor(kubernetes_validate.utils.latest_version()))  # oldest we document, newest the package knows
+K8S_VERSIONS = (
+    "1.30",
+    kubernetes_validate.utils.major_minor(kubernetes_validate.utils.latest_version()),
+)  # oldest we document, newest the package knows
 CORE = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s."
 
 
@@ -40,132 +43,328 @@ ANY_OBJECT = {"type": "object"}  # parts we never set: checked for shape only
 
 
 def closed(properties: dict, required: tuple[str, ...] = ()) -> dict:
-    return {"type": "object", "additionalProperties": False, "properties": properties, "required": list(required)}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "required": list(required),
+    }
 
 
 def resource(api_version: str, kind: str, spec: dict) -> dict:
-    return closed({"apiVersion": {"const": api_version}, "kind": {"const": kind},
-                   "metadata": core("apimachinery.pkg.apis.meta.v1.ObjectMeta"), "spec": spec},
-                  ("apiVersion", "kind", "metadata", "spec"))
+    return closed(
+        {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
+            "metadata": core("apimachinery.pkg.apis.meta.v1.ObjectMeta"),
+            "spec": spec,
+        },
+        ("apiVersion", "kind", "metadata", "spec"),
+    )
 
 
 # --- KEDA ScaledObject --------------------------------------------------------------------------------------
 
 PROMETHEUS_TRIGGER_METADATA = closed(
-    {key: STR for key in ("serverAddress", "query", "threshold", "activationThreshold", "namespace", "customHeaders",
-                          "ignoreNullValues", "queryParameters", "unsafeSsl", "authModes")},
-    ("serverAddress", "query", "threshold"))
+    {
+        key: STR
+        for key in (
+            "serverAddress",
+            "query",
+            "threshold",
+            "activationThreshold",
+            "namespace",
+            "customHeaders",
+            "ignoreNullValues",
+            "queryParameters",
+            "unsafeSsl",
+            "authModes",
+        )
+    },
+    ("serverAddress", "query", "threshold"),
+)
 PROMETHEUS_TRIGGER_METADATA["properties"]["threshold"] = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}
 PROMETHEUS_TRIGGER_METADATA["properties"]["ignoreNullValues"] = {"enum": ["true", "false"]}
 
-SCALED_OBJECT = resource("keda.sh/v1alpha1", "ScaledObject", closed({
-    "scaleTargetRef": closed({"apiVersion": STR, "kind": STR, "name": STR, "envSourceContainerName": STR}, ("name",)),
-    "pollingInterval": INT32, "cooldownPeriod": INT32, "initialCooldownPeriod": INT32, "idleReplicaCount": INT32,
-    "minReplicaCount": INT32, "maxReplicaCount": INT32,
-    "fallback": closed({"failureThreshold": INT32, "replicas": INT32,
-                        "behavior": {"enum": ["static", "currentReplicas", "currentReplicasIfHigher",
-                                              "currentReplicasIfLower"]}}, ("failureThreshold", "replicas")),
-    "advanced": closed({
-        "restoreToOriginalReplicaCount": BOOL,
-        "horizontalPodAutoscalerConfig": closed({
-            "name": STR, "behavior": core("api.autoscaling.v2.HorizontalPodAutoscalerBehavior")}),
-        "scalingModifiers": closed({"formula": STR, "target": STR, "activationTarget": STR, "metricType": STR}),
-    }),
-    "triggers": {"type": "array", "minItems": 1, "items": {
-        **closed({"type": STR, "name": STR, "useCachedMetrics": BOOL, "metadata": STR_MAP,
-                  "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
-                  "authenticationRef": closed({"name": STR, "kind": STR}, ("name",))}, ("type", "metadata")),
-        "if": {"properties": {"type": {"const": "prometheus"}}},
-        "then": {"properties": {"metadata": PROMETHEUS_TRIGGER_METADATA}},
-    }},
-}, ("scaleTargetRef", "triggers")))
+SCALED_OBJECT = resource(
+    "keda.sh/v1alpha1",
+    "ScaledObject",
+    closed(
+        {
+            "scaleTargetRef": closed(
+                {"apiVersion": STR, "kind": STR, "name": STR, "envSourceContainerName": STR}, ("name",)
+            ),
+            "pollingInterval": INT32,
+            "cooldownPeriod": INT32,
+            "initialCooldownPeriod": INT32,
+            "idleReplicaCount": INT32,
+            "minReplicaCount": INT32,
+            "maxReplicaCount": INT32,
+            "fallback": closed(
+                {
+                    "failureThreshold": INT32,
+                    "replicas": INT32,
+                    "behavior": {
+                        "enum": [
+                            "static",
+                            "currentReplicas",
+                            "currentReplicasIfHigher",
+                            "currentReplicasIfLower",
+                        ]
+                    },
+                },
+                ("failureThreshold", "replicas"),
+            ),
+            "advanced": closed(
+                {
+                    "restoreToOriginalReplicaCount": BOOL,
+                    "horizontalPodAutoscalerConfig": closed(
+                        {"name": STR, "behavior": core("api.autoscaling.v2.HorizontalPodAutoscalerBehavior")}
+                    ),
+                    "scalingModifiers": closed(
+                        {"formula": STR, "target": STR, "activationTarget": STR, "metricType": STR}
+                    ),
+                }
+            ),
+            "triggers": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    **closed(
+                        {
+                            "type": STR,
+                            "name": STR,
+                            "useCachedMetrics": BOOL,
+                            "metadata": STR_MAP,
+                            "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                            "authenticationRef": closed({"name": STR, "kind": STR}, ("name",)),
+                        },
+                        ("type", "metadata"),
+                    ),
+                    "if": {"properties": {"type": {"const": "prometheus"}}},
+                    "then": {"properties": {"metadata": PROMETHEUS_TRIGGER_METADATA}},
+                },
+            },
+        },
+        ("scaleTargetRef", "triggers"),
+    ),
+)
 
 
 # --- Prometheus Operator PodMonitor ---------------------------------------------------------------------------
 
-DURATION = {"type": "string",
-            "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
-RELABEL_ACTIONS = ("replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase",
-                   "uppercase", "keepequal", "dropequal")
-RELABEL = closed({
-    "sourceLabels": {"type": "array", "items": {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"}},
-    "separator": STR, "targetLabel": STR, "regex": STR, "modulus": UINT, "replacement": STR,
-    "action": {"enum": [*RELABEL_ACTIONS, *(a[0].upper() + a[1:] for a in RELABEL_ACTIONS),
-                        "HashMod", "LabelMap", "LabelDrop", "LabelKeep", "KeepEqual", "DropEqual"]},
-})
-POD_METRICS_ENDPOINT = closed({
-    "port": STR, "portNumber": {"type": "integer", "minimum": 1, "maximum": 65535},
-    "targetPort": {"type": ["integer", "string"]}, "path": STR, "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
-    "params": {"type": "object", "additionalProperties": STR_LIST}, "interval": DURATION, "scrapeTimeout": DURATION,
-    "honorLabels": BOOL, "honorTimestamps": BOOL, "trackTimestampsStaleness": BOOL, "filterRunning": BOOL,
-    "metricRelabelings": {"type": "array", "items": RELABEL}, "relabelings": {"type": "array", "items": RELABEL},
-    # HTTPConfig, inline
-    "authorization": ANY_OBJECT, "basicAuth": ANY_OBJECT, "bearerTokenSecret": ANY_OBJECT, "oauth2": ANY_OBJECT,
-    "tlsConfig": ANY_OBJECT, "proxyUrl": STR, "noProxy": STR, "proxyFromEnvironment": BOOL,
-    "proxyConnectHeader": ANY_OBJECT, "followRedirects": BOOL, "enableHttp2": BOOL,
-})
-POD_MONITOR = resource("monitoring.coreos.com/v1", "PodMonitor", closed({
-    "jobLabel": STR, "podTargetLabels": STR_LIST,
-    "podMetricsEndpoints": {"type": "array", "items": POD_METRICS_ENDPOINT},
-    "selector": core("apimachinery.pkg.apis.meta.v1.LabelSelector"),
-    "selectorMechanism": {"enum": ["RelabelConfig", "RoleSelector"]},
-    "namespaceSelector": closed({"any": BOOL, "matchNames": STR_LIST}),
-    "sampleLimit": UINT, "targetLimit": UINT, "labelLimit": UINT, "labelNameLengthLimit": UINT,
-    "labelValueLengthLimit": UINT, "keepDroppedTargets": UINT, "scrapeClass": {"type": "string", "minLength": 1},
-    "scrapeProtocols": STR_LIST, "fallbackScrapeProtocol": STR, "attachMetadata": closed({"node": BOOL}),
-    "bodySizeLimit": STR, "scrapeClassicHistograms": BOOL, "nativeHistogramBucketLimit": UINT,
-    "nativeHistogramMinBucketFactor": {"type": ["integer", "string"]}, "convertClassicHistogramsToNHCB": BOOL,
-}, ("selector",)))
+DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
+RELABEL_ACTIONS = (
+    "replace",
+    "keep",
+    "drop",
+    "hashmod",
+    "labelmap",
+    "labeldrop",
+    "labelkeep",
+    "lowercase",
+    "uppercase",
+    "keepequal",
+    "dropequal",
+)
+RELABEL = closed(
+    {
+        "sourceLabels": {
+            "type": "array",
+            "items": {"type": "string", "pattern": r"^[a-zA-Z_][a-zA-Z0-9_]*$"},
+        },
+        "separator": STR,
+        "targetLabel": STR,
+        "regex": STR,
+        "modulus": UINT,
+        "replacement": STR,
+        "action": {
+            "enum": [
+                *RELABEL_ACTIONS,
+                *(a[0].upper() + a[1:] for a in RELABEL_ACTIONS),
+                "HashMod",
+                "LabelMap",
+                "LabelDrop",
+                "LabelKeep",
+                "KeepEqual",
+                "DropEqual",
+            ]
+        },
+    }
+)
+POD_METRICS_ENDPOINT = closed(
+    {
+        "port": STR,
+        "portNumber": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "targetPort": {"type": ["integer", "string"]},
+        "path": STR,
+        "scheme": {"enum": ["http", "https", "HTTP", "HTTPS"]},
+        "params": {"type": "object", "additionalProperties": STR_LIST},
+        "interval": DURATION,
+        "scrapeTimeout": DURATION,
+        "honorLabels": BOOL,
+        "honorTimestamps": BOOL,
+        "trackTimestampsStaleness": BOOL,
+        "filterRunning": BOOL,
+        "metricRelabelings": {"type": "array", "items": RELABEL},
+        "relabelings": {"type": "array", "items": RELABEL},
+        # HTTPConfig, inline
+        "authorization": ANY_OBJECT,
+        "basicAuth": ANY_OBJECT,
+        "bearerTokenSecret": ANY_OBJECT,
+        "oauth2": ANY_OBJECT,
+        "tlsConfig": ANY_OBJECT,
+        "proxyUrl": STR,
+        "noProxy": STR,
+        "proxyFromEnvironment": BOOL,
+        "proxyConnectHeader": ANY_OBJECT,
+        "followRedirects": BOOL,
+        "enableHttp2": BOOL,
+    }
+)
+POD_MONITOR = resource(
+    "monitoring.coreos.com/v1",
+    "PodMonitor",
+    closed(
+        {
+            "jobLabel": STR,
+            "podTargetLabels": STR_LIST,
+            "podMetricsEndpoints": {"type": "array", "items": POD_METRICS_ENDPOINT},
+            "selector": core("apimachinery.pkg.apis.meta.v1.LabelSelector"),
+            "selectorMechanism": {"enum": ["RelabelConfig", "RoleSelector"]},
+            "namespaceSelector": closed({"any": BOOL, "matchNames": STR_LIST}),
+            "sampleLimit": UINT,
+            "targetLimit": UINT,
+            "labelLimit": UINT,
+            "labelNameLengthLimit": UINT,
+            "labelValueLengthLimit": UINT,
+            "keepDroppedTargets": UINT,
+            "scrapeClass": {"type": "string", "minLength": 1},
+            "scrapeProtocols": STR_LIST,
+            "fallbackScrapeProtocol": STR,
+            "attachMetadata": closed({"node": BOOL}),
+            "bodySizeLimit": STR,
+            "scrapeClassicHistograms": BOOL,
+            "nativeHistogramBucketLimit": UINT,
+            "nativeHistogramMinBucketFactor": {"type": ["integer", "string"]},
+            "convertClassicHistogramsToNHCB": BOOL,
+        },
+        ("selector",),
+    ),
+)
 
 
 # --- KubeRay RayService -------------------------------------------------------------------------------------
 
 POD_TEMPLATE = core("api.core.v1.PodTemplateSpec")
-AUTOSCALER_OPTIONS = closed({
-    "resources": core("api.core.v1.ResourceRequirements"), "image": STR,
-    "imagePullPolicy": {"enum": ["Always", "Never", "IfNotPresent"]},
-    "securityContext": core("api.core.v1.SecurityContext"), "idleTimeoutSeconds": INT32,
-    "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}, "version": {"enum": ["v1", "v2"]},
-    "env": {"type": "array", "items": core("api.core.v1.EnvVar")},
-    "envFrom": {"type": "array", "items": core("api.core.v1.EnvFromSource")},
-    "volumeMounts": {"type": "array", "items": core("api.core.v1.VolumeMount")},
-    "command": STR_LIST, "args": STR_LIST,
-})
-HEAD_GROUP = closed({
-    "template": POD_TEMPLATE, "headService": core("api.core.v1.Service"), "enableIngress": BOOL,
-    "ingressOptions": ANY_OBJECT, "resources": STR_MAP, "labels": STR_MAP, "rayStartParams": STR_MAP,
-    "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]},
-}, ("template",))
-WORKER_GROUP = closed({
-    "suspend": BOOL, "groupName": STR, "replicas": INT32, "minReplicas": INT32, "maxReplicas": INT32,
-    "idleTimeoutSeconds": INT32, "priority": INT32, "resources": STR_MAP, "labels": STR_MAP, "rayStartParams": STR_MAP,
-    "template": POD_TEMPLATE, "scaleStrategy": closed({"workersToDelete": STR_LIST}), "numOfHosts": INT32,
-}, ("groupName", "template"))
-RAY_CLUSTER_SPEC = closed({
-    "upgradeStrategy": closed({"type": {"enum": ["Recreate", "None"]}}),
-    "authOptions": closed({"enableK8sTokenAuth": BOOL, "secretName": STR, "mode": {"enum": ["disabled", "token"]}}),
-    "suspend": BOOL, "managedBy": {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]},
-    "autoscalerOptions": AUTOSCALER_OPTIONS, "headServiceAnnotations": STR_MAP, "enableInTreeAutoscaling": BOOL,
-    "gcsFaultToleranceOptions": ANY_OBJECT, "historyServerOptions": ANY_OBJECT, "networkPolicy": ANY_OBJECT,
-    "tlsOptions": closed({"enabled": BOOL}), "headGroupSpec": HEAD_GROUP, "rayVersion": STR,
-    "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
-}, ("headGroupSpec",))
-RAY_SERVICE = resource("ray.io/v1", "RayService", closed({
-    "rayClusterDeletionDelaySeconds": {"type": "integer", "minimum": 0},
-    "serviceUnhealthySecondThreshold": INT32, "deploymentUnhealthySecondThreshold": INT32,
-    "serveService": core("api.core.v1.Service"),
-    "upgradeStrategy": closed({
-        "type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]},
-        "clusterUpgradeOptions": closed({"maxSurgePercent": INT32, "stepSizePercent": INT32, "intervalSeconds": INT32,
-                                         "gatewayClassName": STR}),
-    }),
-    "managedBy": {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]},
-    "serveConfigV2": STR, "rayClusterConfig": RAY_CLUSTER_SPEC, "excludeHeadPodFromServeSvc": BOOL, "suspend": BOOL,
-}, ("rayClusterConfig",)))
+AUTOSCALER_OPTIONS = closed(
+    {
+        "resources": core("api.core.v1.ResourceRequirements"),
+        "image": STR,
+        "imagePullPolicy": {"enum": ["Always", "Never", "IfNotPresent"]},
+        "securityContext": core("api.core.v1.SecurityContext"),
+        "idleTimeoutSeconds": INT32,
+        "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+        "version": {"enum": ["v1", "v2"]},
+        "env": {"type": "array", "items": core("api.core.v1.EnvVar")},
+        "envFrom": {"type": "array", "items": core("api.core.v1.EnvFromSource")},
+        "volumeMounts": {"type": "array", "items": core("api.core.v1.VolumeMount")},
+        "command": STR_LIST,
+        "args": STR_LIST,
+    }
+)
+HEAD_GROUP = closed(
+    {
+        "template": POD_TEMPLATE,
+        "headService": core("api.core.v1.Service"),
+        "enableIngress": BOOL,
+        "ingressOptions": ANY_OBJECT,
+        "resources": STR_MAP,
+        "labels": STR_MAP,
+        "rayStartParams": STR_MAP,
+        "serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]},
+    },
+    ("template",),
+)
+WORKER_GROUP = closed(
+    {
+        "suspend": BOOL,
+        "groupName": STR,
+        "replicas": INT32,
+        "minReplicas": INT32,
+        "maxReplicas": INT32,
+        "idleTimeoutSeconds": INT32,
+        "priority": INT32,
+        "resources": STR_MAP,
+        "labels": STR_MAP,
+        "rayStartParams": STR_MAP,
+        "template": POD_TEMPLATE,
+        "scaleStrategy": closed({"workersToDelete": STR_LIST}),
+        "numOfHosts": INT32,
+    },
+    ("groupName", "template"),
+)
+RAY_CLUSTER_SPEC = closed(
+    {
+        "upgradeStrategy": closed({"type": {"enum": ["Recreate", "None"]}}),
+        "authOptions": closed(
+            {"enableK8sTokenAuth": BOOL, "secretName": STR, "mode": {"enum": ["disabled", "token"]}}
+        ),
+        "suspend": BOOL,
+        "managedBy": {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]},
+        "autoscalerOptions": AUTOSCALER_OPTIONS,
+        "headServiceAnnotations": STR_MAP,
+        "enableInTreeAutoscaling": BOOL,
+        "gcsFaultToleranceOptions": ANY_OBJECT,
+        "historyServerOptions": ANY_OBJECT,
+        "networkPolicy": ANY_OBJECT,
+        "tlsOptions": closed({"enabled": BOOL}),
+        "headGroupSpec": HEAD_GROUP,
+        "rayVersion": STR,
+        "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
+    },
+    ("headGroupSpec",),
+)
+RAY_SERVICE = resource(
+    "ray.io/v1",
+    "RayService",
+    closed(
+        {
+            "rayClusterDeletionDelaySeconds": {"type": "integer", "minimum": 0},
+            "serviceUnhealthySecondThreshold": INT32,
+            "deploymentUnhealthySecondThreshold": INT32,
+            "serveService": core("api.core.v1.Service"),
+            "upgradeStrategy": closed(
+                {
+                    "type": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]},
+                    "clusterUpgradeOptions": closed(
+                        {
+                            "maxSurgePercent": INT32,
+                            "stepSizePercent": INT32,
+                            "intervalSeconds": INT32,
+                            "gatewayClassName": STR,
+                        }
+                    ),
+                }
+            ),
+            "managedBy": {"enum": ["ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"]},
+            "serveConfigV2": STR,
+            "rayClusterConfig": RAY_CLUSTER_SPEC,
+            "excludeHeadPodFromServeSvc": BOOL,
+            "suspend": BOOL,
+        },
+        ("rayClusterConfig",),
+    ),
+)
 
-CUSTOM = {("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
-          ("monitoring.coreos.com/v1", "PodMonitor"): POD_MONITOR,
-          ("ray.io/v1", "RayService"): RAY_SERVICE}
+CUSTOM = {
+    ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
+    ("monitoring.coreos.com/v1", "PodMonitor"): POD_MONITOR,
+    ("ray.io/v1", "RayService"): RAY_SERVICE,
+}
 
 
 @cache

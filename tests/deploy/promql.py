@@ -21,7 +21,8 @@ DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "dcar.json"
 ALERTS = REPO / "docker" / "prometheus" / "alerts.yml"
 PROMETHEUS_CONFIG = REPO / "docker" / "prometheus" / "prometheus.yml"
 
-TOKEN = re.compile(r"""
+TOKEN = re.compile(
+    r"""
     (?P<space>\s+)
   | (?P<comment>\#[^\n]*)
   | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
@@ -29,7 +30,9 @@ TOKEN = re.compile(r"""
   | (?P<number>0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
   | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
   | (?P<op>=~|!~|!=|==|<=|>=|[-+*/%^<>=,(){}\[\]@])
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 # Keywords followed by a parenthesised list of label names (not an expression).
 LABEL_LIST_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
@@ -51,7 +54,7 @@ def tokenize(expr: str) -> list[tuple[str, str]]:
     while pos < len(expr):
         m = TOKEN.match(expr, pos)
         if m is None:
-            raise ValueError(f"cannot tokenize PromQL at {pos}: {expr[pos:pos + 30]!r} in {expr!r}")
+            raise ValueError(f"cannot tokenize PromQL at {pos}: {expr[pos : pos + 30]!r} in {expr!r}")
         pos = m.end()
         if m.lastgroup not in ("space", "comment"):
             tokens.append((m.lastgroup, m.group()))
@@ -87,9 +90,9 @@ def _matchers(tokens: list[tuple[str, str]], i: int, j: int, expr: str) -> list[
         if tokens[k] == ("op", ","):
             k += 1
             continue
-        (kind_l, label), (kind_o, op), (kind_v, value) = tokens[k:k + 3]
+        (kind_l, label), (kind_o, op), (kind_v, value) = tokens[k : k + 3]
         if kind_l != "ident" or kind_o != "op" or op not in MATCH_OPS or kind_v != "string":
-            raise ValueError(f"bad label matcher at {tokens[k:k + 3]} in {expr!r}")
+            raise ValueError(f"bad label matcher at {tokens[k : k + 3]} in {expr!r}")
         out.append((label, op, _unquote(value)))
         k += 3
     return out
@@ -117,7 +120,11 @@ def selectors(expr: str) -> list[Selector]:
             low = text.lower()
             if low in LABEL_LIST_KEYWORDS and nxt == ("op", "("):
                 i = _closing(tokens, i + 1, "(", ")") + 1
-            elif low in KEYWORDS or nxt == ("op", "(") or (nxt[0] == "ident" and nxt[1].lower() in ("by", "without")):
+            elif (
+                low in KEYWORDS
+                or nxt == ("op", "(")
+                or (nxt[0] == "ident" and nxt[1].lower() in ("by", "without"))
+            ):
                 i += 1  # keyword, function call, or aggregation (also with a leading by/without clause)
             elif nxt == ("op", "{"):
                 j = _closing(tokens, i + 1, "{", "}")
@@ -154,8 +161,13 @@ def dashboard() -> dict:
 
 def dashboard_variables(dash: dict, rate_interval: str = "1m") -> dict[str, str]:
     """Values for every variable the dashboard defines ("All" where allowed) and Grafana's built-ins."""
-    values = {"__rate_interval": rate_interval, "__interval": rate_interval, "__range": "1h",
-              "__range_s": "3600", "__interval_ms": "60000"}
+    values = {
+        "__rate_interval": rate_interval,
+        "__interval": rate_interval,
+        "__range": "1h",
+        "__range_s": "3600",
+        "__interval_ms": "60000",
+    }
     for var in dash.get("templating", {}).get("list", []):
         if var.get("includeAll"):
             values[var["name"]] = var.get("allValue") or ".*"

@@ -34,12 +34,23 @@ COMPOSE = REPO / "docker-compose.yml"
 DOCKERIGNORE = REPO / ".dockerignore"
 MAKEFILE = REPO / "Makefile"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-LOCKS = {name: REPO / "docker" / f"{name}.lock" for name in ("requirements", "requirements-ray", "build-requirements")}
+LOCKS = {
+    name: REPO / "docker" / f"{name}.lock"
+    for name in ("requirements", "requirements-ray", "build-requirements")
+}
 EMBEDDED_DEFAULT = "weights/dcar-tiny-shapes"
 # The image's interpreter (Ubuntu 24.04's python3) and platform: the environment lock markers are read in.
-IMAGE_ENV = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
-             "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-             "os_name": "posix", "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+IMAGE_ENV = {
+    **default_environment(),
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+}
 
 
 # --- Dockerfile ------------------------------------------------------------------------------------------
@@ -174,11 +185,22 @@ def test_the_wheel_gets_every_package_folder_and_its_data():
 
 def test_dockerignore_keeps_bulky_and_private_paths_out():
     rules = dockerignore_regexes()
-    for path in (".venv/bin/python", ".git/config", "runs/tiny-shapes/x.pt", "weights/official/dc-ht/x.bin",
-                 "server/__pycache__/app.cpython-311.pyc", "tests/server/test_x.py", "docker/lock.sh"):
+    for path in (
+        ".venv/bin/python",
+        ".git/config",
+        "runs/tiny-shapes/x.pt",
+        "weights/official/dc-ht/x.bin",
+        "server/__pycache__/app.cpython-311.pyc",
+        "tests/server/test_x.py",
+        "docker/lock.sh",
+    ):
         assert ignored(path, rules), path
-    for path in ("server/app.py", "pyproject.toml", "weights/dcar-tiny-shapes/config.json",
-                 "docker/requirements.lock"):
+    for path in (
+        "server/app.py",
+        "pyproject.toml",
+        "weights/dcar-tiny-shapes/config.json",
+        "docker/requirements.lock",
+    ):
         assert not ignored(path, rules), path
 
 
@@ -187,12 +209,16 @@ def pip_installs(commands: list[str], variables: dict[str, str]) -> list[list[st
     out = []
     for command in commands:
         for var, value in variables.items():
-            command = command.replace(f"$({var})", value).replace(f"${{{var}}}", value).replace(f"${var}", value)
+            command = (
+                command.replace(f"$({var})", value).replace(f"${{{var}}}", value).replace(f"${var}", value)
+            )
         for part in re.split(r"&&|;", command):
             words = shlex.split(part)
-            pips = [i for i, w in enumerate(words) if w.endswith("pip") and words[i + 1:i + 2] == ["install"]]
+            pips = [
+                i for i, w in enumerate(words) if w.endswith("pip") and words[i + 1 : i + 2] == ["install"]
+            ]
             if pips:
-                out.append([w for w in words[pips[0] + 2:] if w not in ("--quiet", "-q")])
+                out.append([w for w in words[pips[0] + 2 :] if w not in ("--quiet", "-q")])
     return out
 
 
@@ -229,8 +255,10 @@ def lock_entries(path: Path) -> dict[str, tuple[str, str, list[str]]]:
 
 def image_pip_steps() -> dict[str, list[list[str]]]:
     """{stage: pip install argument lists of its RUN steps}."""
-    return {name: pip_installs([rest for w, rest in body if w == "RUN"], docker_args())
-            for name, body in stages().items()}
+    return {
+        name: pip_installs([rest for w, rest in body if w == "RUN"], docker_args())
+        for name, body in stages().items()
+    }
 
 
 def test_every_pip_step_is_hash_locked_or_the_built_wheel():
@@ -256,7 +284,9 @@ def test_every_pip_step_is_hash_locked_or_the_built_wheel():
 
 def test_locks_pin_with_hashes_what_pyproject_asks_for():
     variables, _ = makefile()
-    runtime, ray, build = (lock_entries(LOCKS[n]) for n in ("requirements", "requirements-ray", "build-requirements"))
+    runtime, ray, build = (
+        lock_entries(LOCKS[n]) for n in ("requirements", "requirements-ray", "build-requirements")
+    )
     for entries in (runtime, ray, build):
         assert entries and all(hashes for _v, _m, hashes in entries.values())
 
@@ -268,22 +298,32 @@ def test_locks_pin_with_hashes_what_pyproject_asks_for():
             name = req.name.lower().replace("_", "-")
             assert name in entries, f"{where}: {req} is not in the lock; run `sh docker/lock.sh`"
             assert req.specifier.contains(entries[name][0], prereleases=True), (
-                f"{where}: {name}=={entries[name][0]} does not satisfy {req}; run `sh docker/lock.sh`")
+                f"{where}: {name}=={entries[name][0]} does not satisfy {req}; run `sh docker/lock.sh`"
+            )
 
     check(PYPROJECT["project"]["dependencies"], runtime, "requirements.lock")
-    check(PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["ray"], ray,
-          "requirements-ray.lock")
+    check(
+        PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["ray"],
+        ray,
+        "requirements-ray.lock",
+    )
     check(PYPROJECT["build-system"]["requires"], build, "build-requirements.lock")
     torch_pin = Requirement(variables["TORCH_SPEC"])
-    assert runtime["torch"][0] == next(iter(torch_pin.specifier)).version, "the image's torch is the Makefile's"
+    assert runtime["torch"][0] == next(iter(torch_pin.specifier)).version, (
+        "the image's torch is the Makefile's"
+    )
     # uvicorn[standard]'s extras come along (uvloop and httptools are what make it fast).
     assert {"uvloop", "httptools", "websockets"} <= set(runtime)
     # The Ray image only adds packages: every runtime pin is the same, with the same files.
     changed = {n for n, entry in runtime.items() if ray.get(n) != entry}
     assert changed == set(), f"requirements-ray.lock moves runtime pins: {sorted(changed)}"
     # Every marker in the locks holds on the image's platform (a pin that would not install is a silent gap).
-    skipped = [n for entries in (runtime, ray) for n, (_v, m, _h) in entries.items()
-               if m and not Requirement(f"x; {m}").marker.evaluate(IMAGE_ENV)]
+    skipped = [
+        n
+        for entries in (runtime, ray)
+        for n, (_v, m, _h) in entries.items()
+        if m and not Requirement(f"x; {m}").marker.evaluate(IMAGE_ENV)
+    ]
     assert skipped == [], skipped
 
 
@@ -292,7 +332,7 @@ def test_dockerfile_shape():
     assert names == ["base", "build", "build-ray", "common", "ray", "runtime"], names
     for name, body in stages().items():
         image = body[0][1]
-        assert image in names[:names.index(name)] or image == "${BASE_NAME}@${BASE_DIGEST}", (name, image)
+        assert image in names[: names.index(name)] or image == "${BASE_NAME}@${BASE_DIGEST}", (name, image)
     arg = docker_args()
     assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+", arg["BASE_NAME"])
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", arg["BASE_DIGEST"]), "the base image is pinned by digest"
@@ -304,8 +344,12 @@ def test_dockerfile_shape():
         assert users == ["dcar"], (stage, users)
         words = [w for w, _ in body]
         assert not [i for i, w in enumerate(words) if w == "RUN" and i > words.index("USER")], (
-            f"{stage}: a RUN after USER runs as the user")
-        assert ("COPY", f"--from={'build' if stage == 'runtime' else 'build-ray'} /opt/venv /opt/venv") in body
+            f"{stage}: a RUN after USER runs as the user"
+        )
+        assert (
+            "COPY",
+            f"--from={'build' if stage == 'runtime' else 'build-ray'} /opt/venv /opt/venv",
+        ) in body
     assert args_of(next(rest for w, rest in final if w == "CMD")) == ["dcar", "serve"]
     assert args_of(next(rest for w, rest in stages()["ray"] if w == "CMD")) == ["dcar", "serve", "--ray"]
     common = stages()["common"]
@@ -325,20 +369,35 @@ def test_oci_labels():
                 key, _, value = item.partition("=")
                 labels[key] = value
     arg = docker_args()
-    expand = {"${VERSION}": arg["VERSION"], "${BASE_NAME}": arg["BASE_NAME"], "${BASE_DIGEST}": arg["BASE_DIGEST"]}
+    expand = {
+        "${VERSION}": arg["VERSION"],
+        "${BASE_NAME}": arg["BASE_NAME"],
+        "${BASE_DIGEST}": arg["BASE_DIGEST"],
+    }
     labels = {k: expand.get(v, v) for k, v in labels.items()}
     prefix = "org.opencontainers.image."
-    for key in ("title", "description", "version", "revision", "created", "licenses", "base.name", "base.digest"):
+    for key in (
+        "title",
+        "description",
+        "version",
+        "revision",
+        "created",
+        "licenses",
+        "base.name",
+        "base.digest",
+    ):
         assert labels.get(prefix + key), key
     assert labels[prefix + "version"] == PYPROJECT["project"]["version"]
     assert labels[prefix + "licenses"] == PYPROJECT["project"]["license"]["text"]
-    assert f"{labels[prefix + 'base.name']}@{labels[prefix + 'base.digest']}" == \
-        f"{arg['BASE_NAME']}@{arg['BASE_DIGEST']}"
+    assert (
+        f"{labels[prefix + 'base.name']}@{labels[prefix + 'base.digest']}"
+        == f"{arg['BASE_NAME']}@{arg['BASE_DIGEST']}"
+    )
 
 
 def healthcheck_command() -> list[str]:
     health = next(rest for w, rest in DOCKER if w == "HEALTHCHECK")
-    return args_of(health[health.index(" CMD ") + 5:].strip())
+    return args_of(health[health.index(" CMD ") + 5 :].strip())
 
 
 def test_the_healthcheck_command_probes_readiness(deploy_pipe):
@@ -358,7 +417,11 @@ def test_the_healthcheck_command_probes_readiness(deploy_pipe):
 def test_embedded_default_travels_in_the_wheel():
     """With DCAR_WEIGHTS unset the image serves the embedded default: it must be package data of the wheel."""
     data = PYPROJECT["tool"]["setuptools"]["package-data"]["dcar.weights"]
-    shipped = [p.relative_to(REPO / "weights").as_posix() for p in (REPO / EMBEDDED_DEFAULT).rglob("*") if p.is_file()]
+    shipped = [
+        p.relative_to(REPO / "weights").as_posix()
+        for p in (REPO / EMBEDDED_DEFAULT).rglob("*")
+        if p.is_file()
+    ]
     assert shipped
     unmatched = [f for f in shipped if not any(Path(f).match(pattern) for pattern in data)]
     assert unmatched == [], f"embedded weights files the wheel would leave out: {unmatched}"
@@ -384,10 +447,18 @@ def compose_client() -> list[str] | None:
 def compose_config(path: Path) -> subprocess.CompletedProcess:
     client = compose_client()
     if client is None:
-        pytest.skip("no compose client (docker compose or docker-compose; `make test` installs docker-compose)")
+        pytest.skip(
+            "no compose client (docker compose or docker-compose; `make test` installs docker-compose)"
+        )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DCAR_", "GRAFANA_", "COMPOSE_"))}
-    return subprocess.run([*client, "-f", str(path), "config", "-q"], capture_output=True, text=True,
-                          timeout=60, cwd=REPO, env=env)
+    return subprocess.run(
+        [*client, "-f", str(path), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+    )
 
 
 def test_compose_file_is_valid_for_the_compose_client():
@@ -401,7 +472,9 @@ def test_compose_client_rejects_a_broken_gpu_reservation(tmp_path):
     broken["services"]["dcar"]["build"]["context"] = str(REPO)
     path = tmp_path / "docker-compose.yml"
     path.write_text(yaml.safe_dump(broken))
-    assert compose_config(path).returncode != 0, "the compose client validates nothing: this test proves nothing"
+    assert compose_config(path).returncode != 0, (
+        "the compose client validates nothing: this test proves nothing"
+    )
 
 
 def resolve(value: str) -> str:
@@ -414,7 +487,9 @@ def test_dcar_service_reserves_a_gpu_and_builds_from_the_dockerfile():
     assert Path(dcar["build"]["context"]) == Path(".") and REPO / dcar["build"]["dockerfile"] == DOCKERFILE
     [device] = dcar["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia" and device["count"] == 1
-    assert [v.split(":")[1] for v in dcar["volumes"]] == [v for w, r in DOCKER if w == "VOLUME" for v in args_of(r)]
+    assert [v.split(":")[1] for v in dcar["volumes"]] == [
+        v for w, r in DOCKER if w == "VOLUME" for v in args_of(r)
+    ]
     assert dcar["ports"] == ["${DCAR_PUBLISH_PORT:-8000}:8000"]
     assert "/readyz" in " ".join(dcar["healthcheck"]["test"])
 
@@ -435,7 +510,10 @@ def test_prometheus_and_grafana_are_wired_to_the_shipped_files():
     mounts = {v.split(":")[1]: REPO / v.split(":")[0] for v in prom["volumes"] if v.startswith("./")}
     config_flag = next(a for a in prom["command"] if a.startswith("--config.file="))
     config_path = Path(config_flag.split("=", 1)[1])
-    assert mounts[str(config_path.parent)] / config_path.name == REPO / "docker" / "prometheus" / "prometheus.yml"
+    assert (
+        mounts[str(config_path.parent)] / config_path.name
+        == REPO / "docker" / "prometheus" / "prometheus.yml"
+    )
     scrape = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
     dcar_job = next(j for j in scrape["scrape_configs"] if j["job_name"] == "dcar")
     assert dcar_job["static_configs"][0]["targets"] == ["dcar:8000"]  # the compose service and DCAR_PORT
@@ -460,6 +538,8 @@ def test_prometheus_and_grafana_are_wired_to_the_shipped_files():
 
 def test_health_checks_and_start_order():
     services = compose()["services"]
-    assert all("healthcheck" in s for s in services.values()), [n for n, s in services.items() if "healthcheck" not in s]
+    assert all("healthcheck" in s for s in services.values()), [
+        n for n, s in services.items() if "healthcheck" not in s
+    ]
     assert services["prometheus"]["depends_on"] == {"dcar": {"condition": "service_started"}}
     assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}

@@ -29,7 +29,9 @@ from dcar.server.settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 RAY_CONFIG = REPO / "deploy" / "ray-serve.yaml"
-DRAIN_MARGIN_S = 5  # uvicorn's own graceful shutdown after the drain (server/serve.py timeout_graceful_shutdown)
+DRAIN_MARGIN_S = (
+    5  # uvicorn's own graceful shutdown after the drain (server/serve.py timeout_graceful_shutdown)
+)
 
 
 def manifests() -> dict[str, dict]:
@@ -66,26 +68,66 @@ def test_every_manifest_is_valid_strictly(kind, version):
 
 
 def test_the_expected_kinds_are_there():
-    assert set(M) == {"Deployment", "Service", "PersistentVolumeClaim", "PodMonitor", "ScaledObject", "Job",
-                      "RayService"}
+    assert set(M) == {
+        "Deployment",
+        "Service",
+        "PersistentVolumeClaim",
+        "PodMonitor",
+        "ScaledObject",
+        "Job",
+        "RayService",
+    }
 
 
-@pytest.mark.parametrize(("kind", "path", "value", "expected"), [
-    ("Deployment", ["spec", "template", "spec", "containers", 0, "livenessprobe"], {}, "'livenessprobe' was unexpected"),
-    ("Deployment", ["spec", "template", "spec", "terminationGracePeriodSeconds"], "90s", "is not of type"),
-    ("Service", ["spec", "ports", 0, "port"], "http", "is not of type"),
-    ("PersistentVolumeClaim", ["spec", "accessMode"], ["ReadWriteMany"], "'accessMode' was unexpected"),
-    ("PodMonitor", ["spec", "podMetricEndpoints"], [], "'podMetricEndpoints' was unexpected"),
-    ("PodMonitor", ["spec", "podMetricsEndpoints", 0, "interval"], "15 s", "does not match"),
-    ("ScaledObject", ["spec", "triggers", 0, "metadata", "threshold"], 16, "16 is not of type 'string'"),
-    ("ScaledObject", ["spec", "triggers", 0, "metadata", "querry"], "x", "'querry' was unexpected"),
-    ("ScaledObject", ["spec", "maxReplicas"], 4, "'maxReplicas' was unexpected"),
-    ("RayService", ["spec", "rayClusterConfig", "headGroupSpec", "rayStartParams", "num-cpus"], 0, "is not of type"),
-    ("RayService", ["spec", "rayClusterConfig", "workerGroupSpecs", 0, "template", "spec", "containers", 0,
-                    "resource"], {}, "'resource' was unexpected"),
-    ("RayService", ["spec", "rayClusterConfig", "enableInTreeAutoScaling"], True, "was unexpected"),
-    ("Job", ["spec", "template", "spec", "restartPolicy"], 3, "is not of type"),
-], ids=lambda v: ".".join(map(str, v)) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    ("kind", "path", "value", "expected"),
+    [
+        (
+            "Deployment",
+            ["spec", "template", "spec", "containers", 0, "livenessprobe"],
+            {},
+            "'livenessprobe' was unexpected",
+        ),
+        (
+            "Deployment",
+            ["spec", "template", "spec", "terminationGracePeriodSeconds"],
+            "90s",
+            "is not of type",
+        ),
+        ("Service", ["spec", "ports", 0, "port"], "http", "is not of type"),
+        ("PersistentVolumeClaim", ["spec", "accessMode"], ["ReadWriteMany"], "'accessMode' was unexpected"),
+        ("PodMonitor", ["spec", "podMetricEndpoints"], [], "'podMetricEndpoints' was unexpected"),
+        ("PodMonitor", ["spec", "podMetricsEndpoints", 0, "interval"], "15 s", "does not match"),
+        ("ScaledObject", ["spec", "triggers", 0, "metadata", "threshold"], 16, "16 is not of type 'string'"),
+        ("ScaledObject", ["spec", "triggers", 0, "metadata", "querry"], "x", "'querry' was unexpected"),
+        ("ScaledObject", ["spec", "maxReplicas"], 4, "'maxReplicas' was unexpected"),
+        (
+            "RayService",
+            ["spec", "rayClusterConfig", "headGroupSpec", "rayStartParams", "num-cpus"],
+            0,
+            "is not of type",
+        ),
+        (
+            "RayService",
+            [
+                "spec",
+                "rayClusterConfig",
+                "workerGroupSpecs",
+                0,
+                "template",
+                "spec",
+                "containers",
+                0,
+                "resource",
+            ],
+            {},
+            "'resource' was unexpected",
+        ),
+        ("RayService", ["spec", "rayClusterConfig", "enableInTreeAutoScaling"], True, "was unexpected"),
+        ("Job", ["spec", "template", "spec", "restartPolicy"], 3, "is not of type"),
+    ],
+    ids=lambda v: ".".join(map(str, v)) if isinstance(v, list) else None,
+)
 def test_validation_catches_typical_mistakes(kind, path, value, expected):
     broken = copy.deepcopy(M[kind])
     node = broken
@@ -101,9 +143,14 @@ def test_kustomization_applies_the_plain_deployment():
     listed = kustomization["resources"]
     assert all((K8S / name).is_file() for name in listed), listed
     # The weights Job runs once by hand, and the RayService is the alternative to the Deployment.
-    assert set(listed) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "fetch-weights-job.yaml",
-                                                                  "rayservice.yaml"}
-    assert [i["name"] for i in kustomization["images"]] == [container()["image"]] == [container("Job")["image"]]
+    assert set(listed) == {p.name for p in K8S.glob("*.yaml")} - {
+        "kustomization.yaml",
+        "fetch-weights-job.yaml",
+        "rayservice.yaml",
+    }
+    assert (
+        [i["name"] for i in kustomization["images"]] == [container()["image"]] == [container("Job")["image"]]
+    )
 
 
 # --- the Deployment and what points at it ------------------------------------------------------------------
@@ -141,7 +188,10 @@ def test_probes_answer_on_a_live_server(deploy_pipe):
     port = {p["name"]: p["containerPort"] for p in c["ports"]}
     probes = {name: c[name]["httpGet"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert {name: p["path"] for name, p in probes.items()} == {
-        "startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+        "startupProbe": "/readyz",
+        "readinessProbe": "/readyz",
+        "livenessProbe": "/healthz",
+    }
     assert {p["port"] for p in probes.values()} == {"http"} and port["http"] == Settings().port == 8000
     # Loading and warm-up may take minutes: the startup probe allows at least 10 of them.
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 600
@@ -176,7 +226,9 @@ def test_service_podmonitor_and_pvc_point_at_the_deployment():
     assert mount["readOnly"] and Path(env()["DCAR_WEIGHTS"]).is_relative_to(mount["mountPath"])
     [job_mount] = container("Job")["volumeMounts"]
     assert container("Job")["command"][-1] == env()["DCAR_WEIGHTS"]
-    assert Path(env()["DCAR_WEIGHTS"]).is_relative_to(job_mount["mountPath"]) and not job_mount.get("readOnly")
+    assert Path(env()["DCAR_WEIGHTS"]).is_relative_to(job_mount["mountPath"]) and not job_mount.get(
+        "readOnly"
+    )
 
 
 def test_scaledobject_scales_the_deployment_on_exported_queue_series():
@@ -187,21 +239,29 @@ def test_scaledobject_scales_the_deployment_on_exported_queue_series():
     [trigger] = spec["triggers"]
     assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
     # One replica per full batch of rows waiting or running.
-    assert float(trigger["metadata"]["threshold"]) == Settings(max_batch_size=env()["DCAR_MAX_BATCH_SIZE"]).max_batch_size
+    assert (
+        float(trigger["metadata"]["threshold"])
+        == Settings(max_batch_size=env()["DCAR_MAX_BATCH_SIZE"]).max_batch_size
+    )
     exported = {name: dict(labels) for name, labels in samples(generate_latest(Metrics().registry).decode())}
     used = selectors(trigger["metadata"]["query"])
     assert {s.name for s in used} == {"dcar_queue_size", "dcar_rows_running"}
     for sel in used:
         assert sel.name in exported
         assert [(label, op) for label, op, _v in sel.matchers] == [("job", "=")]
-        assert sel.matchers[0][2] == M["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["replacement"]
+        assert (
+            sel.matchers[0][2]
+            == M["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["replacement"]
+        )
 
 
 # --- RayService ---------------------------------------------------------------------------------------------
 
 
 def ray_lock_version() -> str:
-    return re.search(r"^ray==([\w.]+)", (REPO / "docker" / "requirements-ray.lock").read_text(), re.M).group(1)
+    return re.search(r"^ray==([\w.]+)", (REPO / "docker" / "requirements-ray.lock").read_text(), re.M).group(
+        1
+    )
 
 
 def test_rayservice_carries_deploy_ray_serve_yaml_unchanged():
@@ -232,10 +292,13 @@ def test_rayservice_cluster_fits_the_serve_config():
     [volume] = workers["template"]["spec"]["volumes"]
     assert volume["persistentVolumeClaim"]["claimName"] == M["PersistentVolumeClaim"]["metadata"]["name"]
     # Serve waits graceful_shutdown_timeout_s for a stopping replica; the pod must live that long.
-    assert workers["template"]["spec"]["terminationGracePeriodSeconds"] > options["graceful_shutdown_timeout_s"]
+    assert (
+        workers["template"]["spec"]["terminationGracePeriodSeconds"] > options["graceful_shutdown_timeout_s"]
+    )
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {"serve": 8000, "dashboard": 8265, "gcs-server": 6379}.items() <= \
-        {p["name"]: p["containerPort"] for p in head["ports"]}.items()
+    assert {"serve": 8000, "dashboard": 8265, "gcs-server": 6379}.items() <= {
+        p["name"]: p["containerPort"] for p in head["ports"]
+    }.items()
     assert yaml.safe_load(spec["serveConfigV2"])["http_options"]["port"] == 8000
 
 
@@ -244,8 +307,12 @@ def test_rayservice_cluster_fits_the_serve_config():
 
 def test_the_deployment_doc_exists_where_the_files_point():
     doc = (REPO / "docs" / "deployment.md").read_text()
-    pointing = [REPO / "docker-compose.yml", RAY_CONFIG, REPO / "docker" / "Dockerfile",
-                *sorted(K8S.glob("*.yaml"))]
+    pointing = [
+        REPO / "docker-compose.yml",
+        RAY_CONFIG,
+        REPO / "docker" / "Dockerfile",
+        *sorted(K8S.glob("*.yaml")),
+    ]
     for path in [*pointing, *sorted((REPO / "docker").rglob("*")), *sorted((REPO / "deploy").rglob("*"))]:
         if path.is_file() and path.suffix not in (".lock", ".json"):
             assert "README_DEPLOY" not in path.read_text(), f"{path} points at a file that does not exist"

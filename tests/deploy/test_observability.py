@@ -85,22 +85,37 @@ def traffic(url: str, round_: int) -> None:
     mask.paste(255, (32, 32, 96, 96))
     alpha_mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
     alpha_mask.paste((0, 0, 0, 0), (32, 32, 96, 96))
-    files = {"image": ("in.png", png_bytes(Image.fromarray(image)), "image/png"),
-             "mask": ("mask.png", png_bytes(mask), "image/png")}
+    files = {
+        "image": ("in.png", png_bytes(Image.fromarray(image)), "image/png"),
+        "mask": ("mask.png", png_bytes(mask), "image/png"),
+    }
     openai_files = {"image": files["image"], "mask": ("mask.png", png_bytes(alpha_mask), "image/png")}
 
     def call(i: int) -> int:
         if i < 6:
-            r = httpx.post(f"{url}/v1/generate", json={"prompt": "a red circle", "seed": 100 * round_ + i,
-                                                       "n": 1 + i % 2, "steps": 4}, timeout=60)
+            r = httpx.post(
+                f"{url}/v1/generate",
+                json={"prompt": "a red circle", "seed": 100 * round_ + i, "n": 1 + i % 2, "steps": 4},
+                timeout=60,
+            )
         elif i == 6:
-            r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "two blue squares", "seed": i}, timeout=60)
+            r = httpx.post(
+                f"{url}/v1/images/generations", json={"prompt": "two blue squares", "seed": i}, timeout=60
+            )
         elif i == 7:
-            r = httpx.post(f"{url}/v1/edit", data={"prompt": "a yellow star", "seed": "3", "steps": "4"},
-                           files=files, timeout=60)
+            r = httpx.post(
+                f"{url}/v1/edit",
+                data={"prompt": "a yellow star", "seed": "3", "steps": "4"},
+                files=files,
+                timeout=60,
+            )
         else:
-            r = httpx.post(f"{url}/v1/images/edits", data={"prompt": "a yellow star", "seed": "3", "steps": "4"},
-                           files=openai_files, timeout=60)
+            r = httpx.post(
+                f"{url}/v1/images/edits",
+                data={"prompt": "a yellow star", "seed": "3", "steps": "4"},
+                files=openai_files,
+                timeout=60,
+            )
         assert r.status_code == 200, r.text
         return r.status_code
 
@@ -131,15 +146,28 @@ def stack(deploy_pipe, tmp_path_factory):
     with live_server(deploy_pipe, max_batch_size=8) as (url, _app):
         port = free_port()
         config = {
-            "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": f"{SCRAPE_INTERVAL_S}s"},
+            "global": {
+                "scrape_interval": f"{SCRAPE_INTERVAL_S}s",
+                "evaluation_interval": f"{SCRAPE_INTERVAL_S}s",
+            },
             "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": "dcar", "static_configs": [{"targets": [url.removeprefix("http://")]}]}],
+            "scrape_configs": [
+                {"job_name": "dcar", "static_configs": [{"targets": [url.removeprefix("http://")]}]}
+            ],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         log = open(tmp / "prometheus.log", "w")
-        proc = subprocess.Popen([prometheus, f"--config.file={tmp / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                                 "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             prom = f"http://127.0.0.1:{port}"
             s = Stack(url, prom, "")
@@ -147,8 +175,9 @@ def stack(deploy_pipe, tmp_path_factory):
             while True:
                 assert proc.poll() is None, (tmp / "prometheus.log").read_text()
                 try:
-                    if httpx.get(f"{prom}/-/ready", timeout=2).status_code == 200 and \
-                            s.query('up{job="dcar"} == 1'):
+                    if httpx.get(f"{prom}/-/ready", timeout=2).status_code == 200 and s.query(
+                        'up{job="dcar"} == 1'
+                    ):
                         break
                 except httpx.TransportError:
                     pass
@@ -212,11 +241,15 @@ def check_selectors(queries: list[tuple[str, str]], exposed: dict[str, list[dict
                 if not values:
                     problems.append(f"{where}: {sel.name} has no label {label!r}")
                 elif op == "=" and value not in values:
-                    problems.append(f"{where}: {sel.name}{{{label}={value!r}}} never exported (have {values})")
+                    problems.append(
+                        f"{where}: {sel.name}{{{label}={value!r}}} never exported (have {values})"
+                    )
                 elif op == "=~" and (alts := literal_alternatives(value)):
                     missing = [a for a in alts if a not in values]
                     if missing:
-                        problems.append(f"{where}: {sel.name}{{{label}=~...}} names {missing}, exported {values}")
+                        problems.append(
+                            f"{where}: {sel.name}{{{label}=~...}} names {missing}, exported {values}"
+                        )
     return problems
 
 
@@ -234,11 +267,13 @@ def test_every_dashboard_and_alert_series_is_exported_after_traffic(stack):
 
 def test_selector_check_catches_mistakes(stack):
     exposed = exposition(stack.metrics_text)
-    bad = [("typo", 'rate(dcar_images_generated[1m])'),
-           ("label", 'dcar_queue_size{stage="unmask"}'),
-           ("value", 'dcar_rejections_total{reason="queue-full"}'),
-           ("regex", 'dcar_requests_total{endpoint=~"/v1/generate|/v1/generations"}'),
-           ("suffix", 'histogram_quantile(0.5, rate(dcar_request_duration_seconds[1m]))')]
+    bad = [
+        ("typo", "rate(dcar_images_generated[1m])"),
+        ("label", 'dcar_queue_size{stage="unmask"}'),
+        ("value", 'dcar_rejections_total{reason="queue-full"}'),
+        ("regex", 'dcar_requests_total{endpoint=~"/v1/generate|/v1/generations"}'),
+        ("suffix", "histogram_quantile(0.5, rate(dcar_request_duration_seconds[1m]))"),
+    ]
     problems = check_selectors(bad, exposed)
     assert [p.split(":")[0] for p in problems] == ["typo", "label", "value", "regex", "suffix"], problems
 
@@ -246,23 +281,41 @@ def test_selector_check_catches_mistakes(stack):
 def test_dashboard_has_the_panels_and_alerts_the_deployment_promises():
     dash = dashboard()
     titles = {p["title"]: p for p in panels(dash)}
-    for title in ("Images/s", "Requests/s by endpoint and status", "Request latency", "Queue wait",
-                  "Queue size and running rows", "Batch size distribution", "Time per image by stage",
-                  "Rejections by reason", "Wasted seconds on dropped rows", "GPU memory", "Process memory", "Builds"):
+    for title in (
+        "Images/s",
+        "Requests/s by endpoint and status",
+        "Request latency",
+        "Queue wait",
+        "Queue size and running rows",
+        "Batch size distribution",
+        "Time per image by stage",
+        "Rejections by reason",
+        "Wasted seconds on dropped rows",
+        "GPU memory",
+        "Process memory",
+        "Builds",
+    ):
         assert title in titles, title
     # Every panel filters on the job and server variables, so one dashboard serves several deployments.
     names = [v["name"] for v in dash["templating"]["list"]]
     assert names == ["datasource", "job", "instance"], names
     for p in panels(dash):
         for t in p.get("targets", []):
-            assert 'job=~"$job"' in t["expr"] and 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
+            assert 'job=~"$job"' in t["expr"] and 'instance=~"$instance"' in t["expr"], (
+                p["title"],
+                t["expr"],
+            )
     assert "process_resident_memory_bytes" in titles["Process memory"]["targets"][0]["expr"]
     for title in ("Request latency", "Queue wait"):
         assert [t["legendFormat"] for t in titles[title]["targets"]] == ["p50", "p95", "p99"]
     assert len(titles) == len(panels(dash)), "two panels share a title"
     assert {p["datasource"]["uid"] for p in panels(dash)} == {"${datasource}"}
     assert {name.removeprefix("rule ") for name, _ in alert_queries()} >= {
-        "DcarTargetDown", "DcarHighLatencyP95", "DcarQueueSaturated", "DcarHighErrorRatio"}
+        "DcarTargetDown",
+        "DcarHighLatencyP95",
+        "DcarQueueSaturated",
+        "DcarHighErrorRatio",
+    }
 
 
 # --- 2. promtool ----------------------------------------------------------------------------------------------
@@ -310,8 +363,11 @@ def test_every_dashboard_and_alert_query_evaluates(stack):
     dash = dashboard()
     values = dashboard_variables(dash, rate_interval="30s")
     queries = [(w, substitute(e, values)) for w, e in dashboard_queries(dash)] + alert_queries()
-    empty = [where for where, expr in queries if not stack.query(expr) and "gpu_memory" not in expr
-             and not where.startswith("rule ")]
+    empty = [
+        where
+        for where, expr in queries
+        if not stack.query(expr) and "gpu_memory" not in expr and not where.startswith("rule ")
+    ]
     # Alert expressions are conditions (empty when healthy); every panel but the CUDA-only one shows data.
     assert empty == [], empty
     names = httpx.get(f"{stack.prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"]
@@ -331,4 +387,3 @@ def test_shipped_alert_rules_load_and_evaluate(stack):
     assert {r["name"] for r in rules} == {name.removeprefix("rule ") for name, _ in alert_queries()}
     firing = [r["name"] for r in rules if r["state"] == "firing"]
     assert firing == [], firing
-

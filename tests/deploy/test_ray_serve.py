@@ -49,27 +49,45 @@ def test_proxy_queue_counts_requests_not_rows():
     for max_queue, max_n in ((256, 8), (256, 1), (100, 7), (8, 8), (1000, 64)):
         settings = Settings(weights="preset:tiny", max_queue=max_queue, max_n=max_n)
         limit = deployment_options(settings, RayOptions(), cluster_gpus=0)["max_queued_requests"]
-        assert limit * max_n <= max_queue, (max_queue, max_n, limit)  # worst case: every request is max_n rows
+        assert limit * max_n <= max_queue, (
+            max_queue,
+            max_n,
+            limit,
+        )  # worst case: every request is max_n rows
         assert (limit + 1) * max_n > max_queue  # and no smaller than that bound needs
         assert limit >= 1
     # The row limit itself would let the proxy hold max_n times max_queue images.
-    assert deployment_options(Settings(weights="preset:tiny", max_queue=256, max_n=8), RayOptions(),
-                              cluster_gpus=0)["max_queued_requests"] != 256
+    assert (
+        deployment_options(
+            Settings(weights="preset:tiny", max_queue=256, max_n=8), RayOptions(), cluster_gpus=0
+        )["max_queued_requests"]
+        != 256
+    )
 
 
 def test_cpu_replicas_reserve_no_gpu():
-    assert deployment_options(Settings(weights="preset:tiny"), RayOptions(), cluster_gpus=0)["ray_actor_options"] == \
-        {"num_cpus": 1.0, "num_gpus": 0.0}
-    on_cpu = deployment_options(Settings(weights="preset:tiny", device="cpu"), RayOptions(replicas=3), cluster_gpus=8)
+    assert deployment_options(Settings(weights="preset:tiny"), RayOptions(), cluster_gpus=0)[
+        "ray_actor_options"
+    ] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    on_cpu = deployment_options(
+        Settings(weights="preset:tiny", device="cpu"), RayOptions(replicas=3), cluster_gpus=8
+    )
     assert on_cpu["ray_actor_options"]["num_gpus"] == 0.0 and on_cpu["num_replicas"] == 3
 
 
 def test_autoscaling_on_ongoing_requests():
-    options = deployment_options(Settings(weights="preset:tiny", max_batch_size=8),
-                                 RayOptions(replicas=1, max_replicas=6), cluster_gpus=2)
+    options = deployment_options(
+        Settings(weights="preset:tiny", max_batch_size=8),
+        RayOptions(replicas=1, max_replicas=6),
+        cluster_gpus=2,
+    )
     assert "num_replicas" not in options
-    assert options["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 6,
-                                             "target_ongoing_requests": 8.0}
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1,
+        "initial_replicas": 1,
+        "max_replicas": 6,
+        "target_ongoing_requests": 8.0,
+    }
     assert options["max_ongoing_requests"] == 16
 
 
@@ -81,10 +99,24 @@ def test_bad_options_name_the_fix():
 
 
 def test_dcar_serve_ray_flags():
-    args = build_parser("serve").parse_args(["serve", "--ray", "--replicas", "2", "--max-replicas", "4",
-                                             "--gpus-per-replica", "0.5", "--replica-metrics-port", "9100"])
+    args = build_parser("serve").parse_args(
+        [
+            "serve",
+            "--ray",
+            "--replicas",
+            "2",
+            "--max-replicas",
+            "4",
+            "--gpus-per-replica",
+            "0.5",
+            "--replica-metrics-port",
+            "9100",
+        ]
+    )
     assert args.ray is True
-    assert options_from_args(args) == RayOptions(replicas=2, max_replicas=4, gpus_per_replica=0.5, metrics_port=9100)
+    assert options_from_args(args) == RayOptions(
+        replicas=2, max_replicas=4, gpus_per_replica=0.5, metrics_port=9100
+    )
     plain = build_parser("serve").parse_args(["serve"])
     assert plain.ray is False and options_from_args(plain) == RayOptions()
 
@@ -163,7 +195,9 @@ def generate_all(url: str, seeds: range) -> list[tuple[int, str]]:
     """Concurrent /v1/generate calls -> (status, serving replica) each."""
 
     def one(seed: int) -> tuple[int, str]:
-        r = httpx.post(f"{url}/v1/generate", json={"prompt": "a red circle", "seed": seed, "steps": 4}, timeout=60)
+        r = httpx.post(
+            f"{url}/v1/generate", json={"prompt": "a red circle", "seed": seed, "steps": 4}, timeout=60
+        )
         return r.status_code, r.headers.get("x-dcar-replica", "")
 
     with ThreadPoolExecutor(len(seeds)) as pool:
@@ -178,20 +212,52 @@ def test_dcar_serve_ray_two_replicas_share_load_and_survive_a_killed_replica():
     port, metrics_port = base, base + 1  # the replicas' own /metrics: metrics_port + rank (0, 1)
     ray_tmp = tempfile.mkdtemp(prefix="dcar-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "DCAR_"))}
-    env.update({
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray then binds its node to 127.0.0.1, not the host's address
-        "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-    })
+    env.update(
+        {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray then binds its node to 127.0.0.1, not the host's address
+            "RAY_TMPDIR": ray_tmp,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "OMP_NUM_THREADS": "1",
+            "OMP_WAIT_POLICY": "PASSIVE",
+        }
+    )
     log_path = Path(ray_tmp) / "dcar-serve.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dcar.cli.main", "serve", "--ray", "--replicas", "2", "--cpus-per-replica", "0.5",
-         "--weights", "preset:tiny", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
-         "--max-wait-ms", "5", "--drain-timeout", "5", "--replica-metrics-port", str(metrics_port),
-         "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "dcar.cli.main",
+            "serve",
+            "--ray",
+            "--replicas",
+            "2",
+            "--cpus-per-replica",
+            "0.5",
+            "--weights",
+            "preset:tiny",
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-wait-ms",
+            "5",
+            "--drain-timeout",
+            "5",
+            "--replica-metrics-port",
+            str(metrics_port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         # Ready means both replicas answer through the proxy: the proxy routes as soon as the first replica is
@@ -205,16 +271,27 @@ def test_dcar_serve_ray_two_replicas_share_load_and_survive_a_killed_replica():
                     answered.add(r.headers.get("x-dcar-replica", ""))
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "dcar serve --ray did not become ready\n" + log_path.read_text()[-5000:]
+            assert time.monotonic() < deadline, (
+                "dcar serve --ray did not become ready\n" + log_path.read_text()[-5000:]
+            )
             time.sleep(0.2)
 
         # 16 concurrent requests: both replicas serve some.
         first = generate_all(url, range(16))
         assert [s for s, _ in first] == [200] * 16
         replicas = {r for _, r in first}
-        assert len(replicas) == 2 and all(r.startswith("SERVE_REPLICA::dcar#DcarReplica#") for r in replicas), replicas
-        served = [metric(httpx.get(f"http://127.0.0.1:{metrics_port + rank}/metrics", timeout=10).text,
-                         "dcar_requests_total", endpoint="/v1/generate", status="200") for rank in (0, 1)]
+        assert len(replicas) == 2 and all(
+            r.startswith("SERVE_REPLICA::dcar#DcarReplica#") for r in replicas
+        ), replicas
+        served = [
+            metric(
+                httpx.get(f"http://127.0.0.1:{metrics_port + rank}/metrics", timeout=10).text,
+                "dcar_requests_total",
+                endpoint="/v1/generate",
+                status="200",
+            )
+            for rank in (0, 1)
+        ]
         assert sum(served) == 16 and min(served) > 0, served
 
         # Kill one replica's process outright (as the OOM killer would); Ray starts another.

@@ -19,8 +19,25 @@ from dcar.server.settings import Settings
 
 def test_generate_writes_a_png_of_the_requested_size(tmp_path, capsys):
     out = tmp_path / "out.png"
-    assert main(["generate", "a red circle", "--weights", "preset:tiny", "-o", str(out), "--seed", "3",
-                 "--size", "96x64", "--steps", "6"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle",
+                "--weights",
+                "preset:tiny",
+                "-o",
+                str(out),
+                "--seed",
+                "3",
+                "--size",
+                "96x64",
+                "--steps",
+                "6",
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as img:
         assert img.format == "PNG" and img.size == (96, 64) and img.mode == "RGB"
     assert "seed 3" in capsys.readouterr().out
@@ -37,8 +54,25 @@ def test_edit_keeps_unmasked_pixels(tmp_path):
     m = Image.new("L", (128, 128), 0)
     m.paste(255, (0, 0, 64, 128))
     m.save(mask)
-    assert main(["edit", "--image", str(src), "--mask", str(mask), "y", "--weights", "preset:tiny",
-                 "-o", str(out), "--seed", "9"]) == 0
+    assert (
+        main(
+            [
+                "edit",
+                "--image",
+                str(src),
+                "--mask",
+                str(mask),
+                "y",
+                "--weights",
+                "preset:tiny",
+                "-o",
+                str(out),
+                "--seed",
+                "9",
+            ]
+        )
+        == 0
+    )
     a, b = Image.open(src), Image.open(out)
     assert a.crop((64, 0, 128, 128)).tobytes() == b.crop((64, 0, 128, 128)).tobytes()
 
@@ -65,8 +99,9 @@ def test_fetch_weights_verify_only_reports_what_is_missing(tmp_path):
 
 # --- conventions of every subcommand: --version, defaults and env names in --help, one-line errors ----------
 
-SUBCOMMANDS = [[name] for name in COMMANDS if name != "train"] + [["train", w] for w in ("tokenizer", "generator",
-                                                                                          "export")]
+SUBCOMMANDS = [[name] for name in COMMANDS if name != "train"] + [
+    ["train", w] for w in ("tokenizer", "generator", "export")
+]
 
 
 def help_text(argv: list[str], capsys, monkeypatch) -> str:
@@ -81,11 +116,14 @@ def help_text(argv: list[str], capsys, monkeypatch) -> str:
 def option_help(text: str, flag: str) -> str:
     """The help block of ``flag`` in a --help text: its line and the indented lines after it, joined."""
     lines = text.splitlines()
-    starts = [i for i, ln in enumerate(lines) if ln.strip().startswith((flag + " ", flag + ","))
-              or ln.strip() == flag]
+    starts = [
+        i
+        for i, ln in enumerate(lines)
+        if ln.strip().startswith((flag + " ", flag + ",")) or ln.strip() == flag
+    ]
     assert len(starts) == 1, (flag, starts)
     block = [lines[starts[0]]]
-    for ln in lines[starts[0] + 1:]:
+    for ln in lines[starts[0] + 1 :]:
         if not ln.startswith(" " * 6) or ln.strip().startswith("-"):
             break
         block.append(ln)
@@ -93,8 +131,9 @@ def option_help(text: str, flag: str) -> str:
 
 
 def test_version_prints_the_installed_version():
-    out = subprocess.run([sys.executable, "-m", "dcar.cli.main", "--version"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "dcar.cli.main", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip() == f"dcar {dcar.__version__}", out
     assert dcar.__version__ == importlib.metadata.version("dcar")
 
@@ -105,10 +144,16 @@ def test_every_option_with_a_default_shows_it(argv, capsys, monkeypatch):
     text = help_text(argv, capsys, monkeypatch)
     parser = build_parser(argv[0]).commands[argv[0]]
     if len(argv) > 1:
-        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[1]]
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+            argv[1]
+        ]
     checked = 0
     for action in parser._actions:
-        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+        if (
+            not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+            or action.nargs == 0
+        ):
             continue
         line = option_help(text, action.option_strings[0])
         assert "default" in line, f"dcar {' '.join(argv)}: {line!r} does not state its default"
@@ -119,7 +164,9 @@ def test_every_option_with_a_default_shows_it(argv, capsys, monkeypatch):
 
 def test_serve_help_names_every_variable_and_its_default(capsys, monkeypatch):
     text = help_text(["serve"], capsys, monkeypatch)
-    flags = {a.dest: a for a in build_parser("serve").commands["serve"]._actions if a.dest in Settings.model_fields}
+    flags = {
+        a.dest: a for a in build_parser("serve").commands["serve"]._actions if a.dest in Settings.model_fields
+    }
     assert len(flags) >= 14, sorted(flags)
     defaults = Settings.model_construct()  # the built-in defaults, whatever DCAR_* this process has
     for field, action in flags.items():
@@ -133,9 +180,13 @@ def test_serve_help_names_every_variable_and_its_default(capsys, monkeypatch):
 
 def test_device_defaults_to_auto_everywhere(monkeypatch):
     monkeypatch.delenv("DCAR_DEVICE", raising=False)
-    for argv in (["generate", "x"], ["edit", "--image", "a.png", "--mask", "m.png", "x"], ["eval", "w"],
-                 ["train", "tokenizer", "--out", "o"],
-                 ["train", "generator", "--tokenizer", "t", "--data", "d", "--out", "o"]):
+    for argv in (
+        ["generate", "x"],
+        ["edit", "--image", "a.png", "--mask", "m.png", "x"],
+        ["eval", "w"],
+        ["train", "tokenizer", "--out", "o"],
+        ["train", "generator", "--tokenizer", "t", "--data", "d", "--out", "o"],
+    ):
         assert build_parser(argv[0]).parse_args(argv).device == "auto", argv
     assert Settings.model_fields["device"].default == "auto"  # dcar serve
     monkeypatch.setenv("DCAR_DEVICE", "cpu")  # the variable still chooses, as for dcar serve
@@ -144,24 +195,31 @@ def test_device_defaults_to_auto_everywhere(monkeypatch):
 
 def test_generate_on_the_default_device(tmp_path, monkeypatch):
     monkeypatch.delenv("DCAR_DEVICE", raising=False)
-    assert main(["generate", "x", "--weights", "preset:tiny", "-o", str(tmp_path / "o.png"), "--steps", "2"]) == 0
+    assert (
+        main(["generate", "x", "--weights", "preset:tiny", "-o", str(tmp_path / "o.png"), "--steps", "2"])
+        == 0
+    )
     assert (tmp_path / "o.png").is_file()
 
 
-@pytest.mark.parametrize(("argv", "env", "names"), [
-    (["serve", "--log-level", "foo"], {}, "--log-level"),
-    (["serve"], {"DCAR_LOG_LEVEL": "foo"}, "DCAR_LOG_LEVEL"),
-    (["serve", "--max-queue", "2"], {}, "max_queue=2 is below max_n=8"),
-    (["serve", "--device", "gpu"], {}, "--device"),
-    (["serve", "--port", "http"], {}, "--port"),
-    (["serve", "--ray", "--replicas", "0"], {}, "replicas must be at least 1"),
-    (["generate", "x", "-n", "0"], {}, "-n: must be at least 1, got 0"),
-    (["generate", "x", "--size", "big"], {}, "--size"),
-    (["generate", "x", "--dtype", "fp8"], {}, "--dtype"),
-    (["edit", "x", "--device", "gpu"], {}, "--device"),
-    (["train", "tokenizer", "--out", "o", "--device", "tpu"], {}, "--device"),
-    (["nonsense"], {}, "invalid choice"),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    ("argv", "env", "names"),
+    [
+        (["serve", "--log-level", "foo"], {}, "--log-level"),
+        (["serve"], {"DCAR_LOG_LEVEL": "foo"}, "DCAR_LOG_LEVEL"),
+        (["serve", "--max-queue", "2"], {}, "max_queue=2 is below max_n=8"),
+        (["serve", "--device", "gpu"], {}, "--device"),
+        (["serve", "--port", "http"], {}, "--port"),
+        (["serve", "--ray", "--replicas", "0"], {}, "replicas must be at least 1"),
+        (["generate", "x", "-n", "0"], {}, "-n: must be at least 1, got 0"),
+        (["generate", "x", "--size", "big"], {}, "--size"),
+        (["generate", "x", "--dtype", "fp8"], {}, "--dtype"),
+        (["edit", "x", "--device", "gpu"], {}, "--device"),
+        (["train", "tokenizer", "--out", "o", "--device", "tpu"], {}, "--device"),
+        (["nonsense"], {}, "invalid choice"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
 def test_invalid_values_exit_2_with_one_line(argv, env, names, capsys, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -175,8 +233,13 @@ def test_invalid_values_exit_2_with_one_line(argv, env, names, capsys, monkeypat
 def test_a_bad_log_level_is_one_line_without_traceback():
     """The reported case, end to end: the installed command, its own process, its own stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCAR_")}
-    out = subprocess.run([sys.executable, "-m", "dcar.cli.main", "serve", "--log-level", "foo"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "dcar.cli.main", "serve", "--log-level", "foo"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("dcar serve: error: --log-level:") and "'foo'" in line and "'debug'" in line, line
