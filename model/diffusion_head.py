@@ -173,13 +173,15 @@ class DiffusionHead(nn.Module):
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, noise: NoiseFn, uncond: torch.Tensor | None = None,
                guidance: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
-               steps: int | None = None, forward: Callable | None = None) -> torch.Tensor:
+               steps: int | None = None, forward: Callable | None = None, pad_to: int | None = None
+               ) -> torch.Tensor:
         """Ancestral sampling of residuals for conditions (M, Z); returns (M, C) float32 times vae_scale.
 
         With ``uncond`` given, classifier-free guidance per row with ``guidance`` (M,). ``temperature``
         scales the per-step noise (scalar or (M,)). Noise is drawn through ``noise`` only, in the official
         order: one "init" draw, then one "step" draw per step (the last is multiplied by 0).
-        ``forward`` replaces ``denoise_step`` (e.g. a compiled one).
+        ``forward`` replaces ``denoise_step`` (e.g. a compiled one). ``pad_to`` runs the loop on that many
+        rows (copies of the last row, zero noise), so a CUDA graph per bucket serves every M up to it.
 
         The network runs in its own dtype; x_t, guidance and the posterior stay float32 (see
         model/diffusion.py). The condition and time embeddings, the cond/uncond concatenation and the
@@ -188,17 +190,26 @@ class DiffusionHead(nn.Module):
         step_fn = self.denoise_step if forward is None else forward
         sched = self.schedule(steps)
         dev = cond.device
-        x = noise("init").float()
-        temp = torch.as_tensor(temperature, dtype=torch.float32, device=dev).reshape(-1, 1)
+        m = cond.shape[0]
+        pad = 0 if pad_to is None else max(0, pad_to - m)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (M, ...) -> (M + pad, ...) with copies of the last row
+            return t if not pad else torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+
+        def draw(kind: str) -> torch.Tensor:
+            z = noise(kind).float()
+            return z if not pad else torch.cat([z, z.new_zeros(pad, *z.shape[1:])])
+
+        x = draw("init")
+        temp = rows(torch.as_tensor(temperature, dtype=torch.float32, device=dev).reshape(-1, 1).expand(m, 1))
         coefs = sched.step_coefficients(dev)
-        c_all = cond if uncond is None else torch.cat([cond, uncond])
+        c_all = rows(cond) if uncond is None else torch.cat([rows(cond), rows(uncond)])
         y_cond = self.net.cond_embed(c_all.to(self.net.cond_embed.weight.dtype))
         t_emb = self.net.time_embed(sched.on_device("timestep_map", dev))  # (steps, width)
-        g = None if uncond is None else guidance.float().to(dev).view(-1, 1)
+        g = None if uncond is None else rows(guidance.float().to(dev).view(-1, 1).expand(m, 1))
         for i in reversed(range(sched.num_steps)):
-            z = noise("step").float()
-            x = step_fn(x, y_cond + t_emb[i], coefs[i], z, temp, g)
-        return x * self.cfg.vae_scale
+            x = step_fn(x, y_cond + t_emb[i], coefs[i], draw("step"), temp, g)
+        return x[:m] * self.cfg.vae_scale
 
     def denoise_step(self, x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, z: torch.Tensor,
                      temperature: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:

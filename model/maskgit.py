@@ -54,6 +54,19 @@ def guidance_at(decay: str, scale: float, step: int, steps: int, power: float = 
     raise ValueError(f"guidance_decay={decay!r} is not supported; expected one of {list(GUIDANCE_DECAYS)}")
 
 
+def guidance_on_device(decay: torch.Tensor, scale: torch.Tensor, step: torch.Tensor, steps: torch.Tensor,
+                       power: float = 2.5) -> torch.Tensor:
+    """``guidance_at`` for a batch of rows as float64 tensors (B,), computed where the tensors live.
+
+    ``decay`` holds indices into ``GUIDANCE_DECAYS``. Same operations in the same order as the scalar form,
+    so each row's value is the one ``guidance_at`` gives (float64 both).
+    """
+    scale, step, steps = scale.double(), step.double(), steps.double()
+    linear = scale * step / steps
+    w = (scale - 1) * (1 - torch.cos(((step / steps) ** power) * math.pi)) / 2 + 1
+    return torch.where(decay == 0, scale, torch.where(decay == 1, linear, w - 1))
+
+
 def gumbel(u: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise from uniforms, with 1d-tokenizer's clamps at 1e-20."""
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))

@@ -21,16 +21,27 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from dcar.model.maskgit import guidance_at, gumbel, masked_after_step, softmax_temperature
+from dcar.model.batch import (
+    BATCH_BUCKETS,
+    CAPTION_BUCKETS,
+    BatchState,
+    Caption,
+    Row,
+    RowKnobs,
+    bucket,
+)
+from dcar.model.maskgit import guidance_on_device, gumbel, masked_after_step, softmax_temperature
 from dcar.model.noise import OfficialOrderNoise, RowNoise
 from dcar.model.params import EditSpec, RowResult, SamplingParams
 from dcar.model.text_encoder import TextEncoder
 from dcar.model.tokenizer import DCHT
 from dcar.model.transformer import DCARTransformer, TextKV
+
+__all__ = ["BatchState", "Caption", "Row", "Sampler", "SamplerOptions", "StepEvent"]
 
 
 @dataclass(frozen=True)
@@ -39,95 +50,38 @@ class SamplerOptions:
 
     ``cache_text_kv``: caption keys/values once per row (False: recomputed at every step, as the official
     loop does). ``batch_cfg``: conditional and unconditional branches in one forward of 2B (False: two
-    forwards of B). ``compile``: ``torch.compile`` the transformer step and the head network.
+    forwards of B). ``compile``: ``torch.compile(fullgraph=True)`` of the transformer step and the head's
+    denoising step. ``cuda_graphs``: compile in "reduce-overhead" mode, which captures one CUDA graph per
+    shape (needs ``pad_buckets``; only CUDA tensors are captured). ``pad_buckets``: pad the batch to
+    1/2/4/.../64 rows and captions to 32/64/128/300 tokens, so only a few shapes ever run.
     ``channels_last_decoder``: run the DC-HT decoder in channels-last memory format (tensor cores on CUDA;
-    on CPU, float16/bfloat16 convolutions were 8x faster in channels-last, float32 ones ~9%). ``None``
-    picks it per device and dtype: on for CUDA and for half precision, off for float32 on CPU.
+    on CPU, float16/bfloat16 convolutions were 8x faster in channels-last, float32 ones ~9%).
+    ``None`` picks per device and dtype (``resolve``).
     """
 
     cache_text_kv: bool = True
     batch_cfg: bool = True
     compile: bool = False
+    cuda_graphs: bool = False
+    pad_buckets: bool | None = None
     channels_last_decoder: bool | None = None
 
     def resolve(self, device: torch.device, dtype: torch.dtype) -> SamplerOptions:
-        """These options with every ``None`` replaced by the default for ``device`` and ``dtype``."""
+        """These options with every ``None`` replaced by the default for ``device`` and ``dtype``.
+
+        channels-last: on for CUDA and for half precision. Buckets: on for CUDA (fixed shapes for graphs and
+        kernels' autotuning) and whenever CUDA graphs are asked for; off on CPU, where padding rows is pure
+        extra work.
+        """
         cl = self.channels_last_decoder
         if cl is None:
             cl = device.type == "cuda" or dtype in (torch.float16, torch.bfloat16)
-        return replace(self, channels_last_decoder=cl)
-
-
-@dataclass
-class Caption:
-    """Raw caption inputs of 2B interleaved rows, for the uncached path: states (2B, L, C), mask, drop."""
-
-    states: torch.Tensor
-    mask: torch.Tensor
-    drop: torch.Tensor
-
-    def select(self, idx: list[int]) -> Caption:
-        return Caption(self.states[idx], self.mask[idx], self.drop[idx])
-
-    @staticmethod
-    def cat(parts: list[Caption]) -> Caption:
-        n = max(p.states.shape[1] for p in parts)
-        pad = [(torch.nn.functional.pad(p.states, (0, 0, 0, n - p.states.shape[1])),
-                torch.nn.functional.pad(p.mask, (0, n - p.mask.shape[1]))) for p in parts]
-        return Caption(torch.cat([s for s, _ in pad]), torch.cat([m for _, m in pad]),
-                       torch.cat([p.drop for p in parts]))
-
-
-@dataclass
-class Row:
-    """Sampler-side state of one image."""
-
-    params: SamplingParams
-    edit: EditSpec | None = None
-    tag: object = None
-    step: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    final_hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # (cond, uncond) (L, C) after last step
-
-    @property
-    def done(self) -> bool:
-        return self.step >= self.params.steps
-
-    def add_time(self, stage: str, seconds: float) -> None:
-        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
-
-
-@dataclass
-class BatchState:
-    """A running batch. ``ids`` (B, L); ``text`` holds 2B interleaved rows (cond 2i, uncond 2i+1):
-    cached keys/values, or the raw captions when the sampler recomputes them every step."""
-
-    grid: tuple[int, int]
-    rows: list[Row]
-    ids: torch.Tensor
-    text: TextKV | Caption
-    noise: RowNoise | OfficialOrderNoise
-    predicted: torch.Tensor  # (B, L) the latest sampled ids, for previews
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def select(self, idx: Sequence[int]) -> BatchState:
-        """The same batch restricted to rows ``idx`` (dropping cancelled or finished rows)."""
-        idx = list(idx)
-        pairs = [j for i in idx for j in (2 * i, 2 * i + 1)]
-        return BatchState(self.grid, [self.rows[i] for i in idx], self.ids[idx], self.text.select(pairs),
-                          self.noise.subset(idx), self.predicted[idx])
-
-    @staticmethod
-    def merge(a: BatchState, b: BatchState) -> BatchState:
-        """Admit the rows of ``b`` into ``a``; both must use the same token grid."""
-        if a.grid != b.grid:
-            raise ValueError(f"cannot merge batches with token grids {a.grid} and {b.grid}")
-        if not (isinstance(a.noise, RowNoise) and isinstance(b.noise, RowNoise)):
-            raise ValueError("only per-row noise sources can be merged")
-        return BatchState(a.grid, a.rows + b.rows, torch.cat([a.ids, b.ids]), type(a.text).cat([a.text, b.text]),
-                          RowNoise(a.noise.generators + b.noise.generators), torch.cat([a.predicted, b.predicted]))
+        pad = self.pad_buckets
+        if pad is None:
+            pad = device.type == "cuda" or self.cuda_graphs
+        if self.cuda_graphs and not pad:
+            raise ValueError("cuda_graphs needs pad_buckets (one graph per padded shape)")
+        return replace(self, channels_last_decoder=cl, pad_buckets=pad)
 
 
 @contextmanager
@@ -141,6 +95,28 @@ def _restore_rng_on_error(state: BatchState):
         for g, s in zip(gens, saved):
             g.set_state(s)
         raise
+
+
+class _Clock:
+    """Stage boundaries without a host sync: CUDA events on a GPU (read only after the caller's own sync),
+    ``perf_counter`` elsewhere. The first mark is taken at construction."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self, i: int, j: int) -> float:
+        a, b = self.marks[i], self.marks[j]
+        return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
 @dataclass(frozen=True)
@@ -165,10 +141,14 @@ class Sampler:
         self._head_step = generator.diffloss.denoise_step
         tokenizer.decoder.to(memory_format=torch.channels_last if self.options.channels_last_decoder
                              else torch.contiguous_format)
-        if self.options.compile:
-            # Batch size and caption length change between steps: one dynamic graph, not one per shape.
-            self._forward = torch.compile(generator.forward, dynamic=True)
-            self._head_step = torch.compile(generator.diffloss.denoise_step, dynamic=True)
+        if self.options.compile or self.options.cuda_graphs:
+            # fullgraph: a graph break would silently fall back to eager for part of every step. With buckets
+            # the shapes are few and static; without them, one dynamic graph instead of one per shape.
+            kw = dict(fullgraph=True, dynamic=not self.options.pad_buckets)
+            if self.options.cuda_graphs:
+                kw["mode"] = "reduce-overhead"
+            self._forward = torch.compile(generator.forward, **kw)
+            self._head_step = torch.compile(generator.diffloss.denoise_step, **kw)
 
     @property
     def device(self) -> torch.device:
@@ -210,8 +190,14 @@ class Sampler:
                 raise ValueError("this sampler has no text encoder; pass text=(states, mask)")
             text = self.text_encoder([p.prompt for p in params])
         states, mask = text[0].to(dev), text[1].to(dev)
-        valid = int(mask.sum(1).max())
-        states, mask = states[:, :valid], mask[:, :valid]  # padding beyond the longest prompt is dead weight
+        valid = int(mask.sum(1).max())  # padding beyond the longest prompt is dead weight
+        if self.options.pad_buckets:  # ... but a few fixed lengths keep the shapes few (masked, so no effect)
+            valid = min(bucket(valid, CAPTION_BUCKETS), self.generator.cfg.text_token_length)
+            extra = valid - states.shape[1]
+            if extra > 0:
+                states = torch.nn.functional.pad(states, (0, 0, 0, extra))
+                mask = torch.nn.functional.pad(mask, (0, extra))
+        states, mask = states[:, :valid], mask[:, :valid]
         drop = torch.tensor([False, True], device=dev).repeat(n)
         caption = Caption(states.repeat_interleave(2, 0), mask.repeat_interleave(2, 0), drop)
         kv = self._text_kv(caption) if self.options.cache_text_kv else caption
@@ -229,7 +215,7 @@ class Sampler:
                 ids[i] = torch.where(tm, torch.full_like(ids[i], mask_id), e.tokens.to(dev))
         if noise is None:
             noise = RowNoise([torch.Generator(device=dev).manual_seed(p.seed) for p in params])
-        return BatchState(grid, rows, ids, kv, noise, ids.clone())
+        return BatchState(grid, rows, ids, kv, noise, ids.clone(), RowKnobs.of(params, dev))
 
     # --- 2. one unmasking step -------------------------------------------------------------------
 
@@ -244,20 +230,18 @@ class Sampler:
             return self._step(state)
 
     def _step(self, state: BatchState) -> list[StepEvent]:
+        # Everything below stays on the device: the knobs were copied there at admission, and the only
+        # device->host copy is the count of revealed tokens per row that the events carry.
         t0 = time.perf_counter()
-        dev, rows = self.device, state.rows
+        dev, rows, k = self.device, state.rows, state.knobs
         b, length = state.ids.shape
         mask_id = self.generator.cfg.mask_token_id
-        f32 = dict(dtype=torch.float32, device=dev)
 
-        g = torch.tensor([guidance_at(r.params.guidance_decay, r.params.guidance_scale, r.step, r.params.steps)
-                          for r in rows], **f32)
-        ratio = torch.tensor([(r.step + 1) / r.params.steps for r in rows], dtype=torch.float64)
-        temp = torch.tensor([r.params.randomize_temperature for r in rows], dtype=torch.float64) * (1 - ratio)
-        soft = torch.where(torch.tensor([r.params.softmax_temperature_annealing for r in rows]),
-                           softmax_temperature(ratio), torch.ones_like(ratio))
-        temp, soft = temp.to(**f32), soft.to(**f32)
-        last = torch.tensor([r.step == r.params.steps - 1 for r in rows], device=dev)
+        ratio = (k.step + 1).double() / k.steps.double()  # float64, as the official loop's Python floats
+        g = guidance_on_device(k.guidance_decay, k.guidance_scale, k.step, k.steps).float()
+        temp = (k.randomize_temperature * (1 - ratio)).float()
+        soft = torch.where(k.annealing, softmax_temperature(ratio), torch.ones_like(ratio)).float()
+        last = k.step == k.steps - 1
 
         # Forward both branches (one batch of 2B); CFG on logits: cond + g (cond - uncond).
         state.noise.caption_dropout()
@@ -274,21 +258,21 @@ class Sampler:
         sampled_logits = torch.where(is_mask, sampled_logits, torch.full_like(sampled_logits, float("inf")))
 
         # Re-mask the least confident positions down to the schedule's count.
-        keep_masked = masked_after_step(length, ratio.to(dev), is_mask.sum(dim=1))
+        keep_masked = masked_after_step(length, ratio, is_mask.sum(dim=1))
         confidence = sampled_logits + temp.view(-1, 1) * gumbel(state.noise.uniform("confidence", (length,), dev))
         cutoff = confidence.sort(dim=-1).values.gather(1, (keep_masked - 1).unsqueeze(1))
         remasked = torch.where(confidence <= cutoff, torch.full_like(sampled, mask_id), sampled)
         new_ids = torch.where(last.unsqueeze(1), sampled, remasked)
         # A row with nothing left to generate (an edit whose mask covers no token) keeps its ids.
         new_ids = torch.where(is_mask.any(dim=1, keepdim=True), new_ids, state.ids)
-        revealed = (new_ids != mask_id).sum(dim=1).tolist()
         finals = {i: (hidden[0][i].clone(), hidden[1][i].clone())
                   for i, r in enumerate(rows) if r.step + 1 >= r.params.steps}
-        self._sync()
+        revealed = (new_ids != mask_id).sum(dim=1).tolist()  # the step's one device->host copy (it syncs)
         dt = time.perf_counter() - t0
 
         # Commit: nothing above changed the batch, so a failure before this point leaves it as it was.
         state.ids, state.predicted = new_ids, sampled
+        k.step += 1
         events = []
         for i, r in enumerate(rows):
             r.step += 1
@@ -304,6 +288,8 @@ class Sampler:
     def _forward_cfg(self, state: BatchState):
         """Cond and uncond logits (B, L, V) in fp32 and hidden states ((B, L, C), (B, L, C))."""
         text = state.text if isinstance(state.text, TextKV) else self._text_kv(state.text)
+        if self.options.pad_buckets and isinstance(state.text, TextKV):
+            return self._forward_cfg_padded(state)
         if self.options.batch_cfg:
             logits, hidden = self._forward(state.ids.repeat_interleave(2, 0), text, state.grid)
             return logits[0::2].float(), logits[1::2].float(), (hidden[0::2], hidden[1::2])
@@ -311,6 +297,21 @@ class Sampler:
         lc, hc = self._forward(state.ids, text.select(list(range(0, 2 * b, 2))), state.grid)
         lu, hu = self._forward(state.ids, text.select(list(range(1, 2 * b, 2))), state.grid)
         return lc.float(), lu.float(), (hc, hu)
+
+    def _forward_cfg_padded(self, state: BatchState):
+        """``_forward_cfg`` on a batch padded to its bucket with [MASK]-only rows (rows never interact, so
+        the real rows' outputs are those of the unpadded batch: tested)."""
+        b = len(state)
+        pad = bucket(b, BATCH_BUCKETS) - b
+        if state.padded_text is None:  # once per batch composition, not per step
+            fill = [2 * b - 2, 2 * b - 1] * pad  # copies of the last row's pair (any valid caption does)
+            state.padded_text = state.text if not pad else state.text.select(list(range(2 * b)) + fill)
+        ids = state.ids
+        if pad:
+            ids = torch.cat([ids, ids.new_full((pad, ids.shape[1]), self.generator.cfg.mask_token_id)])
+        logits, hidden = self._forward(ids.repeat_interleave(2, 0), state.padded_text, state.grid)
+        logits, hidden = logits[: 2 * b], hidden[: 2 * b]
+        return logits[0::2].float(), logits[1::2].float(), (hidden[0::2], hidden[1::2])
 
     # --- 3. residuals and decoding -----------------------------------------------------------------
 
@@ -344,13 +345,12 @@ class Sampler:
         n, length = ids.shape
         dev = self.device
         residual = None
-        t0 = time.perf_counter()
+        clock = _Clock(dev)
         if use_res:
             cond = torch.stack([r.final_hidden[0] for r in rows]).reshape(n * length, -1)
             uncond = torch.stack([r.final_hidden[1] for r in rows]).reshape(n * length, -1)
-            g = torch.tensor([guidance_at(r.params.guidance_decay, r.params.guidance_scale, r.params.steps - 1,
-                                          r.params.steps) for r in rows], device=dev)
-            temp = torch.tensor([r.params.residual_temperature for r in rows], device=dev)
+            k = state.knobs.select(torch.tensor(idx, dtype=torch.long).to(dev))
+            g = guidance_on_device(k.guidance_decay, k.guidance_scale, k.steps - 1, k.steps).float()
             noise = state.noise.subset(idx)
             c = self.generator.cfg.token_size
 
@@ -359,14 +359,14 @@ class Sampler:
 
             residual = self.generator.diffloss.sample(
                 cond, draw, uncond=uncond, guidance=g.repeat_interleave(length),
-                temperature=temp.repeat_interleave(length), steps=steps, forward=self._head_step,
+                temperature=k.residual_temperature.repeat_interleave(length), steps=steps, forward=self._head_step,
+                pad_to=bucket(n, BATCH_BUCKETS) * length if self.options.pad_buckets else None,
             ).float().view(n, length, c)
             for j, r in enumerate(rows):
                 if r.edit is not None:  # known positions keep the input image's own residuals
                     tm = r.edit.token_mask.to(dev).bool().unsqueeze(-1)
                     residual[j] = torch.where(tm, residual[j], r.edit.residual.to(dev).float())
-        self._sync()
-        t1 = time.perf_counter()
+        clock.mark()
         raw = self.tokenizer.decode_tokens(ids, state.grid, residual).float()
         images = (raw * 0.5 + 0.5).clamp(0, 1)
         for j, r in enumerate(rows):
@@ -378,14 +378,16 @@ class Sampler:
         finite = torch.isfinite(raw).flatten(1).all(1)
         if residual is not None:
             finite &= torch.isfinite(residual).flatten(1).all(1)
-        images_cpu, finite_cpu = images.cpu(), finite.tolist()  # the one device->host copy of a finish
+        clock.mark()
+        images_cpu, finite_cpu = images.cpu(), finite.tolist()  # the device->host copy of a finish (syncs)
         residual_cpu = None if residual is None else residual.cpu()
-        t2 = time.perf_counter()
+        ids_cpu = ids.cpu()
+        head_s, decode_s = clock.seconds(0, 1), clock.seconds(1, 2)
         out = []
         for j, r in enumerate(rows):
-            r.add_time("residual", t1 - t0)
-            r.add_time("decode", t2 - t1)
-            out.append(RowResult(images_cpu[j], ids[j].cpu(), r.params.seed, dict(r.timings), r.tag,
+            r.add_time("residual", head_s)
+            r.add_time("decode", decode_s)
+            out.append(RowResult(images_cpu[j], ids_cpu[j], r.params.seed, dict(r.timings), r.tag,
                                  finite=bool(finite_cpu[j]),
                                  residual=None if residual_cpu is None else residual_cpu[j]))
         return out
@@ -406,7 +408,16 @@ class Sampler:
         return sorted(results, key=lambda r: r.tag)
 
     @torch.inference_mode()
-    def preview(self, state: BatchState, index: int) -> torch.Tensor:
-        """A cheap look at a running row: its latest sampled ids decoded without residuals, [0, 1]."""
+    def preview(self, state: BatchState, index: int, size: int | None = None) -> torch.Tensor:
+        """A cheap look at a running row: its latest sampled ids decoded without residuals, [0, 1].
+
+        ``size`` bounds the longer side: the image is downscaled on the device (antialiased) before the copy
+        to the host, so a preview costs a small transfer and a small PNG.
+        """
         img = self.tokenizer.decode_tokens(state.predicted[index: index + 1], state.grid).float()
+        if size is not None and max(img.shape[-2:]) > size:
+            h, w = img.shape[-2:]
+            scale = size / max(h, w)
+            img = torch.nn.functional.interpolate(img, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                                  mode="bilinear", antialias=True, align_corners=False)
         return (img[0] * 0.5 + 0.5).clamp(0, 1).cpu()

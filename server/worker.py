@@ -240,7 +240,8 @@ class ModelWorker:
 
     def _preview(self, state: BatchState, index: int, size: int | None = None) -> str | None:
         try:
-            return encode_preview(self.pipe.sampler.preview(state, index), size or self.preview_size)
+            size = size or self.preview_size  # downscaled on the device, before the copy to the host
+            return encode_preview(self.pipe.sampler.preview(state, index, size), size)
         except Exception:  # a preview is a courtesy; never fail a row for it
             log.exception("preview failed")
             return None
