@@ -228,4 +228,6 @@ class Pipeline:
             "tokenizer_parameters": sum(p.numel() for p in self.tokenizer.parameters()),
             "native_size": g.grid_size * self.tokenizer.compression,
             "compression": self.tokenizer.compression, "codebook_size": g.codebook_size,
+            "compute": {k: getattr(self.sampler.options, k)
+                        for k in ("compile", "cuda_graphs", "pad_buckets", "channels_last_decoder")},
         }

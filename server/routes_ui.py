@@ -64,7 +64,7 @@ async def status(runtime: RuntimeDep, _: Authorized) -> dict:
                   **runtime.metrics.load()}
     if runtime.pipeline is not None and runtime.limits is not None:
         info = runtime.pipeline.info()
-        body.update(model=info["name"], device=info["device"], dtype=info["dtype"])
+        body.update(model=info["name"], device=info["device"], dtype=info["dtype"], compute=info["compute"])
         lim, d = runtime.limits, runtime.pipeline.config.sampling
         body["defaults"] = {"steps": d.steps, "guidance_scale": d.guidance_scale,
                             "size": f"{lim.native[0]}x{lim.native[1]}"}

@@ -15,6 +15,7 @@ import torch
 
 from dcar.model.loading import LoadError
 from dcar.model.pipeline import Pipeline
+from dcar.model.sampler import SamplerOptions
 from dcar.server.engine import Engine
 from dcar.server.errors import ApiError
 from dcar.server.metrics import Metrics
@@ -34,7 +35,10 @@ def resolve_device(name: str) -> str:
 
 def load_pipeline(settings: Settings) -> Pipeline:
     """The weights directory named by the settings, or ``preset:<name>`` for a random model of that preset."""
-    return Pipeline.load(settings.weights, device=resolve_device(settings.device), dtype=settings.dtype)
+    options = SamplerOptions(compile=settings.compile, cuda_graphs=settings.cuda_graphs,
+                             pad_buckets=settings.pad_buckets, channels_last_decoder=settings.channels_last)
+    return Pipeline.load(settings.weights, device=resolve_device(settings.device), dtype=settings.dtype,
+                         options=options)
 
 
 class Runtime:

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
                         description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: str | None = Field(None, description="float32 / float16 / bfloat16; default fp16 on CUDA, fp32 on CPU")
     warmup: bool = Field(True, description="run one real generation per allowed size before reporting ready")
+    # How the sampler computes (never what: outputs are the same). Unset = the per-device default.
+    compile: bool = Field(False, description="torch.compile the transformer step and the head step (fullgraph)")
+    cuda_graphs: bool = Field(False, description="capture one CUDA graph per padded shape (compile "
+                              "mode reduce-overhead; implies pad_buckets)")
+    pad_buckets: bool | None = Field(None, description="pad batches to 1/2/4/../64 rows and captions to "
+                                     "32/64/128/300 tokens; default: on for CUDA, off for CPU")
+    channels_last: bool | None = Field(None, description="channels-last DC-HT decoder; default: on for CUDA "
+                                       "and float16/bfloat16, off for float32 on CPU")
 
     # --- network -----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
