@@ -120,3 +120,12 @@ def test_cli_refuses_a_bad_knob_with_one_line_naming_it(argv, text, capsys):
         _generate_args(*argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and text in err[-1], err
+
+
+def test_every_knob_is_documented_with_its_official_default():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    for k in KNOBS:
+        default = str(k.default).lower() if k.type is bool else f"`{k.default}`" if k.choices else str(k.default)
+        assert f"| `{k.name}` | {default} |" in doc, k.name

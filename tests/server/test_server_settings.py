@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -47,3 +49,9 @@ def test_parse_size():
     for bad in ("512*256", "0x512", "x512", "512x", "-512", ""):
         with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
             parse_size(bad)
+
+
+def test_every_setting_is_documented_in_docs_serving():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`DCAR_{name.upper()}`" not in doc]
+    assert not missing, f"docs/serving.md does not document {missing}"
