@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dcar.model.pipeline import Pipeline
-from dcar.server.errors import install_handlers, json_error
+from dcar.server.auth import refusal
+from dcar.server.errors import ApiError, install_handlers, json_error
 from dcar.server.logs import AccessLog
 from dcar.server.routes import router
 from dcar.server.routes_openai import router as openai_router
@@ -28,7 +29,10 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class EdgeMiddleware:
-    """Request id, body-size limit (413) and per-request metrics, as plain ASGI (streaming-safe).
+    """Request id, API key (401), body-size limit (413) and per-request metrics, as plain ASGI (streaming-safe).
+
+    The key and the declared size are checked from the headers, before the app reads any of the body; a
+    refused request that announced a body gets ``Connection: close``, so the server never reads it either.
 
     The endpoint label is the matched route's path template (``other`` for unknown paths), so it stays
     bounded whatever clients send.
@@ -62,7 +66,10 @@ class EdgeMiddleware:
         except ValueError:
             length = 0
         try:
-            if length > limit:
+            denied = refusal(scope.get("path", ""), headers, self.runtime.settings.api_keys)
+            if denied is not None:
+                await self._refuse(send_wrapper, denied, rid, has_body=length > 0 or b"transfer-encoding" in headers)
+            elif length > limit:
                 await self._too_large(send_wrapper, length, limit, rid)
             else:
                 await self.app(scope, _limited(receive, limit), send_wrapper)
@@ -74,10 +81,16 @@ class EdgeMiddleware:
             endpoint = getattr(route, "path", None) or "other"
             self.runtime.metrics.request(endpoint, status["code"], time.perf_counter() - t0)
 
+    async def _refuse(self, send, err: ApiError, rid: str, has_body: bool) -> None:
+        self.runtime.metrics.rejected(err.reason or "unauthorized")
+        headers = {**err.headers, **({"Connection": "close"} if has_body else {})}
+        response = json_error(err.status, err.code, err.message, err.param, rid, headers)
+        await response({"type": "http"}, _no_receive, send)
+
     async def _too_large(self, send, size: int, limit: int, rid: str) -> None:
         self.runtime.metrics.rejected("too_large")
         response = json_error(413, "body_too_large", f"the request body is at least {size} bytes; the limit is "
-                              f"max_body_bytes={limit}", None, rid)
+                              f"max_body_bytes={limit}", None, rid, {"Connection": "close"})  # rest unread
         await response({"type": "http"}, _no_receive, send)
 
 

@@ -13,8 +13,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("dcar.server")
 
@@ -36,6 +37,34 @@ class ApiError(Exception):
 def invalid(param: str, message: str) -> ApiError:
     """400 for a value outside its allowed range or set."""
     return ApiError(400, "invalid_value", message, param, reason="invalid")
+
+
+# 5xx codes that are the server's own fault: logged at ERROR. Other 5xx (not_ready, shutting_down, 504
+# deadline_exceeded) follow from the client's timeout or the server's lifecycle and are logged at INFO.
+SERVER_FAULTS = frozenset({"internal_error", "out_of_memory", "non_finite_output", "engine_failed"})
+
+
+def bad_json(exc: BaseException | None) -> ApiError:
+    """400 invalid_json for what a JSON decoder raised on a request body (None: the body was empty)."""
+    if exc is None:
+        why = "the body is empty; send a JSON object (with at least a prompt)"
+    elif isinstance(exc, RecursionError):
+        why = "the body is not valid JSON here: it is nested too deeply"
+    elif isinstance(exc, UnicodeDecodeError):
+        why = f"the body is not valid JSON: it is not UTF-8 ({exc.reason} at byte {exc.start})"
+    else:
+        why = f"the body is not valid JSON: {exc}"
+    return ApiError(400, "invalid_json", why, reason="invalid")
+
+
+def check_unicode(param: str, text: str) -> None:
+    """400 invalid_encoding for a string holding a lone surrogate (JSON allows ``\\ud800``; UTF-8 does not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, "invalid_encoding", f"{param} is not valid Unicode: a lone surrogate "
+                       f"U+{ord(text[e.start]):04X} at character {e.start}; send UTF-8 text", param,
+                       reason="invalid") from None
 
 
 # Failures that repeat for the same request: the same deadline, the same image too big for memory, the same
@@ -60,6 +89,8 @@ def retry_headers(status: int, code: str) -> dict[str, str]:
 
 def error_body(status: int, code: str, message: str, param: str | None = None,
                request_id: str | None = None) -> dict:
+    # A message may quote the client's input; lone surrogates in it would make the response unencodable.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     err = {"code": code, "message": message, "param": param, "type": error_type(status)}
     if request_id:
         err["request_id"] = request_id
@@ -95,6 +126,8 @@ def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
     kind = e.get("type", "")
     if kind == "json_invalid":
         return f"the body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    if kind == "missing" and param is None:
+        return bad_json(None).message, None
     if kind == "missing":
         return f"{param} is required", param
     if kind == "extra_forbidden":
@@ -115,25 +148,42 @@ def install_handlers(app: FastAPI, metrics) -> None:
     async def _api_error(request: Request, err: ApiError):
         if err.reason:
             metrics.rejected(err.reason)
-        if err.status >= 500:
+        if err.code in SERVER_FAULTS:
             log.error("request %s failed: %s", request_id_of(request), err.message)
+        elif err.status >= 500:
+            log.info("request %s: %d %s: %s", request_id_of(request), err.status, err.code, err.message)
         return error_response(err, request_id_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def _schema_error(request: Request, exc: RequestValidationError):
-        message, param = describe_validation(list(exc.errors()))
+        errors = list(exc.errors())
+        message, param = describe_validation(errors)
         metrics.rejected("invalid")
-        code = "invalid_json" if "not valid JSON" in message else "invalid_request"
-        status = 400 if code == "invalid_json" else 422
+        first = errors[0] if errors else {}
+        syntax = first.get("type") == "json_invalid" or (first.get("type") == "missing" and param is None)
+        code, status = ("invalid_json", 400) if syntax else ("invalid_request", 422)
         return json_error(status, code, message, param, request_id_of(request))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, exc: ClientDisconnect):
+        # The client closed the connection (or the guard did, for a stalled body) while its body was read:
+        # nobody reads this response; it only ends the request (499 in the metrics and the access log).
+        log.info("request %s: the client disconnected while sending its body", request_id_of(request))
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 413:
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, RecursionError | UnicodeDecodeError | ValueError):
+            # FastAPI's own body parsing: its message ("There was an error parsing the body") says nothing
+            return await _api_error(request, bad_json(cause))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 413:  # over max_body_bytes mid-body: close rather than read the rest
             metrics.rejected("too_large")
+            headers["Connection"] = "close"
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         return json_error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), None,
-                          request_id_of(request), getattr(exc, "headers", None))
+                          request_id_of(request), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import time
 from typing import Annotated
@@ -19,12 +18,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from dcar.model.images import mask_to_tensor, pil_to_tensor
 from dcar.model.params import RowResult, SamplingParams
+from dcar.server.auth import check_api_key
 from dcar.server.engine import Engine
-from dcar.server.errors import ApiError, describe_validation, error_body, invalid
+from dcar.server.errors import ApiError, bad_json, describe_validation, error_body, invalid
 from dcar.server.imaging import decode_base64, decode_image, encode_image, media_type, too_large
 from dcar.server.jobs import EditInput, Job
 from dcar.server.logs import note
@@ -59,22 +59,8 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 def require_api_key(request: Request, runtime: RuntimeDep) -> None:
-    """``Authorization: Bearer <key>`` when keys are configured; compared in constant time."""
-    keys = runtime.settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    challenge = {"WWW-Authenticate": "Bearer"}
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing_api_key", "Authorization: Bearer <key> is required", "Authorization",
-                       headers=challenge, reason="unauthorized")
-    given = token.strip().encode()
-    matched = False
-    for key in keys:  # no early exit: the time taken does not depend on which key matched
-        matched |= hmac.compare_digest(given, key.encode())
-    if not matched:
-        raise ApiError(401, "invalid_api_key", "the API key is not valid", "Authorization", headers=challenge,
-                       reason="unauthorized")
+    """The key check of server/auth.py (the edge middleware has already run it, before the body)."""
+    check_api_key(request.headers.get("authorization", ""), runtime.settings.api_keys)
 
 
 Authorized = Annotated[None, Depends(require_api_key)]
@@ -97,34 +83,60 @@ def validate(model: type[BaseModel], data) -> BaseModel:
 
 
 async def read_json(request: Request) -> object:
+    body = await request.body()
+    if not body.strip():
+        raise bad_json(None)
     try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}", reason="invalid") from e
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise bad_json(e) from None
+
+
+class NotUtf8(MultiPartException):
+    def __init__(self, field: str):
+        super().__init__(f"field {field} is not UTF-8")
+        self.field = field
+
+
+class StrictMultiPartParser(MultiPartParser):
+    """Starlette's parser, but a text field that is not UTF-8 is refused instead of read as Latin-1."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode("utf-8")
+            except UnicodeDecodeError:
+                raise NotUtf8(part.field_name) from None
+        super().on_part_end()
 
 
 async def read_form(request: Request, max_image_bytes: int) -> tuple[dict[str, str], dict[str, bytes]]:
     """A multipart body -> (text fields, file fields). Files above ``max_image_bytes`` give 413."""
+    parser = StrictMultiPartParser(request.headers, request.stream(), max_files=4, max_fields=64)
     try:
-        form = await request.form(max_files=4, max_fields=64)
-    except StarletteHTTPException as e:
-        if e.status_code != 400:  # 413 from the body limit passes through
-            raise
-        raise ApiError(400, "invalid_multipart", f"the multipart body is malformed: {e.detail}",
-                       reason="invalid") from e
+        form = await parser.parse()  # a BodyTooLarge (413) from the body limit passes through
+    except NotUtf8 as e:
+        raise ApiError(400, "invalid_encoding", f"multipart field {e.field} is not UTF-8 text", e.field,
+                       reason="invalid") from None
+    except MultiPartException as e:
+        raise ApiError(400, "invalid_multipart", f"the multipart body is malformed: {e.message}",
+                       reason="invalid") from None
     fields: dict[str, str] = {}
     files: dict[str, bytes] = {}
-    for key, value in form.multi_items():
-        name = key[:-2] if key.endswith("[]") else key  # OpenAI clients may send image[]
-        if isinstance(value, UploadFile):
-            if name in files:
-                raise invalid(name, f"{name}: send one file, got several")
-            if value.size is not None and value.size > max_image_bytes:
-                raise too_large(name, value.size, max_image_bytes)
-            files[name] = await value.read()
-        else:
-            fields[name] = value
-    await form.close()
+    try:
+        for key, value in form.multi_items():
+            name = key[:-2] if key.endswith("[]") else key  # OpenAI clients may send image[]
+            if isinstance(value, UploadFile):
+                if name in files:
+                    raise invalid(name, f"{name}: send one file, got several")
+                if value.size is not None and value.size > max_image_bytes:
+                    raise too_large(name, value.size, max_image_bytes)
+                files[name] = await value.read()
+            else:
+                fields[name] = value
+    finally:
+        await form.close()  # the uploads' temporary files
     return fields, files
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from dcar.model import knobs as model_knobs
 from dcar.model.knobs import KNOB_NAMES, KNOBS, KnobError
 from dcar.model.params import MAX_SEED, SamplingParams
-from dcar.server.errors import ApiError, invalid
+from dcar.server.errors import ApiError, check_unicode, invalid
 from dcar.server.settings import parse_size
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
 
 
 def check_prompt(prompt: str, limits: Limits) -> None:
+    check_unicode("prompt", prompt)  # before the tokenizer, which cannot encode a lone surrogate
     if not prompt.strip():
         raise invalid("prompt", "prompt must not be empty")
     if len(prompt) > limits.max_prompt_chars:

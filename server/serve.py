@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from dcar.server import logs
 from dcar.server.app import create_app
+from dcar.server.guard import ConnectionGuard
 from dcar.server.runtime import Runtime
 from dcar.server.settings import Settings
 
@@ -106,6 +107,14 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def uvicorn_config(app, settings: Settings, **options) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``: the connection guard (server/guard.py) as its HTTP protocol, the
+    keep-alive timeout from the settings, and a short graceful shutdown (the drain happened before it)."""
+    guard = ConnectionGuard(settings, app.state.runtime.metrics.registry)
+    return uvicorn.Config(app, http=guard.protocol(), timeout_keep_alive=settings.keepalive_timeout_s,
+                          timeout_graceful_shutdown=5, lifespan="on", **options)
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM; 0 after a clean drain, 1 if the model failed to load, 2 for bad settings."""
     if getattr(args, "ray", False):
@@ -120,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
     log_config = logs.configure(settings.log_format, settings.log_level)
     app = create_app(settings)
     # uvicorn's loggers through dcar's formatter; dcar.access replaces uvicorn's access lines (it knows more)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=log_config, access_log=False, timeout_graceful_shutdown=5, lifespan="on")
+    config = uvicorn_config(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=log_config, access_log=False)
     server = DrainingServer(config, app.state.runtime)
     try:
         server.run()

@@ -1,5 +1,6 @@
-"""A table of bad inputs, each answered with the right status and an error that names the
-field (and the limit where there is one); a good request sent right after each still succeeds."""
+"""A table of bad inputs, each answered with the right status and an error that names the field (and the
+limit where there is one); a good request sent right after each still succeeds, over the same kept-alive
+connection of a live server (only refusals that leave a body unread close it)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ import json
 import struct
 import zlib
 
+import httpx
 import numpy as np
-import pytest
 from PIL import Image
-from server_harness import png_bytes, serve
-
-pytestmark = pytest.mark.anyio
+from reliability_harness import live_dcar
+from server_harness import png_bytes
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -37,23 +37,42 @@ MASK = png_bytes(Image.new("L", (128, 128), 255))
 SMALL = png_bytes(Image.new("RGB", (64, 64), (10, 120, 200)))
 SMALL_MASK = png_bytes(Image.new("L", (64, 64), 255))
 NOISE = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)))
+CLEAR = png_bytes(Image.new("RGBA", (128, 128), (10, 120, 200, 0)))  # OpenAI edits: transparent = regenerate
 B64_IMAGE = base64.b64encode(IMAGE).decode()
 B64_MASK = base64.b64encode(MASK).decode()
+JSON = {"Content-Type": "application/json"}
+DEEP = b"[" * 100_000  # RecursionError in a recursive JSON parser
+SURROGATE = b'"a lone \\ud800 surrogate"'  # valid JSON, not valid Unicode
 
 
 def files(image=IMAGE, mask=MASK):
     return {"image": ("image.png", image, "image/png"), "mask": ("mask.png", mask, "image/png")}
 
 
-class chunked:
+def chunked(data: bytes):
     """A body sent without Content-Length (Transfer-Encoding: chunked), 64 kB at a time."""
+    for i in range(0, len(data), 65536):
+        yield data[i:i + 65536]
 
-    def __init__(self, data: bytes):
-        self.data = data
 
-    async def __aiter__(self):
-        for i in range(0, len(self.data), 65536):
-            yield self.data[i:i + 65536]
+def multipart(fields: dict[str, bytes], image: bytes | None = IMAGE, mask: bytes | None = MASK) -> dict:
+    """A hand-built multipart body, so that field values can be any bytes (httpx encodes str as UTF-8)."""
+    parts = [b'--b\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n' % (k.encode(), v)
+             for k, v in fields.items()]
+    for name, data in (("image", image), ("mask", mask)):
+        if data is not None:
+            parts.append(b'--b\r\nContent-Disposition: form-data; name="%s"; filename="%s.png"\r\n'
+                         b'Content-Type: image/png\r\n\r\n%s\r\n' % (name.encode(), name.encode(), data))
+    return {"content": b"".join(parts) + b"--b--\r\n", "headers": {"Content-Type": "multipart/form-data; boundary=b"}}
+
+
+def json_body(raw: bytes) -> dict:
+    return {"content": raw, "headers": JSON}
+
+
+def edit_json(prompt: bytes = b'"p"', **fields) -> bytes:
+    extra = b"".join(b', "%s": %s' % (k.encode(), json.dumps(v).encode()) for k, v in fields.items())
+    return b'{"prompt": %s, "image": "%s", "mask": "%s"%s}' % (prompt, B64_IMAGE.encode(), B64_MASK.encode(), extra)
 
 
 def gen(**fields):
@@ -132,8 +151,6 @@ CASES = [
      "response_format", "b64_json"),
     ("openai: unknown model", {"json": {"prompt": "p", "model": "dall-e-3"}}, "/v1/images/generations", 400, "model",
      "tiny-random"),
-    ("openai: stream", {"json": {"prompt": "p", "stream": True}}, "/v1/images/generations", 400, "stream",
-     "/v1/generate"),
     ("openai: n too many", {"json": {"prompt": "p", "n": 10}}, "/v1/images/generations", 400, "n", "between 1 and 8"),
     ("openai edit: no mask, no transparency", {"data": {"prompt": "p"}, "files": {"image": ("i.png", IMAGE,
                                                                                            "image/png")}},
@@ -142,6 +159,33 @@ CASES = [
                                                   "files": files()}, "/v1/images/edits", 422, "residual_steps",
      "integer"),
     ("openai edit: JSON body", {"json": {"prompt": "p"}}, "/v1/images/edits", 415, "Content-Type", "multipart"),
+    # Malformed bodies on all four image routes: a specific 4xx code, never a 500, and the connection survives.
+    *[(f"{route}: deeply nested JSON", json_body(DEEP), route, 400, None, "nested too deeply")
+      for route in ("/v1/generate", "/v1/images/generations", "/v1/edit")],
+    *[(f"{route}: lone surrogate in the prompt", json_body(b'{"prompt": ' + SURROGATE + b"}"), route, 400, "prompt",
+       "lone surrogate U+D800") for route in ("/v1/generate", "/v1/images/generations")],
+    ("/v1/edit: lone surrogate in the prompt", json_body(edit_json(SURROGATE)), "/v1/edit", 400, "prompt",
+     "lone surrogate U+D800"),
+    *[(f"{route}: body not UTF-8", json_body(b'{"prompt": "caf\xe9"}'), route, 400, None, "not UTF-8")
+      for route in ("/v1/generate", "/v1/images/generations", "/v1/edit")],
+    *[(f"{route}: timeout 1e-300", {"json": {"prompt": "p", "timeout": 1e-300}}, route, 400, "timeout",
+       "timeout=1e-300") for route in ("/v1/generate", "/v1/images/generations")],
+    ("/v1/edit: timeout 1e-300", json_body(edit_json(timeout=1e-300)), "/v1/edit", 400, "timeout", "timeout=1e-300"),
+    *[(f"{route}: empty body", json_body(b""), route, 400, None, "body is empty")
+      for route in ("/v1/generate", "/v1/images/generations", "/v1/edit")],
+    *[(f"{route}: multipart field not UTF-8", multipart({"prompt": b"caf\xe9"}, mask=mask), route, 400, "prompt",
+       "not UTF-8") for route, mask in (("/v1/edit", MASK), ("/v1/images/edits", None))],
+    *[(f"{route}: multipart lone surrogate", multipart({"prompt": "\ud800".encode("utf-8", "surrogatepass")},
+                                                      mask=mask), route, 400, "prompt", "not UTF-8")
+      for route, mask in (("/v1/edit", MASK), ("/v1/images/edits", None))],
+    *[(f"{route}: multipart timeout 1e-300", multipart({"prompt": b"p", "timeout": b"1e-300"}, image=image, mask=mask),
+       route, 400, "timeout", "timeout=1e-300") for route, image, mask in (("/v1/edit", IMAGE, MASK),
+                                                                         ("/v1/images/edits", CLEAR, None))],
+    *[(f"{route}: multipart with no parts", multipart({}, image=None, mask=None), route, 422, "image", "required")
+      for route in ("/v1/edit", "/v1/images/edits")],
+    ("/v1/images/edits: empty body", {"content": b""}, "/v1/images/edits", 415, "Content-Type", "multipart"),
+    ("/v1/images/edits: too many parts", multipart({f"f{i}": b"x" for i in range(70)}), "/v1/images/edits", 400, None,
+     "too many fields"),
     ("no API key", {"json": GOOD, "headers": {"Authorization": ""}}, "/v1/generate", 401, "Authorization", "Bearer"),
     ("wrong API key", {"json": GOOD, "headers": {"Authorization": "Bearer not-the-key-at-all"}}, "/v1/generate", 401,
      "Authorization", "not valid"),
@@ -150,13 +194,19 @@ CASES = [
 ]
 
 
-async def test_bad_inputs_are_refused_by_name_and_do_not_hurt_the_next_request(pipe):
-    assert len(CASES) >= 25
+def closes(status: int, param: str | None, kwargs: dict) -> bool:
+    """Refusals that leave a body unread (bad key, over max_body_bytes) close the connection, not drain it."""
+    return (status == 413 and param is None) or (status == 401 and any(k in kwargs for k in ("json", "content")))
+
+
+def test_bad_inputs_are_refused_by_name_and_do_not_hurt_the_next_request(pipe):
+    assert len(CASES) >= 60
     problems = []
-    async with serve(pipe, api_keys=KEY, max_image_bytes=MAX_IMAGE_BYTES, max_body_bytes=MAX_BODY_BYTES,
-                     allowed_sizes="128x128", headers=AUTH) as client:
+    with (live_dcar(pipe, api_keys=KEY, max_image_bytes=MAX_IMAGE_BYTES, max_body_bytes=MAX_BODY_BYTES,
+                    allowed_sizes="128x128") as (url, app),
+          httpx.Client(base_url=url, headers=AUTH, timeout=60, limits=httpx.Limits(max_connections=1)) as client):
         for name, kwargs, path, status, param, text in CASES:
-            r = await client.post(path, **kwargs)
+            r = client.post(path, **kwargs)
             try:
                 err = r.json()["error"]
             except (json.JSONDecodeError, KeyError, TypeError):
@@ -170,9 +220,13 @@ async def test_bad_inputs_are_refused_by_name_and_do_not_hurt_the_next_request(p
                 problems.append(f"{name}: message {err['message']!r} lacks {text!r}")
             if param and param not in err["message"] and param != "Authorization":
                 problems.append(f"{name}: message {err['message']!r} does not name {param!r}")
-            good = await client.post("/v1/generate", json=GOOD)
+            good = client.post("/v1/generate", json=GOOD)
             if good.status_code != 200:
                 problems.append(f"{name}: the good request after it failed: {good.status_code} {good.text[:200]}")
-        text = (await client.get("/metrics")).text
+            kept = good.extensions["network_stream"] is r.extensions["network_stream"]
+            if kept == closes(status, param, kwargs) or (r.headers.get("connection") == "close") != closes(status, param, kwargs):
+                problems.append(f"{name}: the connection was {'kept' if kept else 'closed'}")
+        text = client.get("/metrics").text
     assert not problems, "\n".join(problems)
     assert 'dcar_rejections_total{reason="invalid"}' in text
+    assert 'dcar_requests_total{endpoint="/v1/generate",status="500"}' not in text

@@ -5,17 +5,21 @@ Also the ``dcar serve`` argument wiring (server/serve.py) that the CLI mounts.""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from server_harness import metric
+import pytest
+from server_harness import StepHook, metric, metrics_text, serve
 
 from dcar.server.serve import add_arguments, settings_from_args
 
@@ -43,7 +47,8 @@ def test_serve_flags_override_settings():
 def test_sigterm_drains_in_flight_rows_then_exits(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DCAR_DRAIN_TIMEOUT_S": "60"}
+    # a long queue delay: all three requests are accepted however slow this machine is
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DCAR_DRAIN_TIMEOUT_S": "60", "DCAR_MAX_QUEUE_DELAY_S": "600"}
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "dcar.server.serve", "--weights", "preset:tiny", "--port", str(port),
                              "--allowed-sizes", "128x128,256x256", "--max-batch-size", "4", "--max-wait-ms", "0",
@@ -79,6 +84,7 @@ def test_sigterm_drains_in_flight_rows_then_exits(tmp_path):
             assert ready.status_code == 503 and ready.json()["status"] == "draining"
             refused = httpx.post(f"{url}/v1/generate", json={"prompt": "too late"}, timeout=5)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            assert int(refused.headers["retry-after"]) >= 1  # the predicted rest of the drain
             responses = [f.result() for f in inflight]
         assert [r.status_code for r in responses] == [200, 200, 200]
         assert all(len(r.json()["images"]) == 4 for r in responses)
@@ -90,3 +96,34 @@ def test_sigterm_drains_in_flight_rows_then_exits(tmp_path):
         log.seek(0)
         print(log.read())
         log.close()
+
+
+@pytest.mark.anyio
+async def test_the_drain_timeout_is_waited_once_and_client_outcomes_log_below_error(pipe, monkeypatch, caplog):
+    gate = threading.Event()
+
+    def hold(state):
+        if state.rows[0].params.prompt != "warm-up":
+            gate.wait(30)
+
+    StepHook(pipe, monkeypatch, fail=hold)
+    caplog.set_level(logging.INFO)
+    try:
+        async with serve(pipe, drain_timeout_s=1.0, max_wait_ms=0) as client:
+            held = asyncio.create_task(client.post("/v1/generate", json={"prompt": "held", "steps": 2}))
+            while metric(await metrics_text(client), "dcar_rows_running") < 1:
+                await asyncio.sleep(0.01)
+            engine = client.app.state.runtime.engine
+            assert not await engine.drain(1.0)  # the held row does not finish in time: 503
+            r = await held
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            t0 = time.monotonic()
+            assert not await engine.drain(1.0)  # the lifespan drains again: the same deadline, no new wait
+            assert time.monotonic() - t0 < 0.5
+            refused = await client.post("/v1/generate", json={"prompt": "too late"})
+            assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    finally:
+        gate.set()
+    shutdown = [rec for rec in caplog.records if "shut" in rec.getMessage() and rec.name.startswith("dcar")]
+    assert shutdown and all(rec.levelno < logging.ERROR for rec in shutdown), [
+        (rec.levelname, rec.getMessage()) for rec in shutdown]
