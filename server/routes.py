@@ -277,6 +277,7 @@ async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | Non
     ``progress`` per row and step (with a preview if asked), then ``images`` (or ``error``). The place is
     checked at the start and at every keep-alive tick."""
     engine = runtime.engine
+    assert engine is not None  # the job was submitted to it
     try:
         last = queued_event(engine, job, first=True)
         if last is not None:

@@ -17,12 +17,15 @@ import base64
 import io
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 
 from dcar.model.params import SamplingParams
+from dcar.model.pipeline import Pipeline
+from dcar.server.engine import Engine
 from dcar.server.errors import ApiError, error_body, invalid
 from dcar.server.imaging import encode_image
 from dcar.server.jobs import Job
@@ -63,6 +66,16 @@ UNSUPPORTED = {  # OpenAI fields this model cannot honour, and why
 }
 
 
+def served(runtime: Runtime) -> Pipeline:
+    assert runtime.pipeline is not None, "only after runtime.serving()"
+    return runtime.pipeline
+
+
+def engine_of(runtime: Runtime) -> Engine:
+    assert runtime.engine is not None, "only after runtime.serving()"
+    return runtime.engine
+
+
 @dataclass(frozen=True)
 class Plan:
     """What an OpenAI request asks beyond the sampling parameters."""
@@ -80,13 +93,13 @@ class Plan:
         preset = QUALITY_PRESETS[self.quality]
         if preset is None:
             return {}
-        d = runtime.pipeline.config.sampling
+        d = served(runtime).config.sampling
         return {"steps": min(preset[0], d.steps), "residual_steps": min(preset[1], d.residual_steps)}
 
 
 def check_openai(body: OpenAIImageRequest, runtime: Runtime, kind: str) -> Plan:
     """OpenAI-only fields -> a Plan; 400 naming the field for what this server cannot do."""
-    names = (runtime.pipeline.name, "dcar", *runtime.settings.model_aliases)
+    names = (served(runtime).name, "dcar", *runtime.settings.model_aliases)
     if body.model is not None and body.model not in names:
         raise invalid("model", f"model {body.model!r} is not served here; use one of {list(names)}")
     if body.response_format == "url":
@@ -123,7 +136,7 @@ def partial_steps(steps: int, k: int) -> frozenset[int]:
 
 def usage(limits: Limits, runtime: Runtime, p: SamplingParams, images: int, edit: bool) -> Usage:
     """OpenAI's token usage: input = prompt tokens (+ the edited image's tokens), output = image tokens."""
-    f = runtime.pipeline.tokenizer.compression
+    f = served(runtime).tokenizer.compression
     per_image = (p.width // f) * (p.height // f)
     text = limits.count_tokens(p.prompt)
     image_in = per_image if edit else 0
@@ -144,21 +157,21 @@ def make_job(request: Request, runtime: Runtime, limits: Limits, body: OpenAIIma
 
 
 async def respond(request: Request, runtime: Runtime, limits: Limits, job: Job, plan: Plan) -> Response:
-    runtime.engine.submit(job)
+    engine_of(runtime).submit(job)
     note(request, job=job, **({"user": plan.user} if plan.user else {}))
     p = job.params[0]
     use = usage(limits, runtime, p, len(job.params), job.edit is not None)
     if plan.stream:
         return StreamingResponse(stream(runtime, job, plan, use), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    results = await wait_for(request, runtime.engine, job)
+    results = await wait_for(request, engine_of(runtime), job)
     runtime.tracing.job_spans(job, time.monotonic())
     encoded = await encode_all(runtime, job, results, plan.fmt, plan.compression)
     body = OpenAIImagesResponse(
         created=int(time.time()), output_format=plan.fmt, quality=plan.quality, size=f"{p.width}x{p.height}",
         data=[{"b64_json": base64.b64encode(data).decode("ascii"), "seed": r.seed}
               for (data, _), r in zip(encoded, results)],
-        usage=use, safety_identifier=plan.user, model=runtime.pipeline.name, parameters=parameters(p),
+        usage=use, safety_identifier=plan.user, model=served(runtime).name, parameters=parameters(p),
         weights_digest=runtime.weights_digest)
     return JSONResponse(body.model_dump(exclude_none=True))
 
@@ -195,13 +208,14 @@ async def stream(runtime: Runtime, job: Job, plan: Plan, use: Usage):
                     preview = pending[sent][i]
                     if preview is None:
                         continue
-                    event = PartialImageEvent(type=f"{plan.kind}.partial_image", created_at=int(time.time()),
-                                              b64_json=await asyncio.to_thread(_reencode, preview, plan),
-                                              output_format=plan.fmt, partial_image_index=sent,
-                                              quality=plan.quality, size=size)
-                    yield sse(event.type, event.model_dump())
+                    partial = PartialImageEvent(type=f"{plan.kind}.partial_image", created_at=int(time.time()),
+                                                b64_json=await asyncio.to_thread(_reencode, preview, plan),
+                                                output_format=plan.fmt, partial_image_index=sent,
+                                                quality=plan.quality, size=size)
+                    yield sse(partial.type, partial.model_dump())
                 del pending[sent]
                 sent += 1
+        assert job.future is not None  # set by Engine.submit
         try:
             results = job.future.result()
         except ApiError as e:
@@ -214,11 +228,11 @@ async def stream(runtime: Runtime, job: Job, plan: Plan, use: Usage):
             event = CompletedEvent(type=f"{plan.kind}.completed", created_at=int(time.time()),
                                    b64_json=base64.b64encode(data).decode("ascii"), output_format=plan.fmt,
                                    quality=plan.quality, size=size, usage=one, safety_identifier=plan.user,
-                                   seed=r.seed, model=runtime.pipeline.name, parameters=parameters(p),
+                                   seed=r.seed, model=served(runtime).name, parameters=parameters(p),
                                    weights_digest=runtime.weights_digest)
             yield sse(event.type, event.model_dump(exclude_none=True))
     finally:
-        runtime.engine.cancel(job, "disconnected")  # no-op once the job is done
+        engine_of(runtime).cancel(job, "disconnected")  # no-op once the job is done
 
 
 def usage_of_one(use: Usage, n: int) -> Usage:
@@ -228,7 +242,7 @@ def usage_of_one(use: Usage, n: int) -> Usage:
                                   "output_tokens_details": TokenDetails(image_tokens=out, text_tokens=0)})
 
 
-STREAM_DOC = {200: {"content": {"text/event-stream": {}}}}
+STREAM_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 @router.post("/generations", response_model=OpenAIImagesResponse, responses=STREAM_DOC)
@@ -258,7 +272,7 @@ async def images_edits(request: Request, runtime: RuntimeDep, _: Authorized) -> 
     unknown = sorted(files.keys() - {"image", "mask"})
     if unknown:
         raise ApiError(422, "invalid_request", f"{unknown[0]} is not a known field", unknown[0], reason="invalid")
-    body = validate(OpenAIEditFields, fields)
+    body = cast(OpenAIEditFields, validate(OpenAIEditFields, fields))
     plan = check_openai(body, runtime, "image_edit")
     edit_input, size = await asyncio.to_thread(decode_edit, image_bytes, mask_bytes, runtime, limits, True,
                                               size=body.size)

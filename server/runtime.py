@@ -53,7 +53,7 @@ class Runtime:
         self.limits: Limits | None = None
         self.sizes: list[tuple[int, int]] = []
         self.error: str | None = None
-        self.weights_digest: str | None = None  # provenance: the digest of the weights served
+        self.weights_digest = ""  # provenance: the digest of the weights served, set at boot
         self.booting = True
         self.created = int(time.time())
 

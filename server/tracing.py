@@ -15,11 +15,13 @@ import contextlib
 import time
 from collections.abc import Iterator
 
+from fastapi.telemetry import TelemetryConfig
+
 from dcar.server.settings import Settings
 
 SERVICE_NAME = "dcar"
 # FastAPI's telemetry with dcar's tracing off: no spans, even where the process has a tracer provider
-TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
 
 def _wall_ns(monotonic: float) -> int:
@@ -32,7 +34,7 @@ class Tracing:
 
     def __init__(self, settings: Settings):
         self.tracer = None
-        self.telemetry: dict = dict(TELEMETRY_OFF)  # FastAPI(telemetry=...)
+        self.telemetry: TelemetryConfig = {**TELEMETRY_OFF}  # FastAPI(telemetry=...)
         if settings.otel_endpoint is None:
             return
         try:
