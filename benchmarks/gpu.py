@@ -59,17 +59,18 @@ def run_case(pipe: Pipeline, size: int, batch: int, repeat: int) -> dict:
     pipe.generate(params)  # warm-up (and compilation for the optimised path)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    walls, stages = [], {s: [] for s in STAGES}
+    walls, stages, finite = [], {s: [] for s in STAGES}, True
     for _ in range(repeat):
         sync(pipe.device)
         t0 = time.perf_counter()
         results = pipe.generate(params)
         sync(pipe.device)
         walls.append(time.perf_counter() - t0)
+        finite &= all(r.finite for r in results)  # a fast NaN is no result
         for s in STAGES:
             stages[s].append(results[0].timings.get(s, 0.0))
     wall = statistics.median(walls)
-    return {"wall": wall, "img_s": batch / wall, "mem": peak_memory(pipe.device),
+    return {"wall": wall, "img_s": batch / wall, "mem": peak_memory(pipe.device), "finite": finite,
             **{s: statistics.median(v) for s, v in stages.items()}}
 
 
@@ -114,7 +115,7 @@ def main() -> None:
             rows.append((mode, b, run_case(pipe, size, b, args.repeat)))
 
     head = ("| mode | batch | latency s | images/s | unmask ms | head ms | decode ms | TFLOP/s unmask | "
-            "TFLOP/s head | TFLOP/s decode | % of ceiling | peak mem GiB |")
+            "TFLOP/s head | TFLOP/s decode | % of ceiling | peak mem GiB | finite |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for mode, b, m in rows:
@@ -123,12 +124,15 @@ def main() -> None:
         achieved = b * flops.total / m["wall"]
         print(f"| {mode} | {b} | {m['wall']:.3f} | {m['img_s']:.2f} | {m['unmask'] * 1e3:.1f} | "
               f"{m['residual'] * 1e3:.1f} | {m['decode'] * 1e3:.1f} | {tf[0]:.2f} | {tf[1]:.2f} | {tf[2]:.2f} | "
-              f"{100 * achieved / ceiling:.1f} | {m['mem'] / 2**30:.2f} |")
+              f"{100 * achieved / ceiling:.1f} | {m['mem'] / 2**30:.2f} | {'yes' if m['finite'] else 'NO'} |")
     if len(modes) == 2:
         for b in batches:
             e = next(m for mode, bb, m in rows if mode == modes[0] and bb == b)
             o = next(m for mode, bb, m in rows if mode == modes[1] and bb == b)
             print(f"batch {b}: {modes[1]} / {modes[0]} latency = {o['wall'] / e['wall']:.2f}")
+    bad = [(mode, b) for mode, b, m in rows if not m["finite"]]
+    if bad:
+        raise SystemExit(f"non-finite outputs (NaN/inf) in {bad}")
     if args.plot:
         series = {mode: {b: m["wall"] for md, b, m in rows if md == mode} for mode in modes}
         latency_throughput_plot(series, args.plot, f"DC-AR {size}px on {device}, {str(dtype).replace('torch.', '')}")

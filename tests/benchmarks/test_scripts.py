@@ -6,6 +6,7 @@ the table is there with finite numbers, and that the plot is written.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -16,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_script(name: str, *args: str) -> str:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # from the repo root, no extra path: as a user runs them
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,7 +37,8 @@ def test_gpu_script_on_cpu_with_the_tiny_preset(tmp_path):
     rows = table_rows(out, "eager") + table_rows(out, "compiled")
     assert [(r[0], r[1]) for r in rows] == [("eager", "1"), ("eager", "2"), ("compiled", "1"), ("compiled", "2")]
     for r in rows:
-        values = [float(v) for v in r[2:]]
+        assert r[-1] == "yes"  # every output finite
+        values = [float(v) for v in r[2:-1]]
         assert all(v >= 0 and v == v for v in values)
         assert float(r[3]) > 0  # images/s
     assert "compiled / eager latency" in out
@@ -74,3 +76,22 @@ def test_load_script_over_real_http():
         assert float(r[2]) > 0 and float(r[6]) >= 1  # images/s, mean forward batch
         assert r[-1] == "0"  # no failed requests
     assert float(rows[0][7]) == 1.0  # the concurrency-1 row is the sequential baseline
+
+
+def test_device_check_end_to_end_at_toy_size(tmp_path):
+    out = run_script("device_check", "--toy", "--device", "cpu", "--out", str(tmp_path), "--batches", "1",
+                     "--repeat", "1")
+    fin = table_rows(out, "float")  # float32, float16 (bfloat16 starts with b)
+    assert [r[0] for r in fin] == ["float32", "float16"] and all(r[2] == "0" for r in fin)
+    assert table_rows(out, "bfloat16")[0][2] == "0"
+    stages = {r[0]: r for r in table_rows(out, "")}
+    assert stages["one unmasking step"][2] == "1"  # the revealed counts, nothing else
+    assert stages["head loop (all steps)"][2] == "0"
+    assert int(stages["finish (head + decode + copy out)"][2]) >= 1
+    assert re.search(r"Launches per unmasking step: \d+ aten operators", out)
+    speed = [r for mode in ("eager", "compiled", "cuda_graphs") for r in table_rows(out, mode)]
+    assert [(r[0], r[1]) for r in speed] == [("eager", "1"), ("compiled", "1"), ("cuda_graphs", "1")]
+    assert all(float(r[3]) > 0 and r[7] == "yes" for r in speed)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["toy"] and len(results["speed"]) == 3
+    assert (tmp_path / "report.md").read_text().count("|") > 40 and (tmp_path / "latency.png").stat().st_size > 1000
