@@ -10,6 +10,9 @@ Shapes: images (B, 3, H, W) in [-1, 1]; latents (B, C_lat, H/32, W/32).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import overload
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +35,12 @@ class LayerNorm2d(nn.LayerNorm):
         return out.to(x.dtype)
 
 
+@overload
+def build_norm(name: str, channels: int) -> nn.Module: ...
+@overload
+def build_norm(name: None, channels: int) -> None: ...
+@overload
+def build_norm(name: str | None, channels: int) -> nn.Module | None: ...
 def build_norm(name: str | None, channels: int) -> nn.Module | None:
     if name is None:
         return None
@@ -42,6 +51,12 @@ def build_norm(name: str | None, channels: int) -> nn.Module | None:
     raise ValueError(f"unknown norm {name!r}; expected 'ln2d', 'bn2d' or None")
 
 
+@overload
+def build_act(name: str) -> nn.Module: ...
+@overload
+def build_act(name: None) -> None: ...
+@overload
+def build_act(name: str | None) -> nn.Module | None: ...
 def build_act(name: str | None) -> nn.Module | None:
     if name is None:
         return None
@@ -74,7 +89,7 @@ class ConvLayer(nn.Module):
 class OpSequential(nn.Module):
     """Sequential whose children live under ``op_list`` (the official key prefix)."""
 
-    def __init__(self, ops: list[nn.Module | None]):
+    def __init__(self, ops: Sequence[nn.Module | None]):
         super().__init__()
         self.op_list = nn.ModuleList([op for op in ops if op is not None])
 
@@ -278,7 +293,7 @@ class Encoder(nn.Module):
         if trace is not None:
             trace["encoder.project_in"] = x
         for i, stage in enumerate(self.stages):
-            if len(stage.op_list) == 0:
+            if len(stage.op_list) == 0:  # type: ignore[arg-type]  # ModuleList items are typed Module
                 continue
             x = stage(x)
             if trace is not None:
@@ -323,7 +338,7 @@ class Decoder(nn.Module):
             trace["decoder.project_in"] = x
         for i in reversed(range(len(self.stages))):
             stage = self.stages[i]
-            if len(stage.op_list) == 0:
+            if len(stage.op_list) == 0:  # type: ignore[arg-type]  # ModuleList items are typed Module
                 continue
             x = stage(x)
             if trace is not None:

@@ -144,6 +144,6 @@ class BatchState:
             raise ValueError(f"cannot merge batches with token grids {a.grid} and {b.grid}")
         if not (isinstance(a.noise, RowNoise) and isinstance(b.noise, RowNoise)):
             raise ValueError("only per-row noise sources can be merged")
-        return BatchState(a.grid, a.rows + b.rows, torch.cat([a.ids, b.ids]), type(a.text).cat([a.text, b.text]),
+        return BatchState(a.grid, a.rows + b.rows, torch.cat([a.ids, b.ids]), type(a.text).cat([a.text, b.text]),  # type: ignore[list-item]  # both of one kind
                           RowNoise(a.noise.generators + b.noise.generators), torch.cat([a.predicted, b.predicted]),
                           RowKnobs.cat([a.knobs, b.knobs]))

@@ -9,6 +9,7 @@ bandwidth-bound and small next to the matmuls.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -52,7 +53,7 @@ def image_flops(cfg: PipelineConfig, size: int | None = None, steps: int | None 
         caption = torch.zeros(cfg_branches, text_tokens, cfg.generator.context_dim)
         mask = torch.ones(cfg_branches, text_tokens, dtype=torch.long)
         ids = torch.zeros(cfg_branches, n, dtype=torch.long)
-        holder = {}
+        holder: dict[str, Any] = {}
         text_kv = _count(lambda: holder.setdefault("kv", gen.text_kv(caption, mask)))
         step = _count(lambda: gen(ids, holder["kv"], grid))
         rows = cfg_branches * n

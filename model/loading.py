@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+M = TypeVar("M", bound=nn.Module)
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -77,7 +79,7 @@ def check_keys(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tens
         raise LoadError(f"{source}: does not match the model: " + "; ".join(problems))
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> nn.Module:
+def load_strict(module: M, state: dict[str, torch.Tensor], source: str | Path) -> M:
     """Check keys and shapes against ``module`` (which may live on the meta device), then load by assignment."""
     check_keys(state_dict_shapes(module), state, source)
     module.load_state_dict(state, strict=True, assign=True)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -139,12 +140,12 @@ class Sampler:
         self.options = (options or SamplerOptions()).resolve(self.device, next(tokenizer.parameters()).dtype)
         self._forward = generator.forward
         self._head_step = generator.diffloss.denoise_step
-        tokenizer.decoder.to(memory_format=torch.channels_last if self.options.channels_last_decoder
-                             else torch.contiguous_format)
+        tokenizer.decoder.to(memory_format=torch.channels_last if self.options.channels_last_decoder  # type: ignore[call-overload]
+                             else torch.contiguous_format)  # (Module.to takes memory_format; its stubs omit it)
         if self.options.compile or self.options.cuda_graphs:
             # fullgraph: a graph break would silently fall back to eager for part of every step. With buckets
             # the shapes are few and static; without them, one dynamic graph instead of one per shape.
-            kw = dict(fullgraph=True, dynamic=not self.options.pad_buckets)
+            kw: dict[str, Any] = dict(fullgraph=True, dynamic=not self.options.pad_buckets)
             if self.options.cuda_graphs:
                 kw["mode"] = "reduce-overhead"
             self._forward = torch.compile(generator.forward, **kw)
@@ -305,11 +306,11 @@ class Sampler:
         pad = bucket(b, BATCH_BUCKETS) - b
         if state.padded_text is None:  # once per batch composition, not per step
             fill = [2 * b - 2, 2 * b - 1] * pad  # copies of the last row's pair (any valid caption does)
-            state.padded_text = state.text if not pad else state.text.select(list(range(2 * b)) + fill)
+            state.padded_text = state.text if not pad else state.text.select(list(range(2 * b)) + fill)  # type: ignore[assignment]  # cached TextKV
         ids = state.ids
         if pad:
             ids = torch.cat([ids, ids.new_full((pad, ids.shape[1]), self.generator.cfg.mask_token_id)])
-        logits, hidden = self._forward(ids.repeat_interleave(2, 0), state.padded_text, state.grid)
+        logits, hidden = self._forward(ids.repeat_interleave(2, 0), state.padded_text, state.grid)  # type: ignore[arg-type]  # set above
         logits, hidden = logits[: 2 * b], hidden[: 2 * b]
         return logits[0::2].float(), logits[1::2].float(), (hidden[0::2], hidden[1::2])
 
@@ -347,8 +348,9 @@ class Sampler:
         residual = None
         clock = _Clock(dev)
         if use_res:
-            cond = torch.stack([r.final_hidden[0] for r in rows]).reshape(n * length, -1)
-            uncond = torch.stack([r.final_hidden[1] for r in rows]).reshape(n * length, -1)
+            # (every row that took its last step has final_hidden)
+            cond = torch.stack([r.final_hidden[0] for r in rows]).reshape(n * length, -1)  # type: ignore[index]
+            uncond = torch.stack([r.final_hidden[1] for r in rows]).reshape(n * length, -1)  # type: ignore[index]
             k = state.knobs.select(torch.tensor(idx, dtype=torch.long).to(dev))
             g = guidance_on_device(k.guidance_decay, k.guidance_scale, k.steps - 1, k.steps).float()
             noise = state.noise.subset(idx)
@@ -405,7 +407,7 @@ class Sampler:
                 callback(events, state)
             done, state = self.finish(state)
             results.extend(done)
-        return sorted(results, key=lambda r: r.tag)
+        return sorted(results, key=lambda r: r.tag)  # type: ignore[arg-type,return-value]  # tags: the callers' order keys
 
     @torch.inference_mode()
     def preview(self, state: BatchState, index: int, size: int | None = None) -> torch.Tensor:

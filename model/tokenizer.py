@@ -7,6 +7,8 @@ codewords plus residuals (hybrid, the generation path). Images are in [-1, 1].
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -36,7 +38,7 @@ class DCHT(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Any decoder input (B, C, h, w) -> images (B, 3, 32h, 32w), not clamped."""
-        weight = self.decoder.project_in.main.conv.weight
+        weight = cast(torch.Tensor, self.decoder.project_in.main.conv.weight)  # type: ignore[union-attr]
         # Follow the decoder's memory format (channels-last when the sampler asked for it).
         fmt = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and \
             not weight.is_contiguous() else torch.contiguous_format

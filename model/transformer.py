@@ -124,6 +124,8 @@ class Block(nn.Module):
 class CaptionEmbedder(nn.Module):
     """PixArt caption MLP (context_dim -> hidden -> hidden) and the null caption ``y_embedding``."""
 
+    y_embedding: torch.Tensor  # a registered buffer
+
     def __init__(self, cfg: GeneratorConfig):
         super().__init__()
         self.y_proj = Mlp(cfg.context_dim, cfg.hidden_size, cfg.hidden_size)
@@ -224,7 +226,7 @@ class DCARTransformer(nn.Module):
         y = self.y_embedder(caption.to(self.x_embedder.weight.dtype), drop)
         keys, values = [], []
         for blk in self.blocks:
-            k, v = blk.cross_attn.kv(y)
+            k, v = blk.cross_attn.kv(y)  # type: ignore[union-attr,operator]  # ModuleList items are typed Module
             keys.append(k)
             values.append(v)
         return TextKV(keys, values, mask.bool()[:, None, None, :])
