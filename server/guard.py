@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import time
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -50,7 +51,7 @@ class ConnectionGuard:
         self.body_timeout_s = settings.body_timeout_s
         self.keepalive_timeout_s = settings.keepalive_timeout_s
         self.open = 0
-        kw = {"registry": registry} if registry is not None else {}
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
         self.closed = Counter("dcar_connections_closed", "Connections closed by the server's timeouts, by reason "
                               "(idle, header_timeout, body_timeout).", ["reason"], **kw)
         self.refused = Counter("dcar_connections_refused", "Connections refused (503) at max_connections.", **kw)
@@ -90,7 +91,13 @@ def _peer(peer) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "unknown"
 
 
-class _Guarded:
+if TYPE_CHECKING:  # what _Guarded is mixed into (at run time the class is built in ConnectionGuard.protocol)
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _Protocol
+else:
+    _Protocol = object
+
+
+class _Guarded(_Protocol):
     """Mixed into uvicorn's ``HttpToolsProtocol``: one timer per connection, re-armed at each phase."""
 
     guard: ConnectionGuard

@@ -123,7 +123,7 @@ def build_app(settings: dict, opts: RayOptions, cluster_gpus: float | None = Non
     validated = Settings(**settings)  # fail here, not in every replica
     gpus = _cluster_gpus() if cluster_gpus is None else cluster_gpus
     options = deployment_options(validated, opts, gpus)
-    return DcarReplica.options(**options).bind(settings, opts.metrics_port)
+    return DcarReplica.options(**options).bind(settings, opts.metrics_port)  # type: ignore[attr-defined]  # @serve.deployment
 
 
 def app_builder(args: dict):

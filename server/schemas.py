@@ -36,10 +36,10 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 # Every sampling knob as an optional field (unset: the served model's default), typed so that multipart
 # strings are parsed like JSON values; bounds are checked by ``to_params``, not by pydantic, so that a value
 # out of range is a 400 naming the limit. The native and the OpenAI requests both inherit these fields.
-SamplingFields: Any = create_model(
-    "SamplingFields",
-    **{k.name: (k.type | None, Field(None, description=f"{k.describe()}; default: the model's")) for k in KNOBS},
-)
+_KNOB_FIELDS: dict[str, Any] = {
+    k.name: (k.type | None, Field(None, description=f"{k.describe()}; default: the model's")) for k in KNOBS
+}
+SamplingFields: Any = create_model("SamplingFields", **_KNOB_FIELDS)
 
 
 class Knobs(SamplingFields):

@@ -111,7 +111,8 @@ def uvicorn_config(app, settings: Settings, **options) -> uvicorn.Config:
     """uvicorn's configuration for ``app``: the connection guard (server/guard.py) as its HTTP protocol, the
     keep-alive timeout from the settings, and a short graceful shutdown (the drain happened before it)."""
     guard = ConnectionGuard(settings, app.state.runtime.metrics.registry)
-    return uvicorn.Config(app, http=guard.protocol(), timeout_keep_alive=settings.keepalive_timeout_s,
+    # (uvicorn annotates timeout_keep_alive as int; it is a delay for loop.call_later, and floats work)
+    return uvicorn.Config(app, http=guard.protocol(), timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
                           timeout_graceful_shutdown=5, lifespan="on", **options)
 
 
