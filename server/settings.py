@@ -9,7 +9,6 @@ environment after that. Knob names follow the common servers:
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
