@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dcar.model.pipeline import Pipeline
 from dcar.cli.main import main as dcar
+from dcar.model.pipeline import Pipeline
 from dcar.training.evaluate import eval_split, hybrid_vs_discrete, psnr01, reconstruction, ssim
 
 

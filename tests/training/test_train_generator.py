@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.training.conftest import SINGLE, ci_options
 from dcar.training.captions import parse_caption
 from dcar.training.losses import arccos_mask, masked_token_loss
 from dcar.training.pretokenize import load_pretokenized
@@ -20,6 +19,7 @@ from dcar.training.runlog import load_checkpoint
 from dcar.training.scenes import sample_scene
 from dcar.training.streams import TokenData, caption_variant
 from dcar.training.train_generator import GeneratorTrainer, _Step, train_generator
+from tests.training.conftest import SINGLE, ci_options
 
 
 def test_arccos_mask_distribution():

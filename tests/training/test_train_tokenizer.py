@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import torch
 
-from tests.training.conftest import SINGLE, ci_options
 from dcar.training.dataset import SceneDataset
 from dcar.training.runlog import load_checkpoint
 from dcar.training.streams import SceneCrops
 from dcar.training.train_tokenizer import TokenizerTrainer, train_tokenizer
+from tests.training.conftest import SINGLE, ci_options
 
 
 def _rows(path):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dcar.model.images import tensor_to_pil
 from dcar.model.pipeline import Pipeline
+from dcar.training.shapes_eval import EVAL_PROMPTS, detect, verdict
 from dcar.weights import embedded_weights
 
 DEFAULT_WEIGHTS = embedded_weights()
-from dcar.training.shapes_eval import EVAL_PROMPTS, detect, verdict
 
 MAX_BYTES = 40 * 1024 * 1024
 
