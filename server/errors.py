@@ -10,6 +10,8 @@ find the log record; ``x-should-retry: false`` tells clients where repeating the
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -117,7 +119,7 @@ def _loc_to_param(loc) -> str | None:
     return ".".join(parts) or None
 
 
-def describe_validation(errors: list[dict]) -> tuple[str, str | None]:
+def describe_validation(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
     """The first pydantic error as (message naming the field, param)."""
     if not errors:
         return "invalid request", None

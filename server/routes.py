@@ -11,7 +11,7 @@ import asyncio
 import base64
 import json
 import time
-from typing import Annotated
+from typing import Annotated, Literal, TypeVar, overload
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -73,7 +73,10 @@ def request_id(request: Request) -> str:
     return request.scope["state"]["request_id"]
 
 
-def validate(model: type[BaseModel], data) -> BaseModel:
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data) -> M:
     """pydantic validation outside FastAPI's body parsing (forms, manual JSON), with our error shape."""
     try:
         return model.model_validate(data)
@@ -140,6 +143,11 @@ async def read_form(request: Request, max_image_bytes: int) -> tuple[dict[str, s
     return fields, files
 
 
+@overload
+def take_file(fields: dict[str, str], files: dict[str, bytes], name: str,
+              required: Literal[True] = True) -> bytes: ...
+@overload
+def take_file(fields: dict[str, str], files: dict[str, bytes], name: str, required: bool) -> bytes | None: ...
 def take_file(fields: dict[str, str], files: dict[str, bytes], name: str, required: bool = True) -> bytes | None:
     if name in files:
         return files[name]
@@ -188,12 +196,14 @@ async def _client_gone(request: Request) -> None:
 
 async def wait_for(request: Request, engine: Engine, job: Job) -> list[RowResult]:
     """The job's results; drops its rows if the client leaves, 504 once its deadline passes."""
+    future = job.future
+    assert future is not None  # set by Engine.submit
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
         remaining = job.deadline - time.monotonic() + DEADLINE_GRACE_S
-        await asyncio.wait({job.future, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        if job.future.done():
-            return job.future.result()
+        await asyncio.wait({future, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        if future.done():
+            return future.result()
         if watcher.done():
             engine.cancel(job, "disconnected")
             raise ApiError(499, "client_closed_request", "the client disconnected")
@@ -208,7 +218,7 @@ def image_mark(runtime: Runtime, params: SamplingParams) -> Mark | None:
     """What goes into the image file's metadata (None with ``mark_output`` off)."""
     if not runtime.settings.mark_output:
         return None
-    return Mark(runtime.pipeline.name, runtime.weights_digest, parameters(params, seed=True))
+    return Mark(runtime.pipe.name, runtime.weights_digest, parameters(params, seed=True))
 
 
 async def encode_all(runtime: Runtime, job: Job, results: list[RowResult], fmt: str,
@@ -253,7 +263,7 @@ def native_body(runtime: Runtime, job: Job, results: list[RowResult], encoded: l
                                timings=timings))
     p = job.params[0]
     body = GenerateResponse(
-        id=job.id, created=int(time.time()), model=runtime.pipeline.name, size=f"{p.width}x{p.height}",
+        id=job.id, created=int(time.time()), model=runtime.pipe.name, size=f"{p.width}x{p.height}",
         output_format=fmt, images=images,
         timings={"queue_wait": max(im.timings["queue_wait"] for im in images),
                  "total": round(time.monotonic() - job.submitted, 6)},
@@ -289,11 +299,12 @@ async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | Non
                 last = queued if changed else last
                 yield queued if changed else KEEPALIVE
                 continue
-            data = {"index": ev.index, "step": ev.step, "steps": ev.steps, "revealed": ev.revealed,
-                    "tokens": ev.tokens}
+            data: dict[str, object] = {"index": ev.index, "step": ev.step, "steps": ev.steps,
+                                       "revealed": ev.revealed, "tokens": ev.tokens}
             if ev.preview is not None:
                 data["preview"] = ev.preview
             yield sse("progress", data)
+        assert job.future is not None  # set by Engine.submit
         try:
             results = job.future.result()
         except ApiError as e:
@@ -303,11 +314,11 @@ async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | Non
         encoded = await encode_all(runtime, job, results, fmt, quality)
         yield sse("images", native_body(runtime, job, results, encoded, fmt))
     finally:
-        runtime.engine.cancel(job, "disconnected")  # no-op once the job is done
+        engine.cancel(job, "disconnected")  # no-op once the job is done
 
 
 async def run_native(request: Request, runtime: Runtime, job: Job, fmt: str, quality: int | None) -> Response:
-    engine = runtime.engine
+    engine, _ = runtime.serving()
     raw = None if job.stream else raw_format(request)
     if raw is not None and len(job.params) != 1:
         raise ApiError(406, "not_acceptable", f"Accept: {media_type(raw)} returns one raw image, but n="
@@ -408,7 +419,7 @@ async def metrics(runtime: RuntimeDep) -> Response:
 async def models(runtime: RuntimeDep, _: Authorized) -> dict:
     """The served model, in OpenAI's list shape, with its sizes and device."""
     engine, limits = runtime.serving()
-    info = runtime.pipeline.info()
+    info = runtime.pipe.info()
     return {"object": "list", "data": [{
         "id": info["name"], "object": "model", "created": runtime.created, "owned_by": "dcar",
         "native_size": f"{limits.native[0]}x{limits.native[1]}", "sizes": limits.size_list().split(", "),

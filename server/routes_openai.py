@@ -17,7 +17,7 @@ import base64
 import io
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -272,7 +272,7 @@ async def images_edits(request: Request, runtime: RuntimeDep, _: Authorized) -> 
     unknown = sorted(files.keys() - {"image", "mask"})
     if unknown:
         raise ApiError(422, "invalid_request", f"{unknown[0]} is not a known field", unknown[0], reason="invalid")
-    body = cast(OpenAIEditFields, validate(OpenAIEditFields, fields))
+    body = validate(OpenAIEditFields, fields)
     plan = check_openai(body, runtime, "image_edit")
     edit_input, size = await asyncio.to_thread(decode_edit, image_bytes, mask_bytes, runtime, limits, True,
                                               size=body.size)

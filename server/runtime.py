@@ -68,6 +68,12 @@ class Runtime:
             return "warming"
         return self.engine.status
 
+    @property
+    def pipe(self) -> Pipeline:
+        """The served pipeline, for routes that passed ``serving()`` (it is loaded before the engine starts)."""
+        assert self.pipeline is not None, "only after the model loaded"
+        return self.pipeline
+
     def serving(self) -> tuple[Engine, Limits]:
         """The engine and limits, or the 503 that explains why there are none yet."""
         if self.engine is None or self.limits is None:
@@ -81,8 +87,9 @@ class Runtime:
         s = self.settings
         try:
             injected = self.pipeline is not None
-            pipe = self.pipeline or await asyncio.to_thread(load_pipeline, s)
-            self.pipeline = pipe
+            if self.pipeline is None:
+                self.pipeline = await asyncio.to_thread(load_pipeline, s)
+            pipe = self.pipeline
             self.weights_digest = await asyncio.to_thread(weights_digest, None if injected else s.weights, pipe)
             self.sizes = served_sizes(s, pipe)
             # its own tokenizer copy: prompts are counted on the event loop while the worker tokenizes
