@@ -18,10 +18,13 @@ from typing import Protocol
 
 
 class Waiting(Protocol):
-    """What the policy needs to know about a waiting row."""
+    """What the policy needs to know about a waiting row (read-only, so any row type with these fits)."""
 
-    grid: Hashable
-    enqueued: float
+    @property
+    def grid(self) -> Hashable: ...
+
+    @property
+    def enqueued(self) -> float: ...
 
 
 @dataclass(frozen=True)
