@@ -1,5 +1,7 @@
-"""``dcar eval WEIGHTS``: ShapesEval, reconstruction PSNR/SSIM and hybrid vs discrete-only of a weights
-directory; ``--write-card`` also writes its model card (README.md), sample grid and eval.json."""
+"""``dcar eval WEIGHTS``: ShapesEval, the tokenizer ceiling, reconstruction PSNR/SSIM and hybrid vs
+discrete-only of a weights directory; ``--write-card`` also writes its model card (README.md), sample grid
+and eval.json. ``--tokenizer-ceiling`` measures the ceiling alone, of a weights directory or of a tokenizer
+run directory (its checkpoint.pt, mid-training too)."""
 
 from __future__ import annotations
 
@@ -39,7 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-eval", type=int, default=100, help="evaluation-split scenes used")
     parser.add_argument("--recon-sizes", default="256,512")
     parser.add_argument(
-        "--skip", default="", help="comma list of: shapes, discrete, recon, hybrid (default: skip nothing)"
+        "--skip", default="", help="comma list of: shapes, discrete, ceiling, recon, hybrid (default: skip nothing)"
+    )
+    parser.add_argument(
+        "--tokenizer-ceiling",
+        action="store_true",
+        help="only the tokenizer ceiling (ShapesEval of ground-truth scenes after encode -> decode per path); "
+        "WEIGHTS may be a tokenizer run directory; with --write-card it is merged into the existing eval.json",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     add_device_argument(parser)
@@ -52,10 +60,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def _run_ceiling_only(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
+    """The ceiling of a weights directory or a tokenizer run directory; --write-card merges it into eval.json."""
+    from pathlib import Path
+
     import torch
 
     from dcar.model.pipeline import Pipeline
+    from dcar.training.ceiling import format_ceiling, tokenizer_ceiling
+    from dcar.training.model_card import RESULTS, write_card
+    from dcar.training.presets import train_preset
+    from dcar.training.runlog import load_checkpoint
+    from dcar.training.train_tokenizer import load_trained_tokenizer
+
+    path = Path(args.weights)
+    device = resolve_device(args.device)
+    if (path / "checkpoint.pt").is_file():
+        if args.write_card:
+            print("--write-card needs a weights directory, not a tokenizer run", file=sys.stderr)
+            return 2
+        ckpt = load_checkpoint(path)
+        if ckpt is None or ckpt.get("kind") != "tokenizer":
+            print(f"{path}: not a tokenizer run directory", file=sys.stderr)
+            return 2
+        tok = load_trained_tokenizer(path, train_preset(ckpt["preset"]["name"])).to(device)
+        where = f"stage {ckpt['stage'] + 1}, step {ckpt['step']}"
+    else:
+        tok = Pipeline.from_pretrained(path, device=device, dtype=torch.float32).tokenizer
+        where = str(path)
+    result = {"source": where, **tokenizer_ceiling(tok, args.size, seeds)}
+    print(format_ceiling(result))
+    print(f"({where})", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.write_card:
+        results = json.loads((path / RESULTS).read_text()) if (path / RESULTS).is_file() else {}
+        results["tokenizer_ceiling"] = result
+        (path / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {write_card(path, results)}", file=sys.stderr)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = tuple(int(s) for s in args.seeds.split(","))
+    if args.tokenizer_ceiling:
+        return _run_ceiling_only(args, seeds)
+
+    from dcar.model.pipeline import Pipeline
+    from dcar.training.ceiling import format_ceiling, tokenizer_ceiling
     from dcar.training.evaluate import (
         eval_split,
         hybrid_vs_discrete,
@@ -67,12 +124,9 @@ def run(args: argparse.Namespace) -> int:
     from dcar.training.model_card import RESULTS, SAMPLES, write_card
     from dcar.training.shapes_eval import format_results
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     skip = {s for s in args.skip.split(",") if s}
     # float32 on every device: the reported numbers must not depend on where they were measured.
     pipe = Pipeline.from_pretrained(args.weights, device=resolve_device(args.device), dtype=torch.float32)
-    seeds = tuple(int(s) for s in args.seeds.split(","))
     overrides = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     if args.prompts == "tuning":
         overrides["prompts"] = tuning_prompts()
@@ -93,6 +147,12 @@ def run(args: argparse.Namespace) -> int:
                 pipe, args.size, args.steps, seeds, use_residuals=False, **overrides
             )
             print(f"without residuals: overall {results['shapes_eval_discrete']['overall']:.3f}")
+    if "ceiling" not in skip:
+        prompts = overrides.get("prompts")
+        results["tokenizer_ceiling"] = tokenizer_ceiling(
+            pipe.tokenizer, args.size, seeds, **({"prompts": prompts} if prompts else {})
+        )
+        print(format_ceiling(results["tokenizer_ceiling"]))
     if not ({"recon", "hybrid"} <= skip):
         samples = eval_split(args.eval_split, args.num_eval)
         results["eval_images"] = len(samples)

@@ -62,6 +62,9 @@ class TokenizerRecipe:
     disc_lr: float = 2e-4
     disc_ndf: int = 32
     val_images: int = 8  # fixed evaluation-stream images for the sample grid and val.csv
+    # Tokenizer ceiling (training/ceiling.py) at each stage end, at render_size, on these scene seeds of the
+    # ShapesEval prompts; written to ceiling-stage{N}.json (empty: not measured, as for tiny-shapes v1).
+    ceiling_seeds: tuple[int, ...] = ()
 
     @property
     def total_steps(self) -> int:

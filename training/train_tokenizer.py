@@ -14,6 +14,8 @@ inside the stage it was in.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,6 +251,7 @@ class TokenizerTrainer:
                 if dist_utils.agree(timer.due(self.global_step), d.device) and self.step < steps:
                     self.save()
                     timer.reset()
+            self._ceiling()
             self.stage, self.step = self.stage + 1, 0
             if self.stage < len(STAGES):
                 self.opt = self._make_optimizer(self.stage)
@@ -354,6 +357,21 @@ class TokenizerTrainer:
                 self._seed_codes(dead, self._latents(1))
                 row["restarted"] = float(len(dead))
             self.usage.zero_()
+
+    def _ceiling(self) -> None:
+        """The tokenizer ceiling after the stage that just ended (rank 0; rerun if interrupted before the
+        stage's checkpoint, so each stage's file is written whole)."""
+        r = self.recipe
+        if not r.ceiling_seeds or not self.d.main:
+            return
+        from dcar.training.ceiling import tokenizer_ceiling
+
+        result = tokenizer_ceiling(self.tok, r.render_size, r.ceiling_seeds)
+        result.update(stage=self.stage + 1, step=self.global_step)
+        path = self.run_dir / f"ceiling-stage{self.stage + 1}.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        overall = ", ".join(f"{p} {v['overall']:.3f}" for p, v in result["paths"].items())
+        print(f"tokenizer ceiling after stage {self.stage + 1}: {overall}", file=sys.stderr, flush=True)
 
     @torch.no_grad()
     def _sample(self, val_log: CsvLog | None) -> None:

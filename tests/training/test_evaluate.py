@@ -62,7 +62,8 @@ def test_eval_command_writes_the_model_card(ci_weights, tmp_path):
     assert set(results["shapes_eval"]["categories"]) == {
         "single_object", "two_object", "counting", "colors", "position", "color_attr"}
     card = (ci_weights / "README.md").read_text()
-    for needle in ("## ShapesEval", "| **overall** |", "## Tokenizer reconstruction", "| continuous |",
+    assert results["tokenizer_ceiling"]["paths"]["truth"]["overall"] == 1.0
+    for needle in ("## ShapesEval", "| **overall** |", "## Tokenizer ceiling", "## Tokenizer reconstruction", "| continuous |",
                    "## Hybrid vs discrete-only", "## Targets", "## Training"):
         assert needle in card
     gain = results["hybrid_vs_discrete"]["hybrid"]["psnr"] - results["hybrid_vs_discrete"]["discrete"]["psnr"]
@@ -85,11 +86,21 @@ def test_target_rows_mark_met_and_missed():
     }
     rows = {t: (m, ok) for t, m, ok in target_rows(results)}
     assert rows["ShapesEval overall >= 0.80 (256 px, 12 steps)"] == ("0.810", True)
-    assert rows["no ShapesEval category below 0.5"] == ("lowest: position 0.450", False)
+    assert rows["no ShapesEval category below 0.6"] == ("lowest: position 0.450", False)
     assert rows["continuous PSNR >= 30 dB at 256 px"][1] and not rows["discrete PSNR >= 24 dB at 256 px"][1]
     assert rows["continuous PSNR at 512 px within 1.5 dB of 256 px"] == ("-2.00 dB", False)
     assert rows["discrete PSNR at 512 px within 1.5 dB of 256 px"] == ("-0.50 dB", True)
     assert rows["hybrid beats discrete-only (PSNR vs the rendered scene)"][1]
+    def ceiling(truth, cont, disc, size=256):
+        paths = {"truth": truth, "continuous": cont, "hybrid": cont, "discrete": disc}
+        return {"size": size, "paths": {p: {"overall": v} for p, v in paths.items()}}
+
+    rows = {t: (m, ok) for t, m, ok in target_rows({**results, "tokenizer_ceiling": ceiling(1.0, 0.97, 0.9)})}
+    assert rows["tokenizer ceiling, truth path >= 1.00"] == ("1.000", True)
+    assert rows["tokenizer ceiling, continuous path >= 0.97"] == ("0.970", True)
+    assert rows["tokenizer ceiling, discrete path >= 0.92"] == ("0.900", False)
+    assert not any(t.startswith("tokenizer ceiling")
+                   for t, _, _ in target_rows({**results, "tokenizer_ceiling": ceiling(1, 1, 1, size=128)}))
     # ShapesEval targets only count on ShapesEval's prompts at 256 px and 12 steps
     for other in ({"prompts": "tuning"}, {"size": 128}, {"steps": 8}):
         assert not any(t.startswith("ShapesEval") or t.startswith("no ShapesEval")
