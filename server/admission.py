@@ -47,11 +47,11 @@ def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-def admit_or_refuse(req: Request, running: Sequence[tuple[Hashable, int]], waiting: Sequence[tuple[Hashable, int]],
+def admit_or_refuse(req: Request, running: Sequence[tuple[Hashable, int, int]], waiting: Sequence[tuple[Hashable, int]],
                     costs: CostModel, limits: Limits, elapsed: float = 0.0) -> float | None:
     """Raise the refusal, or return the predicted seconds until the request is done (None: no measurements yet).
 
-    ``running``: (grid, steps left) per row in flight; ``waiting``: (grid, steps) per queued row, FIFO;
+    ``running``: (grid, steps left, steps) per row in flight; ``waiting``: (grid, steps) per queued row, FIFO;
     ``elapsed``: seconds since the engine state was last reported (see ``forecast``).
     """
     queued = len(waiting)

@@ -1,30 +1,24 @@
 """The engine: an admission queue on the event loop and one worker thread that owns the model.
 
-Shape (vLLM's three beats, TGI's running batch): the asyncio loop task ``_run`` decides what happens at each
-step boundary (``_plan``: drop rows whose client left or whose deadline passed, admit waiting rows by the
-``BatchPolicy``), hands that plan to the single worker thread (server/worker.py: start the new rows, pack
-them with the running ones into forwards, one unmasking step per forward, head + decode for rows that took
-their last step), then delivers progress and results back to the requests (``_deliver``).
+Shape (vLLM's three beats, TGI's running batch): the loop task ``_run`` decides what happens at each step
+boundary (``_plan``: drop rows whose client left or whose deadline passed, admit waiting rows into free
+slots), hands the plan to the worker thread (server/worker.py: start new rows, pack forwards under the cap,
+one unmasking step each, head + decode for finished rows), then delivers the outcome (``_deliver``).
 
-Concurrency: the loop and the worker thread run at the same time. While the worker steps, the loop accepts
-and refuses requests, cancels jobs and answers /metrics. They share no mutable state: the loop sends a
-``Plan`` (row ids to drop, ``RowSpec``s of admitted rows: params, deadline, stream flag; the batch cap) and
-gets back an ``Outcome`` (progress, results and failures by row id; the measured cost of every forward).
-The loop owns the jobs, tickets, queue, policy, cost model and metrics; the worker owns the model, the
-``BatchState``s and its copies of the row specs. The one shared object is ``_attention``, an Event the loop
-sets when a step boundary is needed (new rows, a cancellation, draining) and the worker only reads.
+Concurrency: the loop and the worker thread run at the same time; while the worker steps, the loop admits and
+refuses requests, cancels jobs and answers /metrics. They share no mutable state. The loop owns jobs,
+tickets, queue, policy, cost model and metrics, and sends a ``Plan`` of plain data (row ids to drop,
+``RowSpec``s to admit: params, deadline, stream flag; the batch cap). The worker owns the model, the
+``BatchState``s and its copies of the specs, and returns an ``Outcome`` (progress, results, failures by row
+id; the measured cost of every forward). The one shared object is ``_attention``, an Event the loop sets
+when a step boundary is needed (new rows, a cancellation, draining) and the worker only reads.
 
-Admission (server/admission.py) predicts each request's completion from the measured per-batch-size costs
-(server/forecast.py) and refuses at once what cannot finish in time, or would wait longer than
-``max_queue_delay_s``; so accepted requests finish, and the backlog stays bounded in seconds.
-
-Rows are images: a request for n images is n rows with seeds seed, seed+1, ... Each row draws from its own
-generator (model/noise.py), so joining, leaving or splitting a batch never changes an image.
-
-Faults: an exception fails the rows of the forward it happened in (500 with the request id), then a probe
-generation checks the model still works (readiness fails if not). ``torch.cuda.OutOfMemoryError`` splits
-the forward in halves and retries each, and lowers the per-forward cap; one row that still does not fit
-fails alone. A row whose image holds NaN or inf fails alone (500 ``non_finite_output``).
+Admission (server/admission.py) predicts a request's completion from measured per-batch-size costs
+(server/forecast.py) and refuses at once what cannot finish in time or would wait over
+``max_queue_delay_s``. Rows are images with their own generators (model/noise.py), so joining, leaving or
+splitting a batch never changes an image. Faults fail only the rows of the forward they hit (500 with the
+request id, server/failures.py), then a probe generation checks the model; out-of-memory splits the forward
+in halves and lowers the cap.
 """
 
 from __future__ import annotations
@@ -40,14 +34,15 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from dcar.model.params import NonFiniteOutput, RowResult, SamplingParams
+from dcar.model.params import RowResult, SamplingParams
 from dcar.server.admission import Limits, Request, admit_or_refuse, retry_after
 from dcar.server.batching import BatchPolicy
 from dcar.server.errors import ApiError
+from dcar.server.failures import failure_error, failure_reason
 from dcar.server.forecast import CostModel, forecast
 from dcar.server.jobs import Job, Progress, RowSpec, Ticket
 from dcar.server.memory import HeapTrimmer
-from dcar.server.worker import ModelWorker, Outcome, OutOfMemory, Plan
+from dcar.server.worker import ModelWorker, Outcome, Plan
 
 log = logging.getLogger("dcar.engine")
 
@@ -62,7 +57,8 @@ class Engine:
     """Queue + batching loop + model worker. Create, ``await start()``, ``await warmup(...)``, ``set_ready()``."""
 
     def __init__(self, pipe, *, max_batch_size: int, max_wait_s: float, max_queue: int, metrics,
-                 max_queue_delay_s: float = 2.0, preview_size: int = 64, probe_size: tuple[int, int] | None = None):
+                 max_queue_delay_s: float = 2.0, trim_heap: bool = True, preview_size: int = 64,
+                 probe_size: tuple[int, int] | None = None):
         self.pipe = pipe
         self.policy = BatchPolicy(max_batch_size, max_wait_s)
         self.costs = CostModel()
@@ -77,7 +73,7 @@ class Engine:
         self._running: dict[int, Ticket] = {}  # admitted rows, by row id, until their result or drop
         self._released: list[str] = []  # edit keys of ended jobs, for the next plan
         self._row_ids = itertools.count()
-        self._reported = time.monotonic()  # when the worker last reported (the state _running describes)
+        self._reported = time.monotonic()  # when _running was last brought up to date (a plan or an outcome)
         self._drain_deadline: float | None = None
         # Set from the loop when a step boundary needs it (new rows, a cancellation, draining): until then
         # the worker keeps stepping without a round trip through the event loop per step.
@@ -89,7 +85,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._worker = ModelWorker(pipe, self._attention, preview_size)
-        self._trimmer = HeapTrimmer(enabled=pipe.device.type == "cpu")
+        self._trimmer = HeapTrimmer(enabled=trim_heap and pipe.device.type == "cpu")
         metrics.set_batch_limit(self.policy.cap)
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -209,7 +205,7 @@ class Engine:
         """Predicted seconds until every accepted row is done (0 when idle or before any measurement)."""
         rows = [(t.grid, t.steps_left) for t in self._running.values()]
         rows += [(t.grid, t.params.steps) for t in self._waiting]
-        fc = forecast([], rows, self.costs, self.policy.max_batch_size, self.policy.cap)
+        fc = forecast([], rows, self.costs, self.policy.max_batch_size, self.policy.cap, refill=False)
         return max(fc.finished, default=0.0) if fc is not None else 0.0
 
     def _publish(self) -> None:
@@ -245,12 +241,11 @@ class Engine:
         grid = self.pipe.sampler.grid_for(p.height, p.width)
         now = time.monotonic()
         limits = Limits(self.policy.max_batch_size, self.policy.cap, self.max_queue, self.max_queue_delay_s)
-        running = [(t.grid, t.steps_left) for t in self._running.values()]
+        running = [(t.grid, t.steps_left, t.params.steps) for t in self._running.values()]
         predicted = admit_or_refuse(Request(grid, n, p.steps, job.timeout, job.deadline - now), running,
                                     [(t.grid, t.params.steps) for t in self._waiting], self.costs, limits,
                                     now - self._reported if running else 0.0)
-        if predicted is not None:
-            log.debug("request %s: predicted done in %.3f s", job.id, predicted)
+        job.predicted_s = predicted
         job.future = self._loop.create_future()
         job.future.add_done_callback(_retrieve)
         job.results = [None] * n
@@ -289,6 +284,9 @@ class Engine:
             job.future.set_exception(error)
         else:
             job.future.set_result(results)
+            if job.predicted_s is not None and job.enqueued is not None:
+                log.debug("request %s: done in %.3f s, predicted %.3f s", job.id, time.monotonic() - job.enqueued,
+                          job.predicted_s)
         if job.events is not None:
             job.events.put_nowait(None)
 
@@ -325,7 +323,8 @@ class Engine:
 
     async def _iterate(self) -> bool:
         """One step boundary + the worker's steps. Returns True when a non-OOM error failed rows."""
-        plan = self._plan(time.monotonic())
+        started = time.monotonic()
+        plan = self._plan(started)
         if plan is None:
             return False
         try:
@@ -333,7 +332,11 @@ class Engine:
         except Exception as exc:  # a bug outside any one batch: fail everything in flight, keep serving
             log.exception("engine iteration failed")
             out = Outcome(failures=[(rid, exc) for rid in self._running])
-        return self._deliver(out)
+        failed = self._deliver(out)
+        if out.rounds:  # what the wall time of these rounds spent outside the forwards: the per-iteration overhead
+            compute = sum(f.step_s + f.finish_s for f in out.forwards) + sum(s for _, _, s in out.starts)
+            self.costs.observe_overhead((time.monotonic() - started - compute) / out.rounds)
+        return failed
 
     def _plan(self, now: float) -> Plan | None:
         # 1. jobs whose deadline passed end now (504); their rows are dropped below.
@@ -360,6 +363,7 @@ class Engine:
             self._publish()
             return None
         release, self._released = tuple(self._released), []
+        self._reported = now
         self._attention.clear()
         self._trimmer.saw(Counter(t.grid for t in self._running.values()))
         self._publish()
@@ -416,23 +420,9 @@ class Engine:
             real_failure |= reason == "error"
             self.metrics.rows_failed(reason, 1)
             if t is not None and not t.job.done:
-                self._close(t.job, "failed", self._failure_error(t, exc))
+                self._close(t.job, "failed", failure_error(t.job.id, t.params, exc))
         self._publish()
         return real_failure
-
-    def _failure_error(self, t: Ticket, exc: BaseException) -> ApiError:
-        p = t.params
-        if isinstance(exc, NonFiniteOutput):
-            log.error("request %s: non-finite output (NaN/inf) for seed %d at %dx%d", t.job.id, p.seed, p.width,
-                      p.height)
-            return ApiError(500, "non_finite_output", f"the generated image held NaN or inf values and was not "
-                            f"delivered; request id {t.job.id}")
-        if isinstance(exc, OutOfMemory):
-            return ApiError(500, "out_of_memory", f"out of memory even for one {p.width}x{p.height} image; "
-                            f"request id {t.job.id}")
-        log.error("request %s: batch failed: %s: %s", t.job.id, type(exc).__name__, exc)
-        return ApiError(500, "internal_error", f"the batch holding this request failed ({type(exc).__name__}: "
-                        f"{exc}); request id {t.job.id}")
 
     async def _probe(self) -> None:
         """After a failed batch: one tiny generation; if even that fails the engine is unhealthy."""
@@ -448,11 +438,3 @@ class Engine:
             for job in list(self._jobs):
                 self._close(job, "failed", self._refusal())
 
-
-def failure_reason(exc: BaseException) -> str:
-    """The bounded ``reason`` label of ``dcar_failed_rows_total`` for a row's failure."""
-    if isinstance(exc, OutOfMemory):
-        return "out_of_memory"
-    if isinstance(exc, NonFiniteOutput):
-        return "non_finite_output"
-    return "error"

@@ -63,6 +63,7 @@ class Job:
     closed: str | None = None  # why it ended early: disconnected, deadline, failed, shutdown
     results: list[RowResult | None] = field(default_factory=list)
     enqueued: float | None = None  # time.monotonic() when its rows entered the queue
+    predicted_s: float | None = None  # admission's forecast of seconds from enqueued to done
     admitted: list[float | None] = field(default_factory=list)  # per row: when it entered the running batch
 
     @property

@@ -106,7 +106,7 @@ class Runtime:
                 self.metrics.watch_gpu_memory(lambda: torch.cuda.memory_allocated(dev),
                                               lambda: torch.cuda.memory_reserved(dev))
             engine = Engine(pipe, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000,
-                            max_queue=s.max_queue, max_queue_delay_s=s.max_queue_delay_s,
+                            max_queue=s.max_queue, max_queue_delay_s=s.max_queue_delay_s, trim_heap=s.trim_heap,
                             metrics=self.metrics, preview_size=s.preview_size,
                             probe_size=self.sizes[0])
             await engine.start()

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # normal latency within about this much. 2 s is a few steps of a full batch, enough to keep the batch full
     # between arrivals, and short enough that a client refused with 429 loses little by retrying.
     max_queue_delay_s: float = Field(2.0, ge=0, description="429 when a request's rows would wait longer for a slot")
+    trim_heap: bool = Field(True, description="on CPU, return freed heap memory to the OS after new batch shapes "
+                                              "(glibc malloc_trim; server/memory.py)")
 
     # --- connections (server/guard.py) -------------------------------------------------------------
     header_timeout_s: float = Field(10.0, gt=0, description="408 and close when request line + headers take longer")

@@ -65,6 +65,7 @@ class Outcome:
     forwards: list[Forward] = field(default_factory=list)
     starts: list[tuple[tuple[int, int], int, float]] = field(default_factory=list)  # (grid, rows, seconds)
     ooms: list[int] = field(default_factory=list)  # sizes that ran out of memory
+    rounds: int = 0  # how many times every group was stepped
 
 
 def _select_list(items: list, idx: Sequence[int]) -> list:
@@ -95,6 +96,7 @@ class ModelWorker:
                 groups, self._groups = self._groups, []
                 for g in groups:
                     self._advance(g, out)  # puts the rows that keep running back into self._groups
+                out.rounds += 1
                 if not self._keep_going(out):
                     break
         except BaseException:

@@ -30,7 +30,7 @@ def live_dcar(pipe: Pipeline, **overrides):
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a loaded machine warms up slowly
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:

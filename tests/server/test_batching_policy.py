@@ -64,7 +64,7 @@ def test_policy_refuses_an_empty_batch_size():
 
 
 def costs_of(step: dict[int, float], finish: dict[int, float], grid=A) -> CostModel:
-    model = CostModel(alpha=1.0)
+    model = CostModel()
     for rows, seconds in step.items():
         model.observe("step", grid, rows, seconds)
     for rows, seconds in finish.items():
@@ -72,25 +72,35 @@ def costs_of(step: dict[int, float], finish: dict[int, float], grid=A) -> CostMo
     return model
 
 
-def test_cost_model_interpolates_and_extrapolates_batch_sizes():
-    model = costs_of({1: 0.10, 2: 0.12, 8: 0.30}, {1: 0.5})
-    assert model.cost("step", A, 2, cap=16) == pytest.approx(0.12)  # measured
-    assert model.cost("step", A, 5, cap=16) == pytest.approx(0.21)  # between 2 and 8
-    assert model.cost("step", A, 12, cap=16) == pytest.approx(0.42)  # slope of the two largest (0.03/row)
-    assert model.cost("step", A, 12, cap=8) == pytest.approx(0.30 + 0.18)  # forwards of 8 and 4 (interpolated)
-    assert model.cost("finish", A, 3, cap=16) == pytest.approx(1.5)  # one point: proportional
+def test_cost_model_fits_a_line_through_the_batch_sizes_seen():
+    model = costs_of({1: 0.10, 2: 0.12, 8: 0.24, 16: 0.40}, {1: 0.5})  # 0.08 + 0.02 x rows
+    assert model.cost("step", A, 2, cap=16) == pytest.approx(0.12)
+    assert model.cost("step", A, 5, cap=16) == pytest.approx(0.18)  # between measured sizes
+    assert model.cost("step", A, 32, cap=32) == pytest.approx(0.72)  # beyond them
+    assert model.cost("step", A, 24, cap=16) == pytest.approx(0.40 + 0.24)  # forwards of 16 and 8
+    assert model.cost("finish", A, 3, cap=16) == pytest.approx(1.5)  # one size seen: proportional
     assert model.cost("step", A, 0, cap=16) == 0.0
-    assert not model.known(B)
+    assert not model.known(B) and model.known(A)
 
 
-def test_cost_model_is_a_moving_average():
-    model = CostModel(alpha=0.5)
-    model.observe("step", A, 1, 1.0)
-    model.observe("step", A, 1, 3.0)
-    model.observe("step", A, 0, 100.0)  # nothing stepped: ignored
-    assert model.table("step", A) == {1: pytest.approx(2.0)}
+def test_one_slow_outlier_does_not_move_the_fit():
+    model = costs_of({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 6: 0.6}, {1: 0.5})
+    model.observe("step", A, 2, 9.0)  # one forward of a starved process
+    assert model.cost("step", A, 2, cap=16) == pytest.approx(0.2)
+    for seconds in (0.01, 0.01, 5.0):
+        model.observe_overhead(seconds)
+    assert model.overhead_s == pytest.approx(0.01)
     with pytest.raises(ValueError, match="kind"):
         model.observe("decode", A, 1, 1.0)
+
+
+def test_the_fit_follows_the_last_measurements():
+    model = CostModel(window=8)
+    for _ in range(8):
+        model.observe("step", A, 4, 0.4)
+    for _ in range(8):  # the machine got twice as slow
+        model.observe("step", A, 4, 0.8)
+    assert model.cost("step", A, 4, cap=4) == pytest.approx(0.8)
 
 
 def test_forecast_knows_nothing_before_a_measurement():
@@ -107,12 +117,24 @@ def test_forecast_of_an_idle_engine_is_steps_times_step_plus_finish():
 def test_forecast_waits_for_running_rows_to_free_slots_fifo():
     model = costs_of({1: 0.1, 2: 0.2}, {1: 1.0, 2: 1.0})
     # Two slots, both busy: one row with 3 steps left, one with 5. Two rows wait, 4 steps each.
-    fc = forecast([(A, 3), (A, 5)], [(A, 4), (A, 4)], model, max_batch_size=2, cap=2)
+    running, waiting = [(A, 3, 12), (A, 5, 12)], [(A, 4), (A, 4)]
+    fc = forecast(running, waiting, model, max_batch_size=2, cap=2, refill=False)
     # t=0.6: 3 steps of 2 rows; the first running row finishes (1.0) -> t=1.6, waiting row 0 joins.
     assert fc.admitted[0] == pytest.approx(1.6)
     # 2 more steps of 2 rows (0.4) -> the second running row finishes (1.0) at 3.0; waiting row 1 joins.
     assert fc.admitted[1] == pytest.approx(3.0)
     # row 0 had 2 steps left: 2 x 0.2 + finish 1.0 -> 4.4; row 1: 2 more steps alone (0.2) + finish -> 5.6
     assert fc.finished == [pytest.approx(4.4), pytest.approx(5.6)]
-    later = forecast([(A, 3), (A, 5)], [(A, 4), (A, 4)], model, max_batch_size=2, cap=2, elapsed=1.0)
+    later = forecast(running, waiting, model, max_batch_size=2, cap=2, elapsed=1.0, refill=False)
     assert later.admitted[0] == pytest.approx(0.6) and later.finished[1] == pytest.approx(4.6)
+
+
+def test_forecast_under_a_steady_load_keeps_the_batch_as_full_as_it_is():
+    model = costs_of({1: 0.1, 2: 0.2, 3: 0.3}, {1: 0.0})
+    running, waiting = [(A, 1, 4), (A, 2, 4)], [(A, 4)]  # three rows of demand now
+    draining = forecast(running, waiting, model, max_batch_size=3, cap=3, refill=False)
+    steady = forecast(running, waiting, model, max_batch_size=3, cap=3)
+    assert draining.admitted == steady.admitted == [0.0]  # a free slot: in at once either way
+    # draining: 0.3 (3 rows), 0.2 (2 rows), then 2 steps alone 0.2 -> 0.7;
+    # steady: the rows that leave are replaced by later arrivals, every step costs 3 rows -> 1.2
+    assert draining.finished == [pytest.approx(0.7)] and steady.finished == [pytest.approx(1.2)]

@@ -1,0 +1,290 @@
+"""Soak test of ``dcar serve``: open-loop load at k x its measured capacity, then how fast it recovers.
+
+1. Starts ``dcar serve`` on 127.0.0.1 (a subprocess; loopback only) and waits until it is ready.
+2. Capacity: ``max_batch_size`` closed-loop clients (each sends its next request when the last returns) for
+   ``--capacity-s`` seconds; images/s, and the latency of one image in a full batch. ``--capacity`` skips it.
+3. Load: Poisson arrivals at k x capacity for ``--duration`` seconds, whatever the server answers (open
+   loop: a slow or refusing server does not slow the arrivals). At most ``--max-in-flight`` requests are
+   outstanding; arrivals beyond that are counted as ``skipped`` (the client's own bound).
+4. Recovery: the moment the load stops, one more request; its latency is the recovery time. Then the
+   outstanding requests are awaited (bounded by their timeouts).
+
+It prints markdown tables: outcomes (accepted 200, 429 by code, 5xx, 504, ...), latency percentiles of the
+successes against the bound max_queue_delay_s + one image at full batch, the server's RSS and queue over time,
+and the recovery. A benchmark prints; it asserts nothing.
+
+    python benchmarks/soak.py [--weights DIR|preset:tiny] [--k 2] [--duration 180] [--capacity-s 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from dcar.server.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red circle", "a blue square on the left", "two green triangles", "a yellow circle",
+           "three purple squares", "a small orange circle", "a large cyan triangle"]  # within every token limit
+
+
+@dataclass
+class Outcome:
+    sent: float  # seconds since the load started
+    latency: float
+    status: int
+    code: str | None = None
+    retry_after: float | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))]
+
+
+def gauges(text: str) -> dict[str, float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if not s.labels:
+                out[s.name] = s.value
+    return out
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "OMP_WAIT_POLICY": "PASSIVE"}  # see benchmarks/load.py: an active spin-wait starves a shared CPU
+    for name, value in args.set:
+        env[f"DCAR_{name.upper()}"] = value
+    cmd = [sys.executable, "-m", "dcar.server.serve", "--weights", args.weights, "--device", args.device,
+           "--port", str(port), "--log-level", args.log_level]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} during startup")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready in 900 s")
+
+
+async def post(client: httpx.AsyncClient, i: int, args, t0: float) -> Outcome:
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
+    if args.steps:
+        body["steps"] = args.steps
+    if args.timeout:
+        body["timeout"] = args.timeout
+    sent = time.monotonic()
+    try:
+        r = await client.post("/v1/generate", json=body)
+    except httpx.HTTPError as e:
+        return Outcome(sent - t0, time.monotonic() - sent, 0, type(e).__name__)
+    try:
+        code = r.json().get("error", {}).get("code") if r.status_code != 200 else None
+    except ValueError:  # not a JSON error body
+        code = None
+    retry = r.headers.get("retry-after")
+    return Outcome(sent - t0, time.monotonic() - sent, r.status_code, code, float(retry) if retry else None)
+
+
+async def recover(client: httpx.AsyncClient, args, t0: float) -> tuple[float, int, Outcome]:
+    """The first request after the load stops, retried as Retry-After says until it succeeds:
+    (seconds from the end of the load to its image, attempts, the successful attempt)."""
+    start = time.monotonic()
+    for attempt in range(1, 100):
+        o = await post(client, 99_999, args, t0)
+        if o.status != 429:
+            return time.monotonic() - start, attempt, o
+        await asyncio.sleep(o.retry_after or 1.0)
+    return time.monotonic() - start, attempt, o
+
+
+async def capacity(client: httpx.AsyncClient, args, clients: int) -> tuple[float, float]:
+    """(images/s, mean latency) of ``clients`` closed-loop clients over ``args.capacity_s`` seconds."""
+    await asyncio.gather(*(post(client, i, args, 0.0) for i in range(clients)))  # fill the batch once
+    done: list[Outcome] = []
+    stop = time.monotonic() + args.capacity_s
+    t0 = time.monotonic()
+
+    async def loop(k: int) -> None:
+        i = k
+        while time.monotonic() < stop:
+            done.append(await post(client, 10_000 + i, args, t0))
+            i += clients
+
+    await asyncio.gather(*(loop(k) for k in range(clients)))
+    ok = [o for o in done if o.status == 200]
+    return len(ok) / (time.monotonic() - t0), statistics.mean(o.latency for o in ok)
+
+
+async def sample(client: httpx.AsyncClient, proc: psutil.Process, t0: float, rows: list, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            g = gauges((await client.get("/metrics")).text)
+        except httpx.HTTPError:
+            g = {}
+        rows.append((time.monotonic() - t0, proc.memory_info().rss / 2**20, g.get("dcar_queue_size", float("nan")),
+                     g.get("dcar_rows_running", float("nan"))))
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def soak(url: str, args, server: psutil.Process) -> None:
+    limits = httpx.Limits(max_connections=args.max_in_flight + 8, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=args.client_timeout, limits=limits) as client:
+        batch = int(gauges((await client.get("/metrics")).text).get("dcar_batch_size_limit", 16))
+        if args.capacity:
+            rate_cap, full_latency = args.capacity, float("nan")
+        else:
+            rate_cap, full_latency = await capacity(client, args, batch)
+        rate = args.k * rate_cap
+        print(f"\ncapacity: {rate_cap:.2f} images/s with {batch} closed-loop clients (latency of an image in a "
+              f"full batch {full_latency:.2f} s); load: {args.k:g} x = {rate:.2f} requests/s for {args.duration:g} s")
+
+        rng = random.Random(args.seed)
+        outcomes: list[Outcome] = []
+        tasks: set[asyncio.Task] = set()
+        skipped = 0
+        samples: list[tuple] = []
+        stop_sampling = asyncio.Event()
+        t0 = time.monotonic()
+        sampler = asyncio.create_task(sample(client, server, t0, samples, stop_sampling))
+        i = 0
+        next_at = t0
+        while next_at < t0 + args.duration:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if len(tasks) >= args.max_in_flight:
+                skipped += 1
+            else:
+                task = asyncio.create_task(post(client, i, args, t0))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), outcomes.append(t.result())))
+            i += 1
+            next_at += rng.expovariate(rate)
+        load_end = time.monotonic()
+        probe = await recover(client, args, t0)
+        idle_after = None
+        while tasks or idle_after is None:
+            g = gauges((await client.get("/metrics")).text)
+            if idle_after is None and g.get("dcar_queue_size", 1) == 0 and g.get("dcar_rows_running", 1) == 0:
+                idle_after = time.monotonic() - load_end
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)
+            elif idle_after is None:
+                await asyncio.sleep(0.2)
+        stop_sampling.set()
+        await sampler
+        info = gauges((await client.get("/metrics")).text)
+    report(args, outcomes, skipped, probe, idle_after, samples, full_latency, info)
+
+
+def report(args, outcomes: list[Outcome], skipped: int, probe: tuple, idle_after: float, samples: list,
+           full_latency: float, info: dict) -> None:
+    kinds = Counter()
+    for o in outcomes:
+        if o.status == 200:
+            kinds["accepted, 200"] += 1
+        elif o.status == 429:
+            kinds[f"429 {o.code}"] += 1
+        elif o.status == 504:
+            kinds["504 (accepted, then expired)"] += 1
+        elif o.status >= 500:
+            kinds[f"{o.status} {o.code}"] += 1
+        else:
+            kinds[f"{o.status or 'transport error'} {o.code}"] += 1
+    total = len(outcomes)
+    print("\n| outcome | requests | share |\n|---|---|---|")
+    for kind in sorted(kinds, key=lambda k: (not k.startswith("accepted"), k)):
+        print(f"| {kind} | {kinds[kind]} | {kinds[kind] / total:.1%} |")
+    if skipped:
+        print(f"| not sent (client bound {args.max_in_flight} in flight) | {skipped} | |")
+    fivexx = sum(v for k, v in kinds.items() if k[:1] == "5")
+    print(f"| **all** | {total} | 5xx: {fivexx}, of which 504: {kinds['504 (accepted, then expired)']} |")
+
+    ok = [o.latency for o in outcomes if o.status == 200]
+    refused = [o for o in outcomes if o.status == 429]
+    delay = float(dict(args.set).get("max_queue_delay_s", Settings.model_fields["max_queue_delay_s"].default))
+    print("\n| latency of successes | p50 | p90 | p99 | max | bound: max_queue_delay_s + one image in a full batch |")
+    print("|---|---|---|---|---|---|")
+    if ok:
+        print(f"| seconds | {percentile(ok, 50):.2f} | {percentile(ok, 90):.2f} | {percentile(ok, 99):.2f} | "
+              f"{max(ok):.2f} | {delay:g} + {full_latency:.2f} = {delay + full_latency:.2f} |")
+    if refused:
+        ra = [o.retry_after for o in refused if o.retry_after is not None]
+        print(f"\n429 answered in p50 {percentile([o.latency for o in refused], 50) * 1000:.0f} ms; "
+              f"Retry-After p50 {percentile(ra, 50):g} s, max {max(ra):g} s, {len(set(ra))} distinct values")
+
+    print("\n| t (s) | server RSS (MiB) | rows queued | rows running |\n|---|---|---|---|")
+    step = max(1, len(samples) // 12)
+    for t, rss, queued, running in samples[::step] + ([samples[-1]] if len(samples) % step != 1 else []):
+        print(f"| {t:.0f} | {rss:.0f} | {queued:.0f} | {running:.0f} |")
+    rss = [s[1] for s in samples]
+    print(f"\nRSS: min {min(rss):.0f} MiB, max {max(rss):.0f} MiB, last {rss[-1]:.0f} MiB")
+    seconds, attempts, last = probe
+    print(f"\nrecovery: the first request after the load stopped had its image ({last.status}) {seconds:.2f} s later "
+          f"({attempts} attempt(s), following Retry-After; the last took {last.latency:.2f} s); the server was idle "
+          f"{idle_after:.1f} s after the load stopped")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default=None, help="weights directory or preset:tiny (default: the embedded model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--k", type=float, default=2.0, help="load as a multiple of the measured capacity")
+    ap.add_argument("--duration", type=float, default=180.0, help="seconds of open-loop load")
+    ap.add_argument("--capacity-s", type=float, default=30.0, help="seconds of the closed-loop capacity measurement")
+    ap.add_argument("--capacity", type=float, default=None, help="images/s; skips the capacity measurement")
+    ap.add_argument("--steps", type=int, default=None, help="unmasking steps per image (default: the model's)")
+    ap.add_argument("--timeout", type=float, default=None, help="per-request timeout (default: the server's)")
+    ap.add_argument("--max-in-flight", type=int, default=2000, help="client-side bound on outstanding requests")
+    ap.add_argument("--client-timeout", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
+    ap.add_argument("--log-level", default="warning", help="the server's log level (debug: predicted vs actual)")
+    ap.add_argument("--set", nargs=2, action="append", default=[], metavar=("SETTING", "VALUE"),
+                    help="a server setting, e.g. --set max_queue_delay_s 2 (as DCAR_MAX_QUEUE_DELAY_S)")
+    args = ap.parse_args()
+    if args.weights is None:
+        from dcar.weights import embedded_weights
+
+        args.weights = str(embedded_weights())
+    port = free_port()
+    proc = start_server(args, port)
+    try:
+        print(f"dcar soak: weights={args.weights} device={args.device} settings={dict(args.set) or 'defaults'} "
+              f"host: {os.cpu_count()} CPUs")
+        asyncio.run(soak(f"http://127.0.0.1:{port}", args, psutil.Process(proc.pid)))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+if __name__ == "__main__":
+    main()
