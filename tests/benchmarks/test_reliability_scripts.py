@@ -1,0 +1,39 @@
+"""The reliability benchmarks run end to end at toy sizes (the tiny random model, seconds of load): every
+table is printed and its numbers add up. They assert nothing about speed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_script(name: str, *args: str) -> str:
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_soak_prints_outcomes_latency_rss_and_recovery():
+    out = run_script("soak", "--weights", "preset:tiny", "--k", "2", "--duration", "6", "--capacity-s", "3",
+                     "--set", "max_queue_delay_s", "0.5")
+    assert re.search(r"capacity: [0-9.]+ images/s with 16 closed-loop clients", out)
+    counts = {m[0]: int(m[1]) for m in re.findall(r"^\| ([^|*]+?) \| (\d+) \| [0-9.]+% \|$", out, re.M)}
+    total = int(re.search(r"^\| \*\*all\*\* \| (\d+) \|", out, re.M).group(1))
+    assert counts.get("accepted, 200", 0) > 0 and sum(counts.values()) == total
+    assert re.search(r"^\| seconds \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| 0.5 \+ [0-9.]+ = [0-9.]+ \|$", out, re.M)
+    assert len(re.findall(r"^\| \d+ \| \d+ \| \d+ \| \d+ \|$", out, re.M)) >= 3  # RSS and queue over time
+    assert re.search(r"recovery: the first request after the load stopped had its image \(200\) [0-9.]+ s later", out)
+
+
+def test_memory_prints_rss_per_burst_with_and_without_the_trim():
+    out = run_script("memory", "--weights", "preset:tiny", "--shapes", "1,2", "--rounds", "1", "--steps", "2")
+    rows = re.findall(r"^\| (start-up|round 1) \| (\d*) \| (\d+) \| (\d+) \|$", out, re.M)
+    assert [(r[0], r[1]) for r in rows] == [("start-up", ""), ("round 1", "1"), ("round 1", "2")]
+    assert re.search(r"DCAR_TRIM_HEAP=true: start-up \d+ MiB, peak \d+ MiB", out)
