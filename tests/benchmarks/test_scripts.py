@@ -95,3 +95,10 @@ def test_device_check_end_to_end_at_toy_size(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["toy"] and len(results["speed"]) == 3
     assert (tmp_path / "report.md").read_text().count("|") > 40 and (tmp_path / "latency.png").stat().st_size > 1000
+
+
+def test_precision_script_prints_a_row_per_dtype():
+    out = run_script("precision", "--size", "64", "--prompts", "2", "--dtypes", "float32,bfloat16")
+    rows = {r[0]: r for r in table_rows(out, "")}
+    assert rows["float32"][1:4] == ["0", "1.000", "0.0000"]  # the reference row compares with itself
+    assert rows["bfloat16"][1] == "0" and 0 <= float(rows["bfloat16"][3]) < 0.2
