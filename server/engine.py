@@ -255,7 +255,7 @@ class Engine:
         self._jobs.add(job)
         self._waiting.extend(Ticket(next(self._row_ids), job, i, grid, now) for i in range(n))
         self._attention.set()
-        self._wake.set()
+        self._wake.set()  # type: ignore[union-attr]  # submit() comes after start()
         self._publish()
 
     def cancel(self, job: Job, reason: str, error: ApiError | None = None) -> None:
@@ -280,6 +280,7 @@ class Engine:
         self._jobs.discard(job)
         if job.edit is not None:
             self._released.append(job.id)
+        assert job.future is not None  # set by submit()
         if error is not None:
             job.future.set_exception(error)
         else:
@@ -305,9 +306,11 @@ class Engine:
                     return
                 delay = self.policy.start_delay(self._waiting, time.monotonic())
                 if delay is None or delay > 0:
-                    self._wake.clear()
+                    wake = self._wake
+                    assert wake is not None  # made by start(), which runs this loop
+                    wake.clear()
                     try:
-                        await asyncio.wait_for(self._wake.wait(), delay)
+                        await asyncio.wait_for(wake.wait(), delay)
                     except asyncio.TimeoutError:
                         pass
                     continue
@@ -393,7 +396,7 @@ class Engine:
                 self.metrics.set_batch_limit(self.policy.lower_cap(size))
         self._learn(out)
         for ev, preview in out.progress:
-            t = self._running.get(ev.tag)
+            t = self._running.get(ev.tag)  # type: ignore[call-overload]  # the sampler's row tags are the row ids
             if t is None:
                 continue
             t.steps_done = ev.step
@@ -401,7 +404,7 @@ class Engine:
             if job.events is not None and not job.done:
                 job.events.put_nowait(Progress(t.index, ev.step, ev.steps, ev.revealed, ev.tokens, preview))
         for res in out.results:
-            t = self._running.pop(res.tag, None)
+            t = self._running.pop(res.tag, None)  # type: ignore[call-overload]  # row ids, as above
             if t is None:
                 continue
             job = t.job
