@@ -86,17 +86,20 @@ $(TYPECHECK_LINKS):
 typecheck: $(VENV)/.installed-test $(TYPECHECK_LINKS)
 	$(BIN)/mypy -p dcar.model -p dcar.server
 
-# The whole training recipe from scratch into weights/dcar-tiny-shapes (about 5 hours on a 2-core CPU).
-# Each step resumes from its checkpoint under runs/tiny-shapes/ and skips what is finished: rerun to continue.
+# The whole training recipe from scratch into weights/dcar-tiny-shapes (about 6 hours on a 2-core CPU) with
+# the newest tiny preset; TINY_PRESET=tiny-shapes is v1, which trained the committed weights.
+# Each step resumes from its checkpoint under runs/<preset>/ and skips what is finished: rerun to continue.
+TINY_PRESET ?= tiny-shapes-v2
+TINY_RUNS ?= runs/$(TINY_PRESET)
 train-tiny: $(VENV)/.installed
-	$(BIN)/dcar train tokenizer --preset tiny-shapes --threads 2 \
-		--out runs/tiny-shapes/tokenizer
-	$(BIN)/dcar train generator --preset tiny-shapes --threads 2 \
-		--tokenizer runs/tiny-shapes/tokenizer --data runs/tiny-shapes/tokens --out runs/tiny-shapes/generator
-	$(BIN)/dcar train export --preset tiny-shapes --tokenizer runs/tiny-shapes/tokenizer \
-		--generator runs/tiny-shapes/generator --out weights/dcar-tiny-shapes
+	$(BIN)/dcar train tokenizer --preset $(TINY_PRESET) --threads 2 \
+		--out $(TINY_RUNS)/tokenizer
+	$(BIN)/dcar train generator --preset $(TINY_PRESET) --threads 2 \
+		--tokenizer $(TINY_RUNS)/tokenizer --data $(TINY_RUNS)/tokens --out $(TINY_RUNS)/generator
+	$(BIN)/dcar train export --preset $(TINY_PRESET) --name dcar-tiny-shapes --tokenizer $(TINY_RUNS)/tokenizer \
+		--generator $(TINY_RUNS)/generator --out weights/dcar-tiny-shapes
 	$(BIN)/dcar eval weights/dcar-tiny-shapes --threads 2 \
-		--eval-split runs/tiny-shapes/eval-split --write-card
+		--eval-split $(TINY_RUNS)/eval-split --write-card
 
 clean-venv:
 	rm -rf $(VENV)

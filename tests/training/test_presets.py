@@ -1,0 +1,95 @@
+"""Training presets: v1 (`tiny-shapes`) keeps the recipe of the committed weights, v2 (`tiny-shapes-v2`)
+changes only what it says, fits the weights budget, trains on whole scenes resumably, and is what
+`make train-tiny` runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dcar.model.text_encoder import TextEncoder
+from dcar.model.tokenizer import DCHT
+from dcar.model.transformer import DCARTransformer
+from dcar.training.presets import CI, TINY_SHAPES, TINY_SHAPES_V2, train_preset
+from dcar.training.train_tokenizer import train_tokenizer
+from tests.training.conftest import SINGLE, ci_options
+
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED = REPO / "weights" / "dcar-tiny-shapes" / "training.json"
+
+
+def _plain(x):
+    return json.loads(json.dumps(x))
+
+
+def test_v1_recipe_is_still_the_committed_weights_recipe():
+    committed = json.loads(COMMITTED.read_text())["preset"]
+    assert committed["name"] == "tiny-shapes"
+    now = _plain(TINY_SHAPES.to_dict())
+    for part in ("tokenizer", "generator"):
+        for key, value in committed[part].items():
+            assert now[part][key] == value, (part, key)
+    assert TINY_SHAPES.tokenizer.ceiling_seeds == ()  # v1 training does not measure (nor slow down)
+
+
+def test_v2_changes_the_tokenizer_recipe_only_where_it_says():
+    v1, v2 = TINY_SHAPES, TINY_SHAPES_V2
+    assert train_preset("tiny-shapes-v2") is v2
+    assert v2.tokenizer.crop == v2.tokenizer.render_size == 256 and v2.tokenizer.crops_per_image == 1
+    assert v2.pipeline.tokenizer.codebook_size == v2.pipeline.generator.codebook_size > 1024
+    assert v2.tokenizer.ceiling_seeds
+    # the discrete stage sees more images than v1 (v1: 4 crops of 128 px = one 256 px image)
+    assert v2.tokenizer.stage_steps[1] * v2.tokenizer.batch > v1.tokenizer.stage_steps[1] * v1.tokenizer.batch // 4
+    assert v2.generator == v1.generator
+    assert v2.pipeline.text_encoder == v1.pipeline.text_encoder
+    assert replace(v2.pipeline.tokenizer, codebook_size=1024) == v1.pipeline.tokenizer
+
+
+def test_v2_weights_fit_the_40_mb_budget():
+    p = TINY_SHAPES_V2.pipeline
+    n = sum(sum(x.numel() for x in m.parameters())
+            for m in (DCHT(p.tokenizer), DCARTransformer(p.generator), TextEncoder.from_config(p.text_encoder)))
+    assert n * 4 <= 40e6, n  # stored float32
+
+
+def _rows(path):
+    return [{k: v for k, v in r.items() if k != "sec"} for r in csv.DictReader(path.open())]
+
+
+def test_v2_recipe_at_toy_size_resumes_step_for_step(tmp_path):
+    toy = replace(CI, name="ci-v2", tokenizer=replace(
+        TINY_SHAPES_V2.tokenizer, render_size=64, crop=64, batch=2, stage_steps=(2, 3, 3), warmup=1,
+        restart_every=2, disc_start=0.5, val_images=1, ceiling_seeds=(0,)))
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train_tokenizer(toy, straight, SINGLE, ci_options())
+    for stop in (1, 4, 7):  # inside each stage
+        assert train_tokenizer(toy, broken, SINGLE, ci_options(stop_at=stop)) == {"stopped_at": stop}
+    train_tokenizer(toy, broken, SINGLE, ci_options())
+    assert _rows(straight / "losses.csv") == _rows(broken / "losses.csv")
+    assert len(_rows(broken / "losses.csv")) == 8
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(broken / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for stage in (1, 2, 3):
+        assert (broken / f"ceiling-stage{stage}.json").is_file()
+
+
+def test_make_train_tiny_trains_v2_into_the_embedded_weights():
+    out = subprocess.run(["make", "-n", "--no-print-directory", "train-tiny"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.replace("\\\n", " ")
+    commands = [shlex.split(line) for line in out.splitlines() if " train " in line or " eval " in line]
+    kinds = [c[c.index("train") + 1] if "train" in c else "eval" for c in commands]
+    assert kinds == ["tokenizer", "generator", "export", "eval"]
+    for c in commands[:3]:
+        assert c[c.index("--preset") + 1] == "tiny-shapes-v2"
+    export = commands[2]
+    assert export[export.index("--out") + 1] == "weights/dcar-tiny-shapes"
+    assert export[export.index("--name") + 1] == "dcar-tiny-shapes"
+    runs = {c[c.index(flag) + 1] for c in commands for flag in ("--out", "--tokenizer") if flag in c}
+    assert "runs/tiny-shapes-v2/tokenizer" in runs and not any(r.startswith("runs/tiny-shapes/") for r in runs)
