@@ -27,7 +27,9 @@ def test_soak_prints_outcomes_latency_rss_and_recovery():
     counts = {m[0]: int(m[1]) for m in re.findall(r"^\| ([^|*]+?) \| (\d+) \| [0-9.]+% \|$", out, re.M)}
     total = int(re.search(r"^\| \*\*all\*\* \| (\d+) \|", out, re.M).group(1))
     assert counts.get("accepted, 200", 0) > 0 and sum(counts.values()) == total
-    assert re.search(r"^\| seconds \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| 0.5 \+ [0-9.]+ = [0-9.]+ \|$", out, re.M)
+    for part in ("latency \\(client\\)", "queue wait \\(limit max_queue_delay_s = 0.5\\)", "the rest: in the batch"):
+        assert re.search(rf"^\| {part}[^|]* \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", out, re.M), part
+    assert re.search(r"bound: max_queue_delay_s \+ one image .* = 0.5 \+ [0-9.]+ = [0-9.]+ s; p99 latency", out)
     assert len(re.findall(r"^\| \d+ \| \d+ \| \d+ \| \d+ \|$", out, re.M)) >= 3  # RSS and queue over time
     assert re.search(r"recovery: the first request after the load stopped had its image \(200\) [0-9.]+ s later", out)
 
