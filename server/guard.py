@@ -14,8 +14,9 @@ client fails. ``ConnectionGuard.protocol()`` is uvicorn's httptools protocol wit
   keeping the process below the open-files limit.
 
 Every close and refusal is counted (``dcar_connections_closed_total{reason}``,
-``dcar_connections_refused_total``, ``dcar_connections_open``) and logged at WARNING, at most once per
-``LOG_EVERY_S`` per reason with the count since the last line (a flood must not flood the log).
+``dcar_connections_refused_total``, ``dcar_connections_open``) and logged, at most once per ``LOG_EVERY_S``
+per reason with the count since the last line (a flood must not flood the log): timeouts and refusals at
+WARNING, idle closes at INFO (browsers open spare connections they may never use).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class ConnectionGuard:
             n = self._unlogged.pop(reason)
             self._last_log[reason] = now
             more = f" ({n - 1} more since the last report)" if n > 1 else ""
-            log.warning("connection from %s %s: %s%s", _peer(peer), "refused" if reason == "refused" else "closed",
-                        detail, more)
+            log.log(logging.INFO if reason == "idle" else logging.WARNING, "connection from %s %s: %s%s", _peer(peer),
+                    "refused" if reason == "refused" else "closed", detail, more)
 
     def protocol(self) -> type[asyncio.Protocol]:
         """uvicorn's httptools protocol with this guard's limits (plain uvicorn h11 without httptools)."""
