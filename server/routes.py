@@ -323,13 +323,13 @@ async def run_native(request: Request, runtime: Runtime, job: Job, fmt: str, qua
     if raw is not None and len(job.params) != 1:
         raise ApiError(406, "not_acceptable", f"Accept: {media_type(raw)} returns one raw image, but n="
                        f"{len(job.params)}; ask for application/json or n=1", "n", reason="invalid")
-    note(request, job=job)
+    note(request, job=job)  # before submit: a refused request's access record still says what it asked
     engine.submit(job)
     if job.stream:
         return StreamingResponse(stream_events(runtime, job, fmt, quality), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    runtime.tracing.job_spans(job, time.monotonic())
     results = await wait_for(request, engine, job)
+    runtime.tracing.job_spans(job, time.monotonic())
     if raw is not None:
         (data, seconds), = await encode_all(runtime, job, results, raw, quality)
         return Response(data, media_type=media_type(raw), headers={"X-Seed": str(results[0].seed)})
