@@ -38,8 +38,11 @@ from dcar.model.sampler import SamplerOptions
 from dcar.training.shapes_eval import EVAL_PROMPTS
 from dcar.weights import embedded_weights
 
-MODES = {"eager": SamplerOptions(), "compiled": SamplerOptions(compile=True),
-         "cuda_graphs": SamplerOptions(cuda_graphs=True)}
+MODES = {
+    "eager": SamplerOptions(),
+    "compiled": SamplerOptions(compile=True),
+    "cuda_graphs": SamplerOptions(cuda_graphs=True),
+}
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
@@ -61,6 +64,7 @@ class HostReads:
             if self._on:
                 self.reads += 1
             return original(t, *args, **kwargs)
+
         return method
 
     @contextmanager
@@ -90,7 +94,9 @@ def finiteness(device: torch.device, size: int, prompts: int) -> list[dict]:
     rows, reference = [], None
     for dtype in ("float32", "float16", "bfloat16"):
         pipe = Pipeline.from_pretrained(embedded_weights(), device=device, dtype=dtype)
-        results = pipe.generate([pipe.params(t, seed=s, height=size, width=size) for t in texts for s in (0, 1)])
+        results = pipe.generate(
+            [pipe.params(t, seed=s, height=size, width=size) for t in texts for s in (0, 1)]
+        )
         images = torch.stack([r.image for r in results])
         bad = sum(not r.finite for r in results)
         diff = 0.0 if reference is None else (images - reference).abs().mean().item()
@@ -141,7 +147,9 @@ def syncs_and_launches(pipe: Pipeline, size: int, batch: int) -> dict:
         sync(pipe.device)
     events = prof.key_averages()
     if pipe.device.type == "cuda":
-        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+        launches = sum(
+            e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")
+        )
         unit = "CUDA kernel launches"
     else:
         launches = sum(e.count for e in events if e.key.startswith("aten::"))
@@ -153,11 +161,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="device-check", help="folder for report.md, results.json, latency.png")
-    ap.add_argument("--toy", action="store_true", help="tiny preset, small sizes (the CPU test of this script)")
+    ap.add_argument(
+        "--toy", action="store_true", help="tiny preset, small sizes (the CPU test of this script)"
+    )
     ap.add_argument("--modes", default="eager,compiled,cuda_graphs")
     ap.add_argument("--batches", default=None, help="default 1,16,64 (toy: 1,2)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--budget-s", type=float, default=480.0, help="skip speed cases that would start after this")
+    ap.add_argument(
+        "--budget-s", type=float, default=480.0, help="skip speed cases that would start after this"
+    )
     args = ap.parse_args()
     t_start = time.monotonic()
     torch.set_grad_enabled(False)
@@ -174,13 +186,17 @@ def main() -> int:
         cfg, size, dtype, mm = PIPELINE_PRESETS["tiny"], 128, torch.float32, 256
         batches, fin_size, fin_prompts, sync_batch = args.batches or "1,2", 128, 2, 2
     else:  # T5-base-sized encoder on bytes: random weights need no vocabulary file
-        cfg = replace(PIPELINE_PRESETS["dc-ar-512"], text_encoder=replace(T5_BASE, tokenizer="byt5", vocab_size=384))
+        cfg = replace(
+            PIPELINE_PRESETS["dc-ar-512"], text_encoder=replace(T5_BASE, tokenizer="byt5", vocab_size=384)
+        )
         size, dtype, mm = 512, torch.float16, 8192 if device.type == "cuda" else 1024
         batches, fin_size, fin_prompts, sync_batch = args.batches or "1,16,64", 256, 16, 16
     batches = [int(b) for b in batches.split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     dt_name = str(dtype).replace("torch.", "")
-    say(f"# dcar device check: {name}, torch {torch.__version__}, {'toy (tiny preset)' if args.toy else 'dc-ar-512'}")
+    say(
+        f"# dcar device check: {name}, torch {torch.__version__}, {'toy (tiny preset)' if args.toy else 'dc-ar-512'}"
+    )
     results: dict = {"device": name, "torch": torch.__version__, "toy": args.toy}
 
     say("\n## 1. Finiteness per dtype (embedded tiny-shapes model)\n")
@@ -196,8 +212,12 @@ def main() -> int:
     # Random init zeroes the head's output layers: give them weights so the head's numerics are exercised.
     g = torch.Generator().manual_seed(0)
     head = base.generator.diffloss.net
-    for lin in [base.generator.final_layer.linear, head.final_layer.linear, head.final_layer.adaLN_modulation[-1],
-                *(b.adaLN_modulation[-1] for b in head.res_blocks)]:
+    for lin in [
+        base.generator.final_layer.linear,
+        head.final_layer.linear,
+        head.final_layer.adaLN_modulation[-1],
+        *(b.adaLN_modulation[-1] for b in head.res_blocks),
+    ]:
         lin.weight.copy_((torch.randn(lin.weight.shape, generator=g) * 0.02).to(lin.weight))
 
     say(f"\n## 2. Host syncs per stage (batch {sync_batch}, {size} px, {dt_name}, eager)\n")
@@ -218,8 +238,16 @@ def main() -> int:
     say("|---|---|---|---|---|---|---|---|")
     speed = []
     for mode in args.modes.split(","):
-        pipe = Pipeline(base.config, base.tokenizer, base.generator, base.text_encoder, name=mode, device=device,
-                        dtype=dtype, options=MODES[mode])
+        pipe = Pipeline(
+            base.config,
+            base.tokenizer,
+            base.generator,
+            base.text_encoder,
+            name=mode,
+            device=device,
+            dtype=dtype,
+            options=MODES[mode],
+        )
         for b in batches:
             if time.monotonic() - t_start > args.budget_s:
                 say(f"| {mode} | {b} | skipped (time budget) | | | | | |")
@@ -228,8 +256,10 @@ def main() -> int:
             achieved = b * flops.total / m["wall"]
             any_bad |= not m["finite"]
             speed.append({"mode": mode, "batch": b, **m, "tflops": achieved / 1e12})
-            say(f"| {mode} | {b} | {m['wall']:.3f} | {m['img_s']:.2f} | {m['mem'] / 2**30:.2f} | "
-                f"{achieved / 1e12:.2f} | {100 * achieved / ceiling:.1f} | {'yes' if m['finite'] else 'NO'} |")
+            say(
+                f"| {mode} | {b} | {m['wall']:.3f} | {m['img_s']:.2f} | {m['mem'] / 2**30:.2f} | "
+                f"{achieved / 1e12:.2f} | {100 * achieved / ceiling:.1f} | {'yes' if m['finite'] else 'NO'} |"
+            )
     results["speed"] = speed
     results["matmul_ceiling_tflops"] = ceiling / 1e12
     results["wall_s"] = time.monotonic() - t_start

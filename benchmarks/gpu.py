@@ -70,8 +70,13 @@ def run_case(pipe: Pipeline, size: int, batch: int, repeat: int) -> dict:
         for s in STAGES:
             stages[s].append(results[0].timings.get(s, 0.0))
     wall = statistics.median(walls)
-    return {"wall": wall, "img_s": batch / wall, "mem": peak_memory(pipe.device), "finite": finite,
-            **{s: statistics.median(v) for s, v in stages.items()}}
+    return {
+        "wall": wall,
+        "img_s": batch / wall,
+        "mem": peak_memory(pipe.device),
+        "finite": finite,
+        **{s: statistics.median(v) for s, v in stages.items()},
+    }
 
 
 def main() -> None:
@@ -87,44 +92,72 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
     if args.tiny:
         cfg, size, batches, mm = PIPELINE_PRESETS["tiny"], args.size or 128, args.batches or "1,4", 256
     else:  # T5-base-sized encoder on bytes: no vocabulary file is needed for random weights
-        cfg = replace(PIPELINE_PRESETS["dc-ar-512"], text_encoder=replace(T5_BASE, tokenizer="byt5", vocab_size=384))
-        size, batches, mm = args.size or 512, args.batches or "1,16,32,64", 8192 if device.type == "cuda" else 1024
+        cfg = replace(
+            PIPELINE_PRESETS["dc-ar-512"], text_encoder=replace(T5_BASE, tokenizer="byt5", vocab_size=384)
+        )
+        size, batches, mm = (
+            args.size or 512,
+            args.batches or "1,16,32,64",
+            8192 if device.type == "cuda" else 1024,
+        )
     batches = [int(b) for b in batches.split(",")]
 
     ceiling = matmul_ceiling(device, dtype, mm)
     flops = image_flops(cfg, size=size)
-    print(f"# gpu benchmark: device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()}) "
-          f"dtype={str(dtype).replace('torch.', '')} torch={torch.__version__} preset={'tiny' if args.tiny else 'dc-ar-512'} {size}px")
+    print(
+        f"# gpu benchmark: device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()}) "
+        f"dtype={str(dtype).replace('torch.', '')} torch={torch.__version__} preset={'tiny' if args.tiny else 'dc-ar-512'} {size}px"
+    )
     print(f"# matmul ceiling ({mm}^3, {str(dtype).replace('torch.', '')}): {ceiling / 1e12:.2f} TFLOP/s")
-    print(f"# FLOPs per image: unmask {flops.unmask / 1e9:.1f} G, head {flops.residual / 1e9:.1f} G, "
-          f"decode {flops.decode / 1e9:.1f} G, total {flops.total / 1e9:.1f} G -> ceiling "
-          f"{ceiling / flops.total:.1f} images/s")
+    print(
+        f"# FLOPs per image: unmask {flops.unmask / 1e9:.1f} G, head {flops.residual / 1e9:.1f} G, "
+        f"decode {flops.decode / 1e9:.1f} G, total {flops.total / 1e9:.1f} G -> ceiling "
+        f"{ceiling / flops.total:.1f} images/s"
+    )
 
     rows = []
     modes = args.modes.split(",")
     base = Pipeline.from_config(cfg, device=device, dtype=dtype, name="random")
     for mode in modes:
         options = SamplerOptions(compile=(mode == "compiled"))
-        pipe = Pipeline(base.config, base.tokenizer, base.generator, base.text_encoder, name=mode,
-                        device=device, dtype=dtype, options=options)
+        pipe = Pipeline(
+            base.config,
+            base.tokenizer,
+            base.generator,
+            base.text_encoder,
+            name=mode,
+            device=device,
+            dtype=dtype,
+            options=options,
+        )
         for b in batches:
             rows.append((mode, b, run_case(pipe, size, b, args.repeat)))
 
-    head = ("| mode | batch | latency s | images/s | unmask ms | head ms | decode ms | TFLOP/s unmask | "
-            "TFLOP/s head | TFLOP/s decode | % of ceiling | peak mem GiB | finite |")
+    head = (
+        "| mode | batch | latency s | images/s | unmask ms | head ms | decode ms | TFLOP/s unmask | "
+        "TFLOP/s head | TFLOP/s decode | % of ceiling | peak mem GiB | finite |"
+    )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for mode, b, m in rows:
-        tf = [b * f / max(m[s], 1e-9) / 1e12 for f, s in ((flops.unmask, "unmask"), (flops.residual, "residual"),
-                                                            (flops.decode, "decode"))]
+        tf = [
+            b * f / max(m[s], 1e-9) / 1e12
+            for f, s in ((flops.unmask, "unmask"), (flops.residual, "residual"), (flops.decode, "decode"))
+        ]
         achieved = b * flops.total / m["wall"]
-        print(f"| {mode} | {b} | {m['wall']:.3f} | {m['img_s']:.2f} | {m['unmask'] * 1e3:.1f} | "
-              f"{m['residual'] * 1e3:.1f} | {m['decode'] * 1e3:.1f} | {tf[0]:.2f} | {tf[1]:.2f} | {tf[2]:.2f} | "
-              f"{100 * achieved / ceiling:.1f} | {m['mem'] / 2**30:.2f} | {'yes' if m['finite'] else 'NO'} |")
+        print(
+            f"| {mode} | {b} | {m['wall']:.3f} | {m['img_s']:.2f} | {m['unmask'] * 1e3:.1f} | "
+            f"{m['residual'] * 1e3:.1f} | {m['decode'] * 1e3:.1f} | {tf[0]:.2f} | {tf[1]:.2f} | {tf[2]:.2f} | "
+            f"{100 * achieved / ceiling:.1f} | {m['mem'] / 2**30:.2f} | {'yes' if m['finite'] else 'NO'} |"
+        )
     if len(modes) == 2:
         for b in batches:
             e = next(m for mode, bb, m in rows if mode == modes[0] and bb == b)
@@ -135,7 +168,9 @@ def main() -> None:
         raise SystemExit(f"non-finite outputs (NaN/inf) in {bad}")
     if args.plot:
         series = {mode: {b: m["wall"] for md, b, m in rows if md == mode} for mode in modes}
-        latency_throughput_plot(series, args.plot, f"DC-AR {size}px on {device}, {str(dtype).replace('torch.', '')}")
+        latency_throughput_plot(
+            series, args.plot, f"DC-AR {size}px on {device}, {str(dtype).replace('torch.', '')}"
+        )
 
 
 if __name__ == "__main__":

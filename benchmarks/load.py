@@ -114,7 +114,10 @@ def child_env(args) -> dict[str, str]:
     OpenMP's default active spin-wait makes a 2-thread CPU run up to ~100x slower while another process
     keeps a core busy (seen on shared 2-core hosts); ``--omp-wait-policy PASSIVE`` (the default) avoids it.
     """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     if args.omp_wait_policy:
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     return env
@@ -122,19 +125,48 @@ def child_env(args) -> dict[str, str]:
 
 def measure_direct(args, levels: list[int]) -> tuple[float, dict[int, float]]:
     """Run the direct-Pipeline measurement in a child process with the server's environment."""
-    cmd = [sys.executable, __file__, "--direct-only", "--weights", args.weights, "--device", args.device,
-           "--concurrency", ",".join(map(str, levels)), "--direct-images", str(args.direct_images)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--direct-only",
+        "--weights",
+        args.weights,
+        "--device",
+        args.device,
+        "--concurrency",
+        ",".join(map(str, levels)),
+        "--direct-images",
+        str(args.direct_images),
+    ]
     cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--steps", str(args.steps)] if args.steps else []
-    out = subprocess.run(cmd, cwd=REPO, env=child_env(args), check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        cmd, cwd=REPO, env=child_env(args), check=True, capture_output=True, text=True
+    ).stdout
     data = json.loads(out.strip().splitlines()[-1])
     return data["single"], {int(k): v for k, v in data["batched"].items()}
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "dcar.server.serve", "--weights", args.weights, "--device", args.device,
-           "--port", str(port), "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-           "--max-queue", str(max(256, 4 * args.max_batch_size)), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dcar.server.serve",
+        "--weights",
+        args.weights,
+        "--device",
+        args.device,
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue",
+        str(max(256, 4 * args.max_batch_size)),
+        "--log-level",
+        "warning",
+    ]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(args))
@@ -158,14 +190,20 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--concurrency", default="1,2,4,8,16,32", help="comma-separated client counts")
-    ap.add_argument("--requests", type=int, default=0,
-                    help="requests per level (default: max(16, 4 x concurrency))")
-    ap.add_argument("--steps", type=int, default=None, help="unmasking steps per image (default: the model's)")
+    ap.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default: max(16, 4 x concurrency))"
+    )
+    ap.add_argument(
+        "--steps", type=int, default=None, help="unmasking steps per image (default: the model's)"
+    )
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=0.0)
     ap.add_argument("--direct-images", type=int, default=32, help="images per direct-Pipeline measurement")
-    ap.add_argument("--omp-wait-policy", default="PASSIVE",
-                    help="OMP_WAIT_POLICY of the measured processes ('' keeps the environment's)")
+    ap.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY of the measured processes ('' keeps the environment's)",
+    )
     ap.add_argument("--direct-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -187,14 +225,20 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=120)
 
-    print(f"\ndcar load benchmark: weights={args.weights} device={args.device} "
-          f"max_batch_size={args.max_batch_size} max_wait_ms={args.max_wait_ms:g} steps={args.steps or 'default'} "
-          f"OMP_WAIT_POLICY={child_env(args).get('OMP_WAIT_POLICY', 'unset')}")
-    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"\ndcar load benchmark: weights={args.weights} device={args.device} "
+        f"max_batch_size={args.max_batch_size} max_wait_ms={args.max_wait_ms:g} steps={args.steps or 'default'} "
+        f"OMP_WAIT_POLICY={child_env(args).get('OMP_WAIT_POLICY', 'unset')}"
+    )
+    print(
+        f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"direct Pipeline, one image per call: {single:.2f} images/s\n")
-    header = ("| clients | requests | images/s | p50 s | p95 s | p99 s | mean batch | x sequential HTTP "
-              "| x direct (1/call) | x direct (static batch) | errors |")
+    header = (
+        "| clients | requests | images/s | p50 s | p95 s | p99 s | mean batch | x sequential HTTP "
+        "| x direct (1/call) | x direct (static batch) | errors |"
+    )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     base = None
@@ -202,9 +246,11 @@ def main() -> None:
         lat = r["latencies"]
         rate = len(lat) / r["wall"]
         base = base or rate
-        print(f"| {c} | {len(lat)} | {rate:.2f} | {statistics.median(lat):.3f} | {percentile(lat, 95):.3f} | "
-              f"{percentile(lat, 99):.3f} | {r['mean_batch']:.2f} | {rate / base:.2f} | {rate / single:.2f} | "
-              f"{rate / batched[c]:.2f} | {r['failures']} |")
+        print(
+            f"| {c} | {len(lat)} | {rate:.2f} | {statistics.median(lat):.3f} | {percentile(lat, 95):.3f} | "
+            f"{percentile(lat, 99):.3f} | {r['mean_batch']:.2f} | {rate / base:.2f} | {rate / single:.2f} | "
+            f"{rate / batched[c]:.2f} | {r['failures']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,14 @@ from dataclasses import replace
 import torch
 from plotting import latency_throughput_plot  # benchmarks/ is on sys.path when a script runs
 
-from dcar.model.config import DC_AR_512, DC_HT, DecoderConfig, DiffusionHeadConfig, EncoderConfig, GeneratorConfig
+from dcar.model.config import (
+    DC_AR_512,
+    DC_HT,
+    DecoderConfig,
+    DiffusionHeadConfig,
+    EncoderConfig,
+    GeneratorConfig,
+)
 from dcar.model.maskgit import masked_after_step
 from dcar.model.params import SamplingParams
 from dcar.model.pipeline import build_generator, build_tokenizer
@@ -37,9 +44,16 @@ def configs(args) -> tuple[GeneratorConfig, tuple[int, ...]]:
     if args.full:
         return DC_AR_512, DC_HT.decoder.width_list
     widths = tuple(w // args.decoder_div for w in DC_HT.decoder.width_list)
-    gen = replace(DC_AR_512, hidden_size=args.width, num_layers=args.depth, num_heads=args.heads,
-                  intermediate_size=4 * args.width, codebook_size=args.codebook, context_dim=args.context,
-                  head=DiffusionHeadConfig(width=args.width, depth=args.head_depth))
+    gen = replace(
+        DC_AR_512,
+        hidden_size=args.width,
+        num_layers=args.depth,
+        num_heads=args.heads,
+        intermediate_size=4 * args.width,
+        codebook_size=args.codebook,
+        context_dim=args.context,
+        head=DiffusionHeadConfig(width=args.width, depth=args.head_depth),
+    )
     return gen, widths
 
 
@@ -52,9 +66,12 @@ class DCAR:
     name = "DC-AR (12 + head)"
 
     def __init__(self, gen_cfg, widths, device, dtype):
-        tok_cfg = replace(DC_HT, codebook_size=gen_cfg.codebook_size,
-                          encoder=EncoderConfig(width_list=widths, depth_list=(0, 1, 1, 1, 1, 1)),
-                          decoder=DecoderConfig(width_list=widths))
+        tok_cfg = replace(
+            DC_HT,
+            codebook_size=gen_cfg.codebook_size,
+            encoder=EncoderConfig(width_list=widths, depth_list=(0, 1, 1, 1, 1, 1)),
+            decoder=DecoderConfig(width_list=widths),
+        )
         self.gen = build_generator(gen_cfg, None).to(device, dtype).eval()
         self.tok = build_tokenizer(tok_cfg, None).to(device, dtype).eval()
         self.sampler = Sampler(self.gen, self.tok, text_encoder=None)
@@ -72,20 +89,41 @@ class SanaStyle:
         from diffusers import AutoencoderDC, SanaTransformer2DModel
 
         heads = gen_cfg.num_heads
-        self.net = SanaTransformer2DModel(
-            in_channels=32, out_channels=32, num_attention_heads=heads, attention_head_dim=gen_cfg.hidden_size // heads,
-            num_layers=gen_cfg.num_layers, num_cross_attention_heads=heads,
-            cross_attention_head_dim=gen_cfg.hidden_size // heads, cross_attention_dim=gen_cfg.hidden_size,
-            caption_channels=gen_cfg.context_dim, sample_size=size // 32, patch_size=1,
-        ).to(device, dtype).eval()
+        self.net = (
+            SanaTransformer2DModel(
+                in_channels=32,
+                out_channels=32,
+                num_attention_heads=heads,
+                attention_head_dim=gen_cfg.hidden_size // heads,
+                num_layers=gen_cfg.num_layers,
+                num_cross_attention_heads=heads,
+                cross_attention_head_dim=gen_cfg.hidden_size // heads,
+                cross_attention_dim=gen_cfg.hidden_size,
+                caption_channels=gen_cfg.context_dim,
+                sample_size=size // 32,
+                patch_size=1,
+            )
+            .to(device, dtype)
+            .eval()
+        )
         evit = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
-        self.ae = AutoencoderDC(
-            latent_channels=32, encoder_block_out_channels=widths, decoder_block_out_channels=widths,
-            encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=DC_HT.decoder.depth_list,
-            encoder_block_types=evit, decoder_block_types=evit, encoder_qkv_multiscales=((),) * 6,
-            decoder_qkv_multiscales=((),) * 6, decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3,
-            decoder_act_fns=("relu",) * 3 + ("silu",) * 3,
-        ).to(device, dtype).eval()
+        self.ae = (
+            AutoencoderDC(
+                latent_channels=32,
+                encoder_block_out_channels=widths,
+                decoder_block_out_channels=widths,
+                encoder_layers_per_block=(1,) * 6,
+                decoder_layers_per_block=DC_HT.decoder.depth_list,
+                encoder_block_types=evit,
+                decoder_block_types=evit,
+                encoder_qkv_multiscales=((),) * 6,
+                decoder_qkv_multiscales=((),) * 6,
+                decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3,
+                decoder_act_fns=("relu",) * 3 + ("silu",) * 3,
+            )
+            .to(device, dtype)
+            .eval()
+        )
         self.device, self.dtype = device, dtype
 
     def __call__(self, text, size: int, steps: int = 20, guidance: float = 4.5) -> None:
@@ -129,8 +167,14 @@ class MARStyle:
             cond, uncond = h[:, 0].reshape(b * k, -1), h[:, 1].reshape(b * k, -1)
             shape, dev, dt = (b * k, 32), cond.device, cond.dtype
             self.gen.diffloss.sample(
-                cond, lambda kind, shape=shape, dev=dev, dt=dt: torch.randn(shape, generator=g, device=dev, dtype=dt),
-                uncond=uncond, guidance=torch.full((b * k,), 4.5, device=dev), steps=head_steps)
+                cond,
+                lambda kind, shape=shape, dev=dev, dt=dt: torch.randn(
+                    shape, generator=g, device=dev, dtype=dt
+                ),
+                uncond=uncond,
+                guidance=torch.full((b * k,), 4.5, device=dev),
+                steps=head_steps,
+            )
         self.tok.decode(torch.randn(b, 32, *grid, generator=g, device=states.device))
 
 
@@ -148,7 +192,9 @@ def timed(fn, repeat: int, device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", action="store_true", help="official sizes (1152 x 28, codebook 16384, full decoder)")
+    ap.add_argument(
+        "--full", action="store_true", help="official sizes (1152 x 28, codebook 16384, full decoder)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--size", type=int, default=None, help="image side (default 256; --full: 512)")
@@ -180,9 +226,11 @@ def main() -> None:
         for s in systems:  # interleaved per batch size, so drifting machine load hits all three alike
             results[s.name][b] = timed(lambda s=s, text=text: s(text, args.size), args.repeat, device)
 
-    print(f"# peers at equal width/depth: width {gen_cfg.hidden_size}, depth {gen_cfg.num_layers}, heads "
-          f"{gen_cfg.num_heads}, codebook {gen_cfg.codebook_size}, decoder widths {list(widths)}, {args.size}px, "
-          f"device={device} dtype={args.dtype} threads={torch.get_num_threads()}; median of {args.repeat}")
+    print(
+        f"# peers at equal width/depth: width {gen_cfg.hidden_size}, depth {gen_cfg.num_layers}, heads "
+        f"{gen_cfg.num_heads}, codebook {gen_cfg.codebook_size}, decoder widths {list(widths)}, {args.size}px, "
+        f"device={device} dtype={args.dtype} threads={torch.get_num_threads()}; median of {args.repeat}"
+    )
     head = "| system | " + " | ".join(f"batch {b}: s/batch | img/s" for b in batches) + " |"
     print(head)
     print("|---|" + "---|---|" * len(batches))
@@ -200,8 +248,11 @@ def main() -> None:
     for s in systems[1:]:
         print(f"DC-AR latency at batch {b1} = {base[b1] / results[s.name][b1]:.2f} x {s.name}")
     if args.plot:
-        latency_throughput_plot(results, args.plot, f"DC-AR vs peers ({args.size}px, width {gen_cfg.hidden_size}, "
-                                f"depth {gen_cfg.num_layers})")
+        latency_throughput_plot(
+            results,
+            args.plot,
+            f"DC-AR vs peers ({args.size}px, width {gen_cfg.hidden_size}, depth {gen_cfg.num_layers})",
+        )
 
 
 if __name__ == "__main__":

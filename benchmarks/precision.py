@@ -44,8 +44,11 @@ def main() -> None:
             ref = (images, tokens)
         diff = (images - ref[0]).abs()
         same = (tokens == ref[1]).float().mean().item()
-        print(f"| {dtype} | {bad} | {same:.3f} | {diff.mean().item():.4f} | {diff.max().item():.3f} | "
-              f"{per_image:.2f} |", flush=True)
+        print(
+            f"| {dtype} | {bad} | {same:.3f} | {diff.mean().item():.4f} | {diff.max().item():.3f} | "
+            f"{per_image:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

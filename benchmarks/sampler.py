@@ -59,23 +59,41 @@ def main() -> None:
                 cfg = replace(cfg, text_encoder=replace(T5_BASE, tokenizer="byt5", vocab_size=384))
             pipes[preset] = Pipeline.from_config(cfg, device=args.device, dtype=args.dtype, name=preset)
         pipe = pipes[preset]
-        pipe.sampler = Sampler(pipe.generator, pipe.tokenizer, pipe.text_encoder,
-                               SamplerOptions(channels_last_decoder=channels_last))
-        rows.append((preset + (" (CL)" if channels_last else ""), size, batch,
-                     measure(pipe, size, batch, args.repeat)))
+        pipe.sampler = Sampler(
+            pipe.generator,
+            pipe.tokenizer,
+            pipe.text_encoder,
+            SamplerOptions(channels_last_decoder=channels_last),
+        )
+        rows.append(
+            (
+                preset + (" (CL)" if channels_last else ""),
+                size,
+                batch,
+                measure(pipe, size, batch, args.repeat),
+            )
+        )
 
     pipe = next(iter(pipes.values()))
-    print(f"# sampler benchmark: device={pipe.device} dtype={str(pipe.dtype).replace('torch.', '')} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__} cpu={platform.processor() or platform.machine()}")
-    print("# 12 unmasking steps, CFG 4.5; head steps = preset default (tiny 8, dc-ar-512 32); median of "
-          f"{args.repeat} runs; stage times are per batch (every row shares them); (CL) = channels-last decoder")
-    head = (f"| {'preset':<10} | {'size':>4} | {'batch':>5} | {'text ms':>8} | {'unmask ms':>9} | {'head ms':>8} "
-            f"| {'decode ms':>9} | {'total ms':>9} | {'images/s':>8} |")
+    print(
+        f"# sampler benchmark: device={pipe.device} dtype={str(pipe.dtype).replace('torch.', '')} "
+        f"threads={torch.get_num_threads()} torch={torch.__version__} cpu={platform.processor() or platform.machine()}"
+    )
+    print(
+        "# 12 unmasking steps, CFG 4.5; head steps = preset default (tiny 8, dc-ar-512 32); median of "
+        f"{args.repeat} runs; stage times are per batch (every row shares them); (CL) = channels-last decoder"
+    )
+    head = (
+        f"| {'preset':<10} | {'size':>4} | {'batch':>5} | {'text ms':>8} | {'unmask ms':>9} | {'head ms':>8} "
+        f"| {'decode ms':>9} | {'total ms':>9} | {'images/s':>8} |"
+    )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for preset, size, batch, m in rows:
-        print(f"| {preset:<10} | {size:>4} | {batch:>5} | {m['text_encode'] * 1e3:>8.1f} | {m['unmask'] * 1e3:>9.1f} "
-              f"| {m['residual'] * 1e3:>8.1f} | {m['decode'] * 1e3:>9.1f} | {m['wall'] * 1e3:>9.1f} | {m['img_s']:>8.3g} |")
+        print(
+            f"| {preset:<10} | {size:>4} | {batch:>5} | {m['text_encode'] * 1e3:>8.1f} | {m['unmask'] * 1e3:>9.1f} "
+            f"| {m['residual'] * 1e3:>8.1f} | {m['decode'] * 1e3:>9.1f} | {m['wall'] * 1e3:>9.1f} | {m['img_s']:>8.3g} |"
+        )
 
 
 if __name__ == "__main__":

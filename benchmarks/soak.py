@@ -39,8 +39,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from dcar.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = ["a red circle", "a blue square on the left", "two green triangles", "a yellow circle",
-           "three purple squares", "a small orange circle", "a large cyan triangle"]  # within every token limit
+PROMPTS = [
+    "a red circle",
+    "a blue square on the left",
+    "two green triangles",
+    "a yellow circle",
+    "three purple squares",
+    "a small orange circle",
+    "a large cyan triangle",
+]  # within every token limit
 
 
 @dataclass
@@ -74,12 +81,26 @@ def gauges(text: str) -> dict[str, float]:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "OMP_WAIT_POLICY": "PASSIVE"}  # see benchmarks/load.py: an active spin-wait starves a shared CPU
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }  # see benchmarks/load.py: an active spin-wait starves a shared CPU
     for name, value in args.set:
         env[f"DCAR_{name.upper()}"] = value
-    cmd = [sys.executable, "-m", "dcar.server.serve", "--weights", args.weights, "--device", args.device,
-           "--port", str(port), "--log-level", args.log_level]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dcar.server.serve",
+        "--weights",
+        args.weights,
+        "--device",
+        args.device,
+        "--port",
+        str(port),
+        "--log-level",
+        args.log_level,
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -150,14 +171,22 @@ async def capacity(client: httpx.AsyncClient, args, clients: int) -> tuple[float
     return len(ok) / (time.monotonic() - t0), statistics.mean(o.latency for o in ok)
 
 
-async def sample(client: httpx.AsyncClient, proc: psutil.Process, t0: float, rows: list, stop: asyncio.Event) -> None:
+async def sample(
+    client: httpx.AsyncClient, proc: psutil.Process, t0: float, rows: list, stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         try:
             g = gauges((await client.get("/metrics")).text)
         except httpx.HTTPError:
             g = {}
-        rows.append((time.monotonic() - t0, proc.memory_info().rss / 2**20, g.get("dcar_queue_size", float("nan")),
-                     g.get("dcar_rows_running", float("nan"))))
+        rows.append(
+            (
+                time.monotonic() - t0,
+                proc.memory_info().rss / 2**20,
+                g.get("dcar_queue_size", float("nan")),
+                g.get("dcar_rows_running", float("nan")),
+            )
+        )
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
         except asyncio.TimeoutError:
@@ -173,8 +202,10 @@ async def soak(url: str, args, server: psutil.Process) -> None:
         else:
             rate_cap, full_latency = await capacity(client, args, batch)
         rate = args.k * rate_cap
-        print(f"\ncapacity: {rate_cap:.2f} images/s with {batch} closed-loop clients (latency of an image in a "
-              f"full batch {full_latency:.2f} s); load: {args.k:g} x = {rate:.2f} requests/s for {args.duration:g} s")
+        print(
+            f"\ncapacity: {rate_cap:.2f} images/s with {batch} closed-loop clients (latency of an image in a "
+            f"full batch {full_latency:.2f} s); load: {args.k:g} x = {rate:.2f} requests/s for {args.duration:g} s"
+        )
 
         rng = random.Random(args.seed)
         outcomes: list[Outcome] = []
@@ -213,8 +244,16 @@ async def soak(url: str, args, server: psutil.Process) -> None:
     report(args, outcomes, skipped, probe, idle_after, samples, full_latency, info)
 
 
-def report(args, outcomes: list[Outcome], skipped: int, probe: tuple, idle_after: float, samples: list,
-           full_latency: float, info: dict) -> None:
+def report(
+    args,
+    outcomes: list[Outcome],
+    skipped: int,
+    probe: tuple,
+    idle_after: float,
+    samples: list,
+    full_latency: float,
+    info: dict,
+) -> None:
     kinds = Counter()
     for o in outcomes:
         if o.status == 200:
@@ -240,24 +279,35 @@ def report(args, outcomes: list[Outcome], skipped: int, probe: tuple, idle_after
     refused = [o for o in outcomes if o.status == 429]
     delay = float(dict(args.set).get("max_queue_delay_s", Settings.model_fields["max_queue_delay_s"].default))
     print("\n| successes, seconds | p50 | p90 | p99 | max |\n|---|---|---|---|---|")
-    parts = [("latency (client)", [o.latency for o in ok]),
-             (f"queue wait (limit max_queue_delay_s = {delay:g})", [o.queue_wait for o in ok if o.queue_wait is not None]),
-             ("the rest: in the batch, encoding, HTTP", [o.latency - (o.queue_wait or 0.0) for o in ok])]
+    parts = [
+        ("latency (client)", [o.latency for o in ok]),
+        (
+            f"queue wait (limit max_queue_delay_s = {delay:g})",
+            [o.queue_wait for o in ok if o.queue_wait is not None],
+        ),
+        ("the rest: in the batch, encoding, HTTP", [o.latency - (o.queue_wait or 0.0) for o in ok]),
+    ]
     for name, values in parts:
         if values:
-            print(f"| {name} | {percentile(values, 50):.2f} | {percentile(values, 90):.2f} | "
-                  f"{percentile(values, 99):.2f} | {max(values):.2f} |")
+            print(
+                f"| {name} | {percentile(values, 50):.2f} | {percentile(values, 90):.2f} | "
+                f"{percentile(values, 99):.2f} | {max(values):.2f} |"
+            )
     if ok:
         image = percentile(parts[2][1], 50)
         p99 = percentile(parts[0][1], 99)
-        print(f"\nbound: max_queue_delay_s + one image (median time in the batch under this load) = {delay:g} + "
-              f"{image:.2f} = {delay + image:.2f} s; p99 latency {p99:.2f} s "
-              f"({'within' if p99 <= delay + image else 'above'}); an image in a full batch of the capacity "
-              f"run: {full_latency:.2f} s")
+        print(
+            f"\nbound: max_queue_delay_s + one image (median time in the batch under this load) = {delay:g} + "
+            f"{image:.2f} = {delay + image:.2f} s; p99 latency {p99:.2f} s "
+            f"({'within' if p99 <= delay + image else 'above'}); an image in a full batch of the capacity "
+            f"run: {full_latency:.2f} s"
+        )
     if refused:
         ra = [o.retry_after for o in refused if o.retry_after is not None]
-        print(f"\n429 answered in p50 {percentile([o.latency for o in refused], 50) * 1000:.0f} ms; "
-              f"Retry-After p50 {percentile(ra, 50):g} s, max {max(ra):g} s, {len(set(ra))} distinct values")
+        print(
+            f"\n429 answered in p50 {percentile([o.latency for o in refused], 50) * 1000:.0f} ms; "
+            f"Retry-After p50 {percentile(ra, 50):g} s, max {max(ra):g} s, {len(set(ra))} distinct values"
+        )
 
     print("\n| t (s) | server RSS (MiB) | rows queued | rows running |\n|---|---|---|---|")
     step = max(1, len(samples) // 12)
@@ -266,27 +316,45 @@ def report(args, outcomes: list[Outcome], skipped: int, probe: tuple, idle_after
     rss = [s[1] for s in samples]
     print(f"\nRSS: min {min(rss):.0f} MiB, max {max(rss):.0f} MiB, last {rss[-1]:.0f} MiB")
     seconds, attempts, last = probe
-    print(f"\nrecovery: the first request after the load stopped had its image ({last.status}) {seconds:.2f} s later "
-          f"({attempts} attempt(s), following Retry-After; the last took {last.latency:.2f} s); the server was idle "
-          f"{idle_after:.1f} s after the load stopped")
+    print(
+        f"\nrecovery: the first request after the load stopped had its image ({last.status}) {seconds:.2f} s later "
+        f"({attempts} attempt(s), following Retry-After; the last took {last.latency:.2f} s); the server was idle "
+        f"{idle_after:.1f} s after the load stopped"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", default=None, help="weights directory or preset:tiny (default: the embedded model)")
+    ap.add_argument(
+        "--weights", default=None, help="weights directory or preset:tiny (default: the embedded model)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--k", type=float, default=2.0, help="load as a multiple of the measured capacity")
     ap.add_argument("--duration", type=float, default=180.0, help="seconds of open-loop load")
-    ap.add_argument("--capacity-s", type=float, default=30.0, help="seconds of the closed-loop capacity measurement")
+    ap.add_argument(
+        "--capacity-s", type=float, default=30.0, help="seconds of the closed-loop capacity measurement"
+    )
     ap.add_argument("--capacity", type=float, default=None, help="images/s; skips the capacity measurement")
-    ap.add_argument("--steps", type=int, default=None, help="unmasking steps per image (default: the model's)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="unmasking steps per image (default: the model's)"
+    )
     ap.add_argument("--timeout", type=float, default=None, help="per-request timeout (default: the server's)")
-    ap.add_argument("--max-in-flight", type=int, default=2000, help="client-side bound on outstanding requests")
+    ap.add_argument(
+        "--max-in-flight", type=int, default=2000, help="client-side bound on outstanding requests"
+    )
     ap.add_argument("--client-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
-    ap.add_argument("--log-level", default="warning", help="the server's log level (debug: predicted vs actual)")
-    ap.add_argument("--set", nargs=2, action="append", default=[], metavar=("SETTING", "VALUE"),
-                    help="a server setting, e.g. --set max_queue_delay_s 2 (as DCAR_MAX_QUEUE_DELAY_S)")
+    ap.add_argument(
+        "--log-level", default="warning", help="the server's log level (debug: predicted vs actual)"
+    )
+    ap.add_argument(
+        "--set",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("SETTING", "VALUE"),
+        help="a server setting, e.g. --set max_queue_delay_s 2 (as DCAR_MAX_QUEUE_DELAY_S)",
+    )
     args = ap.parse_args()
     if args.weights is None:
         from dcar.weights import embedded_weights
@@ -295,8 +363,10 @@ def main() -> None:
     port = free_port()
     proc = start_server(args, port)
     try:
-        print(f"dcar soak: weights={args.weights} device={args.device} settings={dict(args.set) or 'defaults'} "
-              f"host: {os.cpu_count()} CPUs")
+        print(
+            f"dcar soak: weights={args.weights} device={args.device} settings={dict(args.set) or 'defaults'} "
+            f"host: {os.cpu_count()} CPUs"
+        )
         asyncio.run(soak(f"http://127.0.0.1:{port}", args, psutil.Process(proc.pid)))
     finally:
         proc.terminate()

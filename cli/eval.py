@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-eval", type=int, default=100, help="evaluation-split scenes used")
     parser.add_argument("--recon-sizes", default="256,512")
     parser.add_argument(
-        "--skip", default="", help="comma list of: shapes, discrete, ceiling, recon, hybrid (default: skip nothing)"
+        "--skip",
+        default="",
+        help="comma list of: shapes, discrete, ceiling, recon, hybrid (default: skip nothing)",
     )
     parser.add_argument(
         "--tokenizer-ceiling",

@@ -70,8 +70,16 @@ def build_act(name: str | None) -> nn.Module | None:
 class ConvLayer(nn.Module):
     """conv -> norm -> act, 'same' padding. Submodule names ``conv``/``norm`` match the checkpoints."""
 
-    def __init__(self, cin: int, cout: int, kernel: int = 3, groups: int = 1, bias: bool = False,
-                 norm: str | None = None, act: str | None = None):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int = 3,
+        groups: int = 1,
+        bias: bool = False,
+        norm: str | None = None,
+        act: str | None = None,
+    ):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, groups=groups, bias=bias)
         self.norm = build_norm(norm, cout)
@@ -275,12 +283,16 @@ class Encoder(nn.Module):
         self.project_in = ConvPixelUnshuffleDownsample(in_channels, widths[1])
         stages = []
         for i, (width, depth) in enumerate(zip(widths, depths)):
-            ops: list[nn.Module] = [build_block(cfg.block_type[i], width, cfg.norm, cfg.act) for _ in range(depth)]
+            ops: list[nn.Module] = [
+                build_block(cfg.block_type[i], width, cfg.norm, cfg.act) for _ in range(depth)
+            ]
             if i < len(widths) - 1 and depth > 0:
-                ops.append(ResidualBlock(
-                    ConvPixelUnshuffleDownsample(width, widths[i + 1]),
-                    ChannelAveragingDownsample(width, widths[i + 1], factor=2),
-                ))
+                ops.append(
+                    ResidualBlock(
+                        ConvPixelUnshuffleDownsample(width, widths[i + 1]),
+                        ChannelAveragingDownsample(width, widths[i + 1], factor=2),
+                    )
+                )
             stages.append(OpSequential(ops))
         self.stages = nn.ModuleList(stages)
         self.project_out = ResidualBlock(
@@ -318,19 +330,23 @@ class Decoder(nn.Module):
         for i, (width, depth) in enumerate(zip(widths, depths)):
             ops: list[nn.Module] = []
             if i < len(widths) - 1 and depth > 0:
-                ops.append(ResidualBlock(
-                    ConvPixelShuffleUpsample(widths[i + 1], width),
-                    ChannelDuplicatingUpsample(widths[i + 1], width, factor=2),
-                ))
+                ops.append(
+                    ResidualBlock(
+                        ConvPixelShuffleUpsample(widths[i + 1], width),
+                        ChannelDuplicatingUpsample(widths[i + 1], width, factor=2),
+                    )
+                )
             ops += [build_block(cfg.block_type[i], width, cfg.norm[i], cfg.act[i]) for _ in range(depth)]
             stages.append(OpSequential(ops))
         self.stages = nn.ModuleList(stages)
         # Stage 0 has depth 0, so the head upsamples the last x2 itself: LN, ReLU, conv + pixel-shuffle.
-        self.project_out = OpSequential([
-            build_norm(cfg.out_norm, widths[1]),
-            build_act(cfg.out_act),
-            ConvPixelShuffleUpsample(widths[1], out_channels),
-        ])
+        self.project_out = OpSequential(
+            [
+                build_norm(cfg.out_norm, widths[1]),
+                build_act(cfg.out_act),
+                ConvPixelShuffleUpsample(widths[1], out_channels),
+            ]
+        )
 
     def forward(self, z: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         x = self.project_in(z)

@@ -46,10 +46,13 @@ class Caption:
     @staticmethod
     def cat(parts: list[Caption]) -> Caption:
         n = max(p.states.shape[1] for p in parts)
-        pad = [(F.pad(p.states, (0, 0, 0, n - p.states.shape[1])), F.pad(p.mask, (0, n - p.mask.shape[1])))
-               for p in parts]
-        return Caption(torch.cat([s for s, _ in pad]), torch.cat([m for _, m in pad]),
-                       torch.cat([p.drop for p in parts]))
+        pad = [
+            (F.pad(p.states, (0, 0, 0, n - p.states.shape[1])), F.pad(p.mask, (0, n - p.mask.shape[1])))
+            for p in parts
+        ]
+        return Caption(
+            torch.cat([s for s, _ in pad]), torch.cat([m for _, m in pad]), torch.cat([p.drop for p in parts])
+        )
 
 
 @dataclass
@@ -134,8 +137,15 @@ class BatchState:
         idx = list(idx)
         pairs = [j for i in idx for j in (2 * i, 2 * i + 1)]
         dev_idx = torch.tensor(idx, dtype=torch.long).to(self.ids.device)
-        return BatchState(self.grid, [self.rows[i] for i in idx], self.ids[dev_idx], self.text.select(pairs),
-                          self.noise.subset(idx), self.predicted[dev_idx], self.knobs.select(dev_idx))
+        return BatchState(
+            self.grid,
+            [self.rows[i] for i in idx],
+            self.ids[dev_idx],
+            self.text.select(pairs),
+            self.noise.subset(idx),
+            self.predicted[dev_idx],
+            self.knobs.select(dev_idx),
+        )
 
     @staticmethod
     def merge(a: BatchState, b: BatchState) -> BatchState:
@@ -144,6 +154,12 @@ class BatchState:
             raise ValueError(f"cannot merge batches with token grids {a.grid} and {b.grid}")
         if not (isinstance(a.noise, RowNoise) and isinstance(b.noise, RowNoise)):
             raise ValueError("only per-row noise sources can be merged")
-        return BatchState(a.grid, a.rows + b.rows, torch.cat([a.ids, b.ids]), type(a.text).cat([a.text, b.text]),  # type: ignore[list-item]  # both of one kind
-                          RowNoise(a.noise.generators + b.noise.generators), torch.cat([a.predicted, b.predicted]),
-                          RowKnobs.cat([a.knobs, b.knobs]))
+        return BatchState(
+            a.grid,
+            a.rows + b.rows,
+            torch.cat([a.ids, b.ids]),
+            type(a.text).cat([a.text, b.text]),  # type: ignore[list-item]  # both of one kind
+            RowNoise(a.noise.generators + b.noise.generators),
+            torch.cat([a.predicted, b.predicted]),
+            RowKnobs.cat([a.knobs, b.knobs]),
+        )

@@ -138,13 +138,20 @@ class TokenizerConfig:
         if dc_ae is not None:
             e, r = dc_ae["encoder"], dc_ae["decoder"]
             enc = EncoderConfig(
-                width_list=tuple(e["width_list"]), depth_list=tuple(e["depth_list"]),
-                block_type=tuple(e["block_type"]), norm=e["norm"], act=e["act"],
+                width_list=tuple(e["width_list"]),
+                depth_list=tuple(e["depth_list"]),
+                block_type=tuple(e["block_type"]),
+                norm=e["norm"],
+                act=e["act"],
             )
             dec = DecoderConfig(
-                width_list=tuple(r["width_list"]), depth_list=tuple(r["depth_list"]),
-                block_type=tuple(r["block_type"]), norm=tuple(r["norm"]), act=tuple(r["act"]),
-                out_norm=r["out_norm"], out_act=r["out_act"],
+                width_list=tuple(r["width_list"]),
+                depth_list=tuple(r["depth_list"]),
+                block_type=tuple(r["block_type"]),
+                norm=tuple(r["norm"]),
+                act=tuple(r["act"]),
+                out_norm=r["out_norm"],
+                out_act=r["out_act"],
             )
         return cls(
             latent_channels=int(dcht.get("codebook_embed_dim", 32)),
@@ -295,7 +302,9 @@ class PipelineConfig:
                 f"generator.codebook_size={g.codebook_size} != tokenizer.codebook_size={t.codebook_size}"
             )
         if g.token_size != t.latent_channels:
-            raise ValueError(f"generator.token_size={g.token_size} != tokenizer.latent_channels={t.latent_channels}")
+            raise ValueError(
+                f"generator.token_size={g.token_size} != tokenizer.latent_channels={t.latent_channels}"
+            )
         if g.context_dim != self.text_encoder.d_model:
             raise ValueError(
                 f"generator.context_dim={g.context_dim} != text_encoder.d_model={self.text_encoder.d_model}"
@@ -321,8 +330,14 @@ TINY_HT = TokenizerConfig(
     decoder=DecoderConfig(width_list=(8, 16, 32, 32, 64, 64), depth_list=(0, 1, 1, 1, 1, 1)),
 )
 TINY_AR = GeneratorConfig(
-    hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, codebook_size=64, image_seq_len=16,
-    context_dim=32, text_token_length=32,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=256,
+    codebook_size=64,
+    image_seq_len=16,
+    context_dim=32,
+    text_token_length=32,
     head=DiffusionHeadConfig(width=64, depth=2, num_sampling_steps=8),
 )
 TINY_TEXT = TextEncoderConfig(
@@ -339,7 +354,9 @@ PRESETS: dict[str, TokenizerConfig | GeneratorConfig] = {
 PIPELINE_PRESETS: dict[str, PipelineConfig] = {
     "dc-ar-512": PipelineConfig(DC_HT, DC_AR_512, T5_BASE),
     "tiny": PipelineConfig(
-        TINY_HT, TINY_AR, TINY_TEXT,
+        TINY_HT,
+        TINY_AR,
+        TINY_TEXT,
         SamplingDefaults(residual_steps=8, size=128),
     ),
 }
@@ -368,7 +385,7 @@ def weights_preset(spec: str) -> str | None:
     """
     if not spec.startswith(PRESET_PREFIX):
         return None
-    name = spec[len(PRESET_PREFIX):]
+    name = spec[len(PRESET_PREFIX) :]
     if not name:
         raise ValueError(f"weights={spec!r} needs a preset name, e.g. preset:tiny")
     pipeline_preset(name)  # unknown names fail here, listing the known ones

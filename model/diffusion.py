@@ -26,9 +26,13 @@ def cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    return np.array([
-        min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)
-    ], dtype=np.float64)
+    return np.array(
+        [
+            min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
+            for i in range(num_steps)
+        ],
+        dtype=np.float64,
+    )
 
 
 def linear_betas(num_steps: int) -> np.ndarray:
@@ -44,12 +48,20 @@ def space_timesteps(num_timesteps: int, count: int) -> list[int]:
     return [round(i * stride) for i in range(count)]
 
 
-STEP_COEFFICIENTS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                     "posterior_mean_coef2", "posterior_log_variance_clipped", "log_betas", "noise_on")
+STEP_COEFFICIENTS = (
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_log_variance_clipped",
+    "log_betas",
+    "noise_on",
+)
 
 
-def ancestral_step(x: torch.Tensor, out: torch.Tensor, coef: torch.Tensor, z: torch.Tensor,
-                   temperature: torch.Tensor) -> torch.Tensor:
+def ancestral_step(
+    x: torch.Tensor, out: torch.Tensor, coef: torch.Tensor, z: torch.Tensor, temperature: torch.Tensor
+) -> torch.Tensor:
     """One float32 step x_t -> x_{t-1} from the network output [eps | v] (M, 2C), x0 clipped to [-1, 1].
 
     ``coef`` is one row of ``DiffusionSchedule.step_coefficients``; pure tensor code (no host sync, no
@@ -101,8 +113,9 @@ class DiffusionSchedule:
         return len(self.betas)
 
     @classmethod
-    def create(cls, train_steps: int = 1000, schedule: str = "cosine", respace: int | None = None
-               ) -> DiffusionSchedule:
+    def create(
+        cls, train_steps: int = 1000, schedule: str = "cosine", respace: int | None = None
+    ) -> DiffusionSchedule:
         if schedule == "cosine":
             base = cosine_betas(train_steps)
         elif schedule == "linear":
@@ -151,10 +164,15 @@ class DiffusionSchedule:
     # --- the process -----------------------------------------------------------------------------
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.gather("sqrt_alphas_cumprod", t, x0) * x0 + self.gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        return (
+            self.gather("sqrt_alphas_cumprod", t, x0) * x0
+            + self.gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
-        mean = self.gather("posterior_mean_coef1", t, xt) * x0 + self.gather("posterior_mean_coef2", t, xt) * xt
+        mean = (
+            self.gather("posterior_mean_coef1", t, xt) * x0 + self.gather("posterior_mean_coef2", t, xt) * xt
+        )
         return mean, self.gather("posterior_log_variance_clipped", t, xt)
 
     def p_mean_variance(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, clip: bool = True):
@@ -166,18 +184,27 @@ class DiffusionSchedule:
         max_log = self.gather("log_betas", t, xt)
         frac = (v + 1) / 2
         log_var = frac * max_log + (1 - frac) * min_log
-        x0 = self.gather("sqrt_recip_alphas_cumprod", t, xt) * xt - self.gather("sqrt_recipm1_alphas_cumprod", t, xt) * eps
+        x0 = (
+            self.gather("sqrt_recip_alphas_cumprod", t, xt) * xt
+            - self.gather("sqrt_recipm1_alphas_cumprod", t, xt) * eps
+        )
         if clip:
             x0 = x0.clamp(-1, 1)
         mean, _ = self.q_posterior(x0, xt, t)
         return mean, log_var, x0
 
-    def vb_term(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, mean: torch.Tensor,
-                log_var: torch.Tensor) -> torch.Tensor:
+    def vb_term(
+        self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor
+    ) -> torch.Tensor:
         """Variational bound term in bits per dim, per row (KL for t>0, decoder NLL at t=0)."""
         true_mean, true_log_var = self.q_posterior(x0, xt, t)
-        kl = 0.5 * (-1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var)
-                    + (true_mean - mean) ** 2 * torch.exp(-log_var))
+        kl = 0.5 * (
+            -1.0
+            + log_var
+            - true_log_var
+            + torch.exp(true_log_var - log_var)
+            + (true_mean - mean) ** 2 * torch.exp(-log_var)
+        )
         kl = kl.mean(dim=1) / math.log(2.0)
         nll = -_discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
@@ -197,6 +224,7 @@ def _discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, l
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     cdf_delta = cdf_plus - cdf_min
     return torch.where(
-        x < -0.999, log_cdf_plus,
+        x < -0.999,
+        log_cdf_plus,
         torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
     )

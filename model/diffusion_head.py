@@ -87,8 +87,15 @@ class SimpleMLPAdaLN(nn.Module):
             x = block(x, y)
         return self.final_layer(x, y)
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, uc: torch.Tensor,
-                         scale: torch.Tensor, forward: Callable | None = None) -> torch.Tensor:
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        c: torch.Tensor,
+        uc: torch.Tensor,
+        scale: torch.Tensor,
+        forward: Callable | None = None,
+    ) -> torch.Tensor:
         """Both branches on the same x_t (M, C) in one batch; eps = (1 + s) eps_c - s eps_u per row.
 
         ``t`` is (M,) for both branches or (2M,) with the unconditional half's own timesteps (the
@@ -146,11 +153,13 @@ class DiffusionHead(nn.Module):
         steps = steps or self.cfg.num_sampling_steps
         if steps not in self._sample_schedules:
             self._sample_schedules[steps] = DiffusionSchedule.create(
-                self.cfg.train_steps, self.cfg.noise_schedule, respace=steps)
+                self.cfg.train_steps, self.cfg.noise_schedule, respace=steps
+            )
         return self._sample_schedules[steps]
 
-    def loss(self, target: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None
-             ) -> torch.Tensor:
+    def loss(
+        self, target: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Training loss on residuals (M, C) (unscaled) conditioned on hidden states (M, Z).
 
         Each pair is repeated ``batch_mul`` times with independent t and noise; loss = MSE(eps) + VB
@@ -164,7 +173,7 @@ class DiffusionHead(nn.Module):
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         xt = sched.q_sample(x0, t, noise)
         out = self.net(xt, t, cond)
-        eps, v = out[:, : self.in_channels], out[:, self.in_channels:]
+        eps, v = out[:, : self.in_channels], out[:, self.in_channels :]
         mse = F.mse_loss(eps, noise, reduction="none").mean(dim=1)
         frozen = torch.cat([eps.detach(), v], dim=1)
         mean, log_var, _ = sched.p_mean_variance(frozen, xt, t, clip=False)
@@ -172,10 +181,17 @@ class DiffusionHead(nn.Module):
         return (mse + vb).mean()
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, noise: NoiseFn, uncond: torch.Tensor | None = None,
-               guidance: torch.Tensor | None = None, temperature: torch.Tensor | float = 1.0,
-               steps: int | None = None, forward: Callable | None = None, pad_to: int | None = None
-               ) -> torch.Tensor:
+    def sample(
+        self,
+        cond: torch.Tensor,
+        noise: NoiseFn,
+        uncond: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        temperature: torch.Tensor | float = 1.0,
+        steps: int | None = None,
+        forward: Callable | None = None,
+        pad_to: int | None = None,
+    ) -> torch.Tensor:
         """Ancestral sampling of residuals for conditions (M, Z); returns (M, C) float32 times vae_scale.
 
         With ``uncond`` given, classifier-free guidance per row with ``guidance`` (M,). ``temperature``
@@ -212,8 +228,15 @@ class DiffusionHead(nn.Module):
             x = step_fn(x, y_cond + t_emb[i], coefs[i], draw("step"), temp, g)
         return x[:m] * self.cfg.vae_scale
 
-    def denoise_step(self, x: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, z: torch.Tensor,
-                     temperature: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+    def denoise_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        coef: torch.Tensor,
+        z: torch.Tensor,
+        temperature: torch.Tensor,
+        guidance: torch.Tensor | None,
+    ) -> torch.Tensor:
         """x_t (M, C) float32 -> x_{t-1}: the network in its dtype on ``y`` (M or 2M rows), the rest float32."""
         xin = x.to(y.dtype)
         if guidance is None:

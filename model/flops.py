@@ -39,8 +39,14 @@ def _count(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def image_flops(cfg: PipelineConfig, size: int | None = None, steps: int | None = None,
-                residual_steps: int | None = None, text_tokens: int = 20, cfg_branches: int = 2) -> StageFlops:
+def image_flops(
+    cfg: PipelineConfig,
+    size: int | None = None,
+    steps: int | None = None,
+    residual_steps: int | None = None,
+    text_tokens: int = 20,
+    cfg_branches: int = 2,
+) -> StageFlops:
     """FLOPs of generating one ``size`` x ``size`` image with the given step counts (defaults: the config's)."""
     size = size or cfg.sampling.size
     steps = steps or cfg.sampling.steps

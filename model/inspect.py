@@ -50,12 +50,15 @@ def weight_files(path: str | Path) -> list[Path]:
         except LoadError:
             continue
     if not files:
-        raise LoadError(f"{path}: no checkpoint files found (model.safetensors / pytorch_model.bin in subfolders)")
+        raise LoadError(
+            f"{path}: no checkpoint files found (model.safetensors / pytorch_model.bin in subfolders)"
+        )
     return files
 
 
-def verify_official(root: str | Path, generator: GeneratorConfig = DC_AR_512,
-                    autoencoder: dict | None = None) -> list[str]:
+def verify_official(
+    root: str | Path, generator: GeneratorConfig = DC_AR_512, autoencoder: dict | None = None
+) -> list[str]:
     """Check an official-layout directory against our presets; returns report lines, raises LoadError.
 
     ``generator`` / ``autoencoder`` override the architectures (as in ``Pipeline.from_pretrained``).

@@ -53,8 +53,15 @@ class Knob:
         return f"{self.help} ({allowed}; official default {default})" if allowed else self.help
 
 
-def knob(default: T, help: str, *, low: float | None = None, high: float | None = None,
-         choices: tuple[str, ...] = (), cap: str | None = None) -> T:
+def knob(
+    default: T,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    choices: tuple[str, ...] = (),
+    cap: str | None = None,
+) -> T:
     """A ``SamplingKnobs`` field: its default plus the metadata ``Knob`` is built from."""
     meta = {"help": help, "low": low, "high": high, "choices": choices, "cap": cap}
     return dataclasses.field(default=default, metadata={KNOB: meta})
@@ -75,8 +82,9 @@ class SamplingKnobs:
     steps: int = knob(12, "unmasking steps", low=1, cap="max_steps")
     guidance_scale: float = knob(4.5, "classifier-free guidance scale", low=0, cap="max_guidance_scale")
     guidance_decay: str = knob("constant", "how guidance changes over the steps", choices=GUIDANCE_DECAYS)
-    randomize_temperature: float = knob(1.5, "Gumbel temperature of token sampling, annealed to 0", low=0,
-                                        high=10)
+    randomize_temperature: float = knob(
+        1.5, "Gumbel temperature of token sampling, annealed to 0", low=0, high=10
+    )
     softmax_temperature_annealing: bool = knob(True, "anneal the softmax temperature over the steps")
     residual_steps: int = knob(32, "diffusion-head sampling steps", low=1, cap="max_residual_steps")
     residual_temperature: float = knob(1.0, "noise scale of the diffusion head's sampler", low=0, high=10)
@@ -109,8 +117,14 @@ def check_knob(name: str, value: Any, cap: float | None = None) -> None:
         if not isinstance(value, bool):
             raise KnobError(name, f"{name} must be true or false, got {value!r}")
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (k.type is int and value != int(value)):
-        raise KnobError(name, f"{name} must be {'an integer' if k.type is int else 'a number'}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (k.type is int and value != int(value))
+    ):
+        raise KnobError(
+            name, f"{name} must be {'an integer' if k.type is int else 'a number'}, got {value!r}"
+        )
     high = k.high if cap is None else cap if k.high is None else min(k.high, cap)
     low = -math.inf if k.low is None else k.low
     if high is None:

@@ -39,7 +39,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LoadError(f"{path}: refused: the pickle holds objects other than plain tensors ({first})") from e
+        raise LoadError(
+            f"{path}: refused: the pickle holds objects other than plain tensors ({first})"
+        ) from e
     except (EOFError, RuntimeError, OSError, ValueError) as e:
         raise LoadError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from e
     if not isinstance(obj, dict):
@@ -64,12 +66,17 @@ def state_dict_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def check_keys(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: str | Path) -> None:
+def check_keys(
+    expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: str | Path
+) -> None:
     """Raise LoadError naming every missing, unexpected and wrongly shaped key (the first 10 of each)."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
-             for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != expected[k]
+    ]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
         if items:
@@ -94,8 +101,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if name not in table:
         raise ValueError(f"dtype={name!r} is not supported; expected one of {sorted(table)}")
     return table[name]

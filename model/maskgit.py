@@ -54,8 +54,9 @@ def guidance_at(decay: str, scale: float, step: int, steps: int, power: float = 
     raise ValueError(f"guidance_decay={decay!r} is not supported; expected one of {list(GUIDANCE_DECAYS)}")
 
 
-def guidance_on_device(decay: torch.Tensor, scale: torch.Tensor, step: torch.Tensor, steps: torch.Tensor,
-                       power: float = 2.5) -> torch.Tensor:
+def guidance_on_device(
+    decay: torch.Tensor, scale: torch.Tensor, step: torch.Tensor, steps: torch.Tensor, power: float = 2.5
+) -> torch.Tensor:
     """``guidance_at`` for a batch of rows as float64 tensors (B,), computed where the tensors live.
 
     ``decay`` holds indices into ``GUIDANCE_DECAYS``. Same operations in the same order as the scalar form,

@@ -29,10 +29,14 @@ class RowNoise:
         """The official forward draws caption-dropout uniforms even at probability 0/1; nothing to do here."""
 
     def uniform(self, kind: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        return torch.stack([torch.rand(shape, generator=g, device=g.device).to(device) for g in self.generators])
+        return torch.stack(
+            [torch.rand(shape, generator=g, device=g.device).to(device) for g in self.generators]
+        )
 
     def normal(self, kind: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        return torch.stack([torch.randn(shape, generator=g, device=g.device).to(device) for g in self.generators])
+        return torch.stack(
+            [torch.randn(shape, generator=g, device=g.device).to(device) for g in self.generators]
+        )
 
 
 class OfficialOrderNoise:

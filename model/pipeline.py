@@ -79,9 +79,17 @@ def build_generator(cfg: GeneratorConfig, state: dict | None, source: str | Path
 class Pipeline:
     """Text-to-image and inpainting with DC-AR. Build with ``from_pretrained`` or ``from_config``."""
 
-    def __init__(self, config: PipelineConfig, tokenizer: DCHT, generator: DCARTransformer,
-                 text_encoder: TextEncoder, name: str = "dcar", device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, options: SamplerOptions | None = None):
+    def __init__(
+        self,
+        config: PipelineConfig,
+        tokenizer: DCHT,
+        generator: DCARTransformer,
+        text_encoder: TextEncoder,
+        name: str = "dcar",
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        options: SamplerOptions | None = None,
+    ):
         self.config = config
         self.name = name
         self.device = torch.device(device)
@@ -96,9 +104,15 @@ class Pipeline:
     # --- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: PipelineConfig, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype | None = None, seed: int = 0, name: str = "random",
-                    options: SamplerOptions | None = None) -> Pipeline:
+    def from_config(
+        cls,
+        config: PipelineConfig,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        seed: int = 0,
+        name: str = "random",
+        options: SamplerOptions | None = None,
+    ) -> Pipeline:
         """Randomly initialised modules (tests, training). The global RNG is left as it was."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # module initialisers only know the global generator
@@ -107,19 +121,31 @@ class Pipeline:
         return cls(config, tok, gen, text, name=name, device=device, dtype=dtype, options=options)
 
     @classmethod
-    def load(cls, spec: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-             options: SamplerOptions | None = None) -> Pipeline:
+    def load(
+        cls,
+        spec: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        options: SamplerOptions | None = None,
+    ) -> Pipeline:
         """``preset:NAME`` builds a randomly initialised preset (e.g. ``preset:tiny``); anything else is a path."""
         name = weights_preset(str(spec))
         if name is not None:
-            return cls.from_config(pipeline_preset(name), device=device, dtype=dtype, name=f"{name}-random",
-                                   options=options)
+            return cls.from_config(
+                pipeline_preset(name), device=device, dtype=dtype, name=f"{name}-random", options=options
+            )
         return cls.from_pretrained(spec, device=device, dtype=dtype, options=options)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: str | torch.dtype | None = None, official_generator: GeneratorConfig = DC_AR_512,
-                        official_autoencoder: dict | None = None, options: SamplerOptions | None = None) -> Pipeline:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        official_generator: GeneratorConfig = DC_AR_512,
+        official_autoencoder: dict | None = None,
+        options: SamplerOptions | None = None,
+    ) -> Pipeline:
         """Load a weights directory in our layout or the official one (detected by its files).
 
         The official layout carries no generator architecture (the official code takes it from its YAML):
@@ -134,8 +160,10 @@ class Pipeline:
         elif (path / OFFICIAL_DIRS["tokenizer"] / "config.json").is_file():
             pipe = cls._from_official(path, device, dtype, official_generator, official_autoencoder)
         else:
-            raise LoadError(f"{path}: neither {INDEX} (dcar layout) nor {OFFICIAL_DIRS['tokenizer']}/config.json "
-                            "(official layout) found; see weights/README.md")
+            raise LoadError(
+                f"{path}: neither {INDEX} (dcar layout) nor {OFFICIAL_DIRS['tokenizer']}/config.json "
+                "(official layout) found; see weights/README.md"
+            )
         if options is not None:
             pipe.sampler = Sampler(pipe.generator, pipe.tokenizer, pipe.text_encoder, options)
         return pipe
@@ -162,7 +190,9 @@ class Pipeline:
         tdir = path / OFFICIAL_DIRS["tokenizer"]
         dcht = _json(tdir / "config.json")
         if dcht.get("model_type") != "dc_ht":
-            raise LoadError(f"{tdir / 'config.json'}: model_type={dcht.get('model_type')!r}, expected 'dc_ht'")
+            raise LoadError(
+                f"{tdir / 'config.json'}: model_type={dcht.get('model_type')!r}, expected 'dc_ht'"
+            )
         tcfg = TokenizerConfig.from_official(dcht, dc_ae)
         gdir = path / OFFICIAL_DIRS["generator"]
         tw, gw = find_weights(tdir), find_weights(gdir)
@@ -177,17 +207,28 @@ class Pipeline:
     def save_pretrained(self, path: str | Path, name: str | None = None) -> None:
         """Write our layout (fp32 safetensors under the official key names)."""
         path = Path(path)
-        for sub, module, cfg in (("tokenizer", self.tokenizer, self.config.tokenizer),
-                                 ("generator", self.generator, self.config.generator)):
+        for sub, module, cfg in (
+            ("tokenizer", self.tokenizer, self.config.tokenizer),
+            ("generator", self.generator, self.config.generator),
+        ):
             (path / sub).mkdir(parents=True, exist_ok=True)
             (path / sub / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-            state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
-                     for k, v in module.state_dict().items()}
+            state = {
+                k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.contiguous().cpu()
+                for k, v in module.state_dict().items()
+            }
             save_file(state, str(path / sub / "model.safetensors"))
         self.text_encoder.float().save_pretrained(path / "text_encoder")
-        index = {"format": "dcar", "version": 1, "name": name or self.name, "tokenizer": "tokenizer",
-                 "generator": "generator", "text_encoder": "text_encoder",
-                 "text_encoder_config": asdict(self.config.text_encoder), "sampling": asdict(self.config.sampling)}
+        index = {
+            "format": "dcar",
+            "version": 1,
+            "name": name or self.name,
+            "tokenizer": "tokenizer",
+            "generator": "generator",
+            "text_encoder": "text_encoder",
+            "text_encoder_config": asdict(self.config.text_encoder),
+            "sampling": asdict(self.config.sampling),
+        }
         (path / INDEX).write_text(json.dumps(index, indent=1))
 
     # --- use ---------------------------------------------------------------------------------------
@@ -198,13 +239,15 @@ class Pipeline:
         base = {**knob_values(d), "height": d.size, "width": d.size, **overrides}
         return SamplingParams(prompt=prompt, **base)
 
-    def generate(self, params: Sequence[SamplingParams], edits: Sequence[EditSpec | None] | None = None,
-                 callback=None) -> list[RowResult]:
+    def generate(
+        self, params: Sequence[SamplingParams], edits: Sequence[EditSpec | None] | None = None, callback=None
+    ) -> list[RowResult]:
         return self.sampler.generate(params, edits, callback=callback)
 
     @torch.inference_mode()
-    def prepare_edit(self, image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor,
-                     blend: bool = True) -> EditSpec:
+    def prepare_edit(
+        self, image: Image.Image | torch.Tensor, mask: Image.Image | torch.Tensor, blend: bool = True
+    ) -> EditSpec:
         """Tokenize the input image and map the pixel mask (1 = regenerate) to tokens.
 
         A token is regenerated when any pixel of its patch is marked.
@@ -217,17 +260,28 @@ class Pipeline:
         q = self.tokenizer.encode(x.unsqueeze(0).to(self.device, self.dtype))
         f = self.tokenizer.compression
         token_mask = torch.nn.functional.max_pool2d(m.unsqueeze(0), f).flatten() > 0
-        return EditSpec(tokens=q.tokens[0].cpu(), residual=q.residual[0].float().cpu(), token_mask=token_mask,
-                        image=x.cpu(), pixel_mask=m.cpu(), blend=blend)
+        return EditSpec(
+            tokens=q.tokens[0].cpu(),
+            residual=q.residual[0].float().cpu(),
+            token_mask=token_mask,
+            image=x.cpu(),
+            pixel_mask=m.cpu(),
+            blend=blend,
+        )
 
     def info(self) -> dict:
         g = self.config.generator
         return {
-            "name": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "name": self.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
             "generator_parameters": sum(p.numel() for p in self.generator.parameters()),
             "tokenizer_parameters": sum(p.numel() for p in self.tokenizer.parameters()),
             "native_size": g.grid_size * self.tokenizer.compression,
-            "compression": self.tokenizer.compression, "codebook_size": g.codebook_size,
-            "compute": {k: getattr(self.sampler.options, k)
-                        for k in ("compile", "cuda_graphs", "pad_buckets", "channels_last_decoder")},
+            "compression": self.tokenizer.compression,
+            "codebook_size": g.codebook_size,
+            "compute": {
+                k: getattr(self.sampler.options, k)
+                for k in ("compile", "cuda_graphs", "pad_buckets", "channels_last_decoder")
+            },
         }

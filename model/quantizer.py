@@ -66,8 +66,12 @@ class HybridQuantizer(nn.Module):
         commitment_loss = F.mse_loss(zn, codewords.detach())
         quantized = zn + (codewords - zn).detach()
         return QuantizerOutput(
-            normalized=zn, codewords=codewords, quantized=quantized, indices=indices.view(b, h, w),
-            codebook_loss=codebook_loss, commitment_loss=commitment_loss,
+            normalized=zn,
+            codewords=codewords,
+            quantized=quantized,
+            indices=indices.view(b, h, w),
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
         )
 
     def lookup(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

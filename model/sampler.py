@@ -132,16 +132,24 @@ class StepEvent:
 
 
 class Sampler:
-    def __init__(self, generator: DCARTransformer, tokenizer: DCHT, text_encoder: TextEncoder | None,
-                 options: SamplerOptions | None = None):
+    def __init__(
+        self,
+        generator: DCARTransformer,
+        tokenizer: DCHT,
+        text_encoder: TextEncoder | None,
+        options: SamplerOptions | None = None,
+    ):
         self.generator = generator
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.options = (options or SamplerOptions()).resolve(self.device, next(tokenizer.parameters()).dtype)
         self._forward = generator.forward
         self._head_step = generator.diffloss.denoise_step
-        tokenizer.decoder.to(memory_format=torch.channels_last if self.options.channels_last_decoder  # type: ignore[call-overload]
-                             else torch.contiguous_format)  # (Module.to takes memory_format; its stubs omit it)
+        tokenizer.decoder.to(
+            memory_format=torch.channels_last
+            if self.options.channels_last_decoder  # type: ignore[call-overload]
+            else torch.contiguous_format
+        )  # (Module.to takes memory_format; its stubs omit it)
         if self.options.compile or self.options.cuda_graphs:
             # fullgraph: a graph break would silently fall back to eager for part of every step. With buckets
             # the shapes are few and static; without them, one dynamic graph instead of one per shape.
@@ -169,10 +177,14 @@ class Sampler:
     # --- 1. admission ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def start(self, params: Sequence[SamplingParams], edits: Sequence[EditSpec | None] | None = None,
-              tags: Sequence[object] | None = None,
-              text: tuple[torch.Tensor, torch.Tensor] | None = None,
-              noise: RowNoise | OfficialOrderNoise | None = None) -> BatchState:
+    def start(
+        self,
+        params: Sequence[SamplingParams],
+        edits: Sequence[EditSpec | None] | None = None,
+        tags: Sequence[object] | None = None,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        noise: RowNoise | OfficialOrderNoise | None = None,
+    ) -> BatchState:
         """Encode the prompts and set up rows at step 0. ``text`` = (states, mask) skips the T5 encoder."""
         if not params:
             raise ValueError("start() needs at least one row")
@@ -260,14 +272,19 @@ class Sampler:
 
         # Re-mask the least confident positions down to the schedule's count.
         keep_masked = masked_after_step(length, ratio, is_mask.sum(dim=1))
-        confidence = sampled_logits + temp.view(-1, 1) * gumbel(state.noise.uniform("confidence", (length,), dev))
+        confidence = sampled_logits + temp.view(-1, 1) * gumbel(
+            state.noise.uniform("confidence", (length,), dev)
+        )
         cutoff = confidence.sort(dim=-1).values.gather(1, (keep_masked - 1).unsqueeze(1))
         remasked = torch.where(confidence <= cutoff, torch.full_like(sampled, mask_id), sampled)
         new_ids = torch.where(last.unsqueeze(1), sampled, remasked)
         # A row with nothing left to generate (an edit whose mask covers no token) keeps its ids.
         new_ids = torch.where(is_mask.any(dim=1, keepdim=True), new_ids, state.ids)
-        finals = {i: (hidden[0][i].clone(), hidden[1][i].clone())
-                  for i, r in enumerate(rows) if r.step + 1 >= r.params.steps}
+        finals = {
+            i: (hidden[0][i].clone(), hidden[1][i].clone())
+            for i, r in enumerate(rows)
+            if r.step + 1 >= r.params.steps
+        }
         revealed = (new_ids != mask_id).sum(dim=1).tolist()  # the step's one device->host copy (it syncs)
         dt = time.perf_counter() - t0
 
@@ -359,11 +376,20 @@ class Sampler:
             def draw(kind: str) -> torch.Tensor:
                 return noise.normal(f"head_{kind}", (length, c), dev).reshape(n * length, c)
 
-            residual = self.generator.diffloss.sample(
-                cond, draw, uncond=uncond, guidance=g.repeat_interleave(length),
-                temperature=k.residual_temperature.repeat_interleave(length), steps=steps, forward=self._head_step,
-                pad_to=bucket(n, BATCH_BUCKETS) * length if self.options.pad_buckets else None,
-            ).float().view(n, length, c)
+            residual = (
+                self.generator.diffloss.sample(
+                    cond,
+                    draw,
+                    uncond=uncond,
+                    guidance=g.repeat_interleave(length),
+                    temperature=k.residual_temperature.repeat_interleave(length),
+                    steps=steps,
+                    forward=self._head_step,
+                    pad_to=bucket(n, BATCH_BUCKETS) * length if self.options.pad_buckets else None,
+                )
+                .float()
+                .view(n, length, c)
+            )
             for j, r in enumerate(rows):
                 if r.edit is not None:  # known positions keep the input image's own residuals
                     tm = r.edit.token_mask.to(dev).bool().unsqueeze(-1)
@@ -389,15 +415,28 @@ class Sampler:
         for j, r in enumerate(rows):
             r.add_time("residual", head_s)
             r.add_time("decode", decode_s)
-            out.append(RowResult(images_cpu[j], ids_cpu[j], r.params.seed, dict(r.timings), r.tag,
-                                 finite=bool(finite_cpu[j]),
-                                 residual=None if residual_cpu is None else residual_cpu[j]))
+            out.append(
+                RowResult(
+                    images_cpu[j],
+                    ids_cpu[j],
+                    r.params.seed,
+                    dict(r.timings),
+                    r.tag,
+                    finite=bool(finite_cpu[j]),
+                    residual=None if residual_cpu is None else residual_cpu[j],
+                )
+            )
         return out
 
     # --- the loop ----------------------------------------------------------------------------------
 
-    def generate(self, params: Sequence[SamplingParams], edits: Sequence[EditSpec | None] | None = None,
-                 callback=None, **start_kwargs) -> list[RowResult]:
+    def generate(
+        self,
+        params: Sequence[SamplingParams],
+        edits: Sequence[EditSpec | None] | None = None,
+        callback=None,
+        **start_kwargs,
+    ) -> list[RowResult]:
         """Sample a static batch to completion, results in input order; ``callback(events, state)`` per step."""
         state = self.start(params, edits, tags=list(range(len(params))), **start_kwargs)
         results: list[RowResult] = []
@@ -416,10 +455,15 @@ class Sampler:
         ``size`` bounds the longer side: the image is downscaled on the device (antialiased) before the copy
         to the host, so a preview costs a small transfer and a small PNG.
         """
-        img = self.tokenizer.decode_tokens(state.predicted[index: index + 1], state.grid).float()
+        img = self.tokenizer.decode_tokens(state.predicted[index : index + 1], state.grid).float()
         if size is not None and max(img.shape[-2:]) > size:
             h, w = img.shape[-2:]
             scale = size / max(h, w)
-            img = torch.nn.functional.interpolate(img, size=(max(1, round(h * scale)), max(1, round(w * scale))),
-                                                  mode="bilinear", antialias=True, align_corners=False)
+            img = torch.nn.functional.interpolate(
+                img,
+                size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         return (img[0] * 0.5 + 0.5).clamp(0, 1).cpu()

@@ -40,11 +40,20 @@ class TextEncoder(torch.nn.Module):
     def from_config(cls, cfg: TextEncoderConfig) -> TextEncoder:
         """A freshly initialised encoder (tests, training). Only "byt5" needs no vocabulary file."""
         if cfg.tokenizer != "byt5":
-            raise ValueError("a fresh text encoder needs tokenizer='byt5' (a T5 vocabulary must come from a directory)")
+            raise ValueError(
+                "a fresh text encoder needs tokenizer='byt5' (a T5 vocabulary must come from a directory)"
+            )
         t5 = T5Config(
-            vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv, d_ff=cfg.d_ff,
-            num_layers=cfg.num_layers, num_heads=cfg.num_heads, feed_forward_proj="gated-gelu",
-            dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
+            vocab_size=cfg.vocab_size,
+            d_model=cfg.d_model,
+            d_kv=cfg.d_kv,
+            d_ff=cfg.d_ff,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
+            is_encoder_decoder=False,
+            use_cache=False,
         )
         return cls(T5EncoderModel(t5), ByT5Tokenizer(), cfg.max_length)
 
@@ -79,8 +88,9 @@ class TextEncoder(torch.nn.Module):
         return functools.partial(_count_tokens, copy.deepcopy(self.tokenizer))
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(prompts, padding="longest", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            prompts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return enc["input_ids"], enc["attention_mask"]
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

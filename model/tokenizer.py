@@ -40,12 +40,16 @@ class DCHT(nn.Module):
         """Any decoder input (B, C, h, w) -> images (B, 3, 32h, 32w), not clamped."""
         weight = cast(torch.Tensor, self.decoder.project_in.main.conv.weight)  # type: ignore[union-attr]
         # Follow the decoder's memory format (channels-last when the sampler asked for it).
-        fmt = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) and \
-            not weight.is_contiguous() else torch.contiguous_format
+        fmt = (
+            torch.channels_last
+            if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+            else torch.contiguous_format
+        )
         return self.decoder(latent.to(weight.dtype).contiguous(memory_format=fmt)).contiguous()
 
-    def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int],
-                      residual: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_tokens(
+        self, tokens: torch.Tensor, grid: tuple[int, int], residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Ids (B, h*w) [+ residual (B, h*w, C)] -> images. Without residual this is the discrete path."""
         z = self.quantize.lookup(tokens, grid)
         if residual is not None:

@@ -130,7 +130,9 @@ class CaptionEmbedder(nn.Module):
         super().__init__()
         self.y_proj = Mlp(cfg.context_dim, cfg.hidden_size, cfg.hidden_size)
         # A fixed random buffer, saved in the checkpoint; replaced wholesale by the official one on load.
-        self.register_buffer("y_embedding", torch.randn(cfg.text_token_length, cfg.context_dim) / cfg.context_dim**0.5)
+        self.register_buffer(
+            "y_embedding", torch.randn(cfg.text_token_length, cfg.context_dim) / cfg.context_dim**0.5
+        )
 
     def forward(self, caption: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """caption (B, L, Cctx); rows where ``drop`` is True use the null caption (same mask kept)."""
@@ -176,8 +178,11 @@ class TextKV:
         if extra <= 0:
             return self
         pad = (0, 0, 0, extra)
-        return TextKV([F.pad(k, pad) for k in self.keys], [F.pad(v, pad) for v in self.values],
-                      F.pad(self.mask, (0, extra), value=False))
+        return TextKV(
+            [F.pad(k, pad) for k in self.keys],
+            [F.pad(v, pad) for v in self.values],
+            F.pad(self.mask, (0, extra), value=False),
+        )
 
     @staticmethod
     def cat(parts: list[TextKV]) -> TextKV:
@@ -200,7 +205,10 @@ class DCARTransformer(nn.Module):
         d = cfg.hidden_size
         self.x_embedder = nn.Embedding(cfg.codebook_size + 1, d)
         # Frozen but saved: official checkpoints store the table, and the model must use the stored one.
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(d, (cfg.grid_size, cfg.grid_size), cfg.pos_embed_base_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(
+            sincos_pos_embed_2d(d, (cfg.grid_size, cfg.grid_size), cfg.pos_embed_base_size),
+            requires_grad=False,
+        )
         self.y_embedder = CaptionEmbedder(cfg)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.final_layer = FinalLayer(d, cfg.codebook_size)
@@ -252,8 +260,9 @@ class DCARTransformer(nn.Module):
             raise ValueError(f"{ids.shape[1]} tokens do not fill a {grid[0]}x{grid[1]} grid")
         return self.x_embedder(ids) + self.pos_table(grid)
 
-    def forward(self, ids: torch.Tensor, text: TextKV, grid: tuple[int, int] | None = None,
-                trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, ids: torch.Tensor, text: TextKV, grid: tuple[int, int] | None = None, trace: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step. Ids (B, h*w) -> logits (B, h*w, codebook) in the weights' dtype and pre-norm hidden
         states (B, h*w, C) in float32 (the residual stream's dtype)."""
         x = self.embed(ids, grid or (self.cfg.grid_size, self.cfg.grid_size)).float()

@@ -47,8 +47,14 @@ def retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-def admit_or_refuse(req: Request, running: Sequence[tuple[Hashable, int, int]], waiting: Sequence[tuple[Hashable, int]],
-                    costs: CostModel, limits: Limits, elapsed: float = 0.0) -> float | None:
+def admit_or_refuse(
+    req: Request,
+    running: Sequence[tuple[Hashable, int, int]],
+    waiting: Sequence[tuple[Hashable, int]],
+    costs: CostModel,
+    limits: Limits,
+    elapsed: float = 0.0,
+) -> float | None:
     """Raise the refusal, or return the predicted seconds until the request is done (None: no measurements yet).
 
     ``running``: (grid, steps left, steps) per row in flight; ``waiting``: (grid, steps) per queued row, FIFO;
@@ -56,32 +62,61 @@ def admit_or_refuse(req: Request, running: Sequence[tuple[Hashable, int, int]], 
     """
     queued = len(waiting)
     free = max(0, limits.max_batch_size - len(running))
-    fc = forecast(running, [*waiting, *[(req.grid, req.steps)] * req.rows], costs, limits.max_batch_size, limits.cap,
-                  elapsed)
+    fc = forecast(
+        running,
+        [*waiting, *[(req.grid, req.steps)] * req.rows],
+        costs,
+        limits.max_batch_size,
+        limits.cap,
+        elapsed,
+    )
     if queued + req.rows - free > limits.max_queue:
         # Passes once the queue is down to max_queue - rows: after the shrink-th queued row is admitted.
         shrink = queued + req.rows - limits.max_queue
         wait = fc.admitted[shrink - 1] if fc is not None and 0 < shrink <= queued else 0.0
-        raise ApiError(429, "queue_full", f"{queued} rows wait for a slot and the running batch has {free} free; "
-                       f"n={req.rows} more would exceed max_queue={limits.max_queue} waiting rows; retry after "
-                       f"{max(1, math.ceil(wait))} s", headers=retry_after(wait), reason="queue_full")
+        raise ApiError(
+            429,
+            "queue_full",
+            f"{queued} rows wait for a slot and the running batch has {free} free; "
+            f"n={req.rows} more would exceed max_queue={limits.max_queue} waiting rows; retry after "
+            f"{max(1, math.ceil(wait))} s",
+            headers=retry_after(wait),
+            reason="queue_full",
+        )
     if fc is None:
         return None
     least = alone(req.grid, req.rows, req.steps, costs, limits.max_batch_size, limits.cap)
     if least is not None and least > req.timeout:
-        raise ApiError(400, "timeout_too_short", f"timeout={req.timeout:g} s is shorter than this request takes "
-                       f"on an idle server (predicted {least:.2f} s for n={req.rows}, steps={req.steps}); allow "
-                       "more time", param="timeout", reason="invalid")
+        raise ApiError(
+            400,
+            "timeout_too_short",
+            f"timeout={req.timeout:g} s is shorter than this request takes "
+            f"on an idle server (predicted {least:.2f} s for n={req.rows}, steps={req.steps}); allow "
+            "more time",
+            param="timeout",
+            reason="invalid",
+        )
     delay = fc.admitted[-1]
     if delay > limits.max_queue_delay_s:
-        raise ApiError(429, "queue_full", f"the work ahead of this request would keep it waiting {delay:.1f} s for "
-                       f"a slot; the limit is max_queue_delay_s={limits.max_queue_delay_s:g}; retry after "
-                       f"{max(1, math.ceil(delay - limits.max_queue_delay_s))} s",
-                       headers=retry_after(delay - limits.max_queue_delay_s), reason="queue_full")
-    done = max(fc.finished[-req.rows:])
+        raise ApiError(
+            429,
+            "queue_full",
+            f"the work ahead of this request would keep it waiting {delay:.1f} s for "
+            f"a slot; the limit is max_queue_delay_s={limits.max_queue_delay_s:g}; retry after "
+            f"{max(1, math.ceil(delay - limits.max_queue_delay_s))} s",
+            headers=retry_after(delay - limits.max_queue_delay_s),
+            reason="queue_full",
+        )
+    done = max(fc.finished[-req.rows :])
     if done > req.remaining:
-        raise ApiError(429, "deadline_unmeetable", f"predicted completion in {done:.2f} s exceeds timeout="
-                       f"{req.timeout:g} s ({req.remaining:.2f} s left); retry after "
-                       f"{max(1, math.ceil(done - req.remaining))} s or allow more time", param="timeout",
-                       headers=retry_after(done - req.remaining), reason="deadline")
+        raise ApiError(
+            429,
+            "deadline_unmeetable",
+            f"predicted completion in {done:.2f} s exceeds timeout="
+            f"{req.timeout:g} s ({req.remaining:.2f} s left); retry after "
+            f"{max(1, math.ceil(done - req.remaining))} s or allow more time",
+            param="timeout",
+            headers=retry_after(done - req.remaining),
+            reason="deadline",
+        )
     return done

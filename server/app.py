@@ -68,7 +68,9 @@ class EdgeMiddleware:
         try:
             denied = refusal(scope.get("path", ""), headers, self.runtime.settings.api_keys)
             if denied is not None:
-                await self._refuse(send_wrapper, denied, rid, has_body=length > 0 or b"transfer-encoding" in headers)
+                await self._refuse(
+                    send_wrapper, denied, rid, has_body=length > 0 or b"transfer-encoding" in headers
+                )
             elif length > limit:
                 await self._too_large(send_wrapper, length, limit, rid)
             else:
@@ -89,8 +91,14 @@ class EdgeMiddleware:
 
     async def _too_large(self, send, size: int, limit: int, rid: str) -> None:
         self.runtime.metrics.rejected("too_large")
-        response = json_error(413, "body_too_large", f"the request body is at least {size} bytes; the limit is "
-                              f"max_body_bytes={limit}", None, rid, {"Connection": "close"})  # rest unread
+        response = json_error(
+            413,
+            "body_too_large",
+            f"the request body is at least {size} bytes; the limit is max_body_bytes={limit}",
+            None,
+            rid,
+            {"Connection": "close"},
+        )  # rest unread
         await response({"type": "http"}, _no_receive, send)
 
 
@@ -98,8 +106,9 @@ class BodyTooLarge(StarletteHTTPException):
     """Raised by ``receive`` mid-body; an HTTPException so that FastAPI's body parsing lets it through as 413."""
 
     def __init__(self, size: int, limit: int):
-        super().__init__(413, f"the request body is over {limit} bytes (read {size}); the limit is "
-                              f"max_body_bytes={limit}")
+        super().__init__(
+            413, f"the request body is over {limit} bytes (read {size}); the limit is max_body_bytes={limit}"
+        )
         self.size = size
 
 
@@ -140,8 +149,13 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
                 await asyncio.wait({boot}, timeout=settings.drain_timeout_s)
             await runtime.shutdown()
 
-    app = FastAPI(title="dcar", version="0.1.0", lifespan=lifespan, telemetry=runtime.tracing.telemetry,
-                  description="DC-AR text-to-image and inpainting server (iteration-level batching).")
+    app = FastAPI(
+        title="dcar",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry=runtime.tracing.telemetry,
+        description="DC-AR text-to-image and inpainting server (iteration-level batching).",
+    )
     app.state.runtime = runtime
     install_handlers(app, runtime.metrics)
     app.include_router(router)

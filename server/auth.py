@@ -22,15 +22,27 @@ def check_api_key(authorization: str, keys: Sequence[str]) -> None:
     scheme, _, token = authorization.partition(" ")
     challenge = {"WWW-Authenticate": "Bearer"}
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing_api_key", "Authorization: Bearer <key> is required", "Authorization",
-                       headers=challenge, reason="unauthorized")
+        raise ApiError(
+            401,
+            "missing_api_key",
+            "Authorization: Bearer <key> is required",
+            "Authorization",
+            headers=challenge,
+            reason="unauthorized",
+        )
     given = token.strip().encode()
     matched = False
     for key in keys:  # no early exit: the time taken does not depend on which key matched
         matched |= hmac.compare_digest(given, key.encode())
     if not matched:
-        raise ApiError(401, "invalid_api_key", "the API key is not valid", "Authorization", headers=challenge,
-                       reason="unauthorized")
+        raise ApiError(
+            401,
+            "invalid_api_key",
+            "the API key is not valid",
+            "Authorization",
+            headers=challenge,
+            reason="unauthorized",
+        )
 
 
 def refusal(path: str, headers: Mapping[bytes, bytes], keys: Sequence[str]) -> ApiError | None:

@@ -56,9 +56,19 @@ def _retrieve(fut: asyncio.Future) -> None:
 class Engine:
     """Queue + batching loop + model worker. Create, ``await start()``, ``await warmup(...)``, ``set_ready()``."""
 
-    def __init__(self, pipe, *, max_batch_size: int, max_wait_s: float, max_queue: int, metrics,
-                 max_queue_delay_s: float = 2.0, trim_heap: bool = True, preview_size: int = 64,
-                 probe_size: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        pipe,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        metrics,
+        max_queue_delay_s: float = 2.0,
+        trim_heap: bool = True,
+        preview_size: int = 64,
+        probe_size: tuple[int, int] | None = None,
+    ):
         self.pipe = pipe
         self.policy = BatchPolicy(max_batch_size, max_wait_s)
         self.costs = CostModel()
@@ -118,13 +128,22 @@ class Engine:
         the worker, whose measured costs seed the cost model (two batch sizes give it a slope)."""
         for width, height in sizes:
             t0 = time.perf_counter()
-            await self.call(self.pipe.generate, [self.pipe.params("warm-up", seed=0, height=height, width=width)])
+            await self.call(
+                self.pipe.generate, [self.pipe.params("warm-up", seed=0, height=height, width=width)]
+            )
             grid = self.pipe.sampler.grid_for(height, width)
             for n in sorted({1, min(2, self.policy.max_batch_size)}):
                 params = [self.pipe.params("warm-up", seed=i, height=height, width=width) for i in range(n)]
-                await self._run_alone([RowSpec(next(self._row_ids), p, grid, math.inf, False) for p in params])
-            log.info("warm-up %dx%d: %.3f s; step costs %s", width, height, time.perf_counter() - t0,
-                     {n: round(s, 4) for n, s in self.costs.table("step", grid).items()})
+                await self._run_alone(
+                    [RowSpec(next(self._row_ids), p, grid, math.inf, False) for p in params]
+                )
+            log.info(
+                "warm-up %dx%d: %.3f s; step costs %s",
+                width,
+                height,
+                time.perf_counter() - t0,
+                {n: round(s, 4) for n, s in self.costs.table("step", grid).items()},
+            )
 
     async def _run_alone(self, specs: list[RowSpec]) -> None:
         left = {s.id for s in specs}
@@ -164,9 +183,17 @@ class Engine:
             return True
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             for job in list(self._jobs):
-                self._close(job, "shutdown", ApiError(503, "shutting_down", "the server shut down before this "
-                                                      f"request finished (drain timeout {timeout:g} s)",
-                                                      headers=retry_after(1.0), reason=None))
+                self._close(
+                    job,
+                    "shutdown",
+                    ApiError(
+                        503,
+                        "shutting_down",
+                        f"the server shut down before this request finished (drain timeout {timeout:g} s)",
+                        headers=retry_after(1.0),
+                        reason=None,
+                    ),
+                )
             return False
 
     async def stop(self) -> None:
@@ -220,18 +247,32 @@ class Engine:
 
     def _refusal(self) -> ApiError:
         if self.status == "starting":
-            return ApiError(503, "not_ready", "the model is still loading or warming up; retry shortly",
-                            headers={"Retry-After": "1"}, reason="not_ready")
+            return ApiError(
+                503,
+                "not_ready",
+                "the model is still loading or warming up; retry shortly",
+                headers={"Retry-After": "1"},
+                reason="not_ready",
+            )
         if self.status == "failed":
-            return ApiError(503, "engine_failed", f"the engine failed and serves nothing: {self.failure}",
-                            reason="not_ready")
+            return ApiError(
+                503,
+                "engine_failed",
+                f"the engine failed and serves nothing: {self.failure}",
+                reason="not_ready",
+            )
         # Until the accepted work is done (or the drain gives up) this server is going away: retry elsewhere
         # or after its restart.
         left = self.backlog_s()
         if self._drain_deadline is not None:
             left = min(left, max(0.0, self._drain_deadline - time.monotonic()))
-        return ApiError(503, "shutting_down", "the server is shutting down and accepts no new requests",
-                        headers=retry_after(left), reason="draining")
+        return ApiError(
+            503,
+            "shutting_down",
+            "the server is shutting down and accepts no new requests",
+            headers=retry_after(left),
+            reason="draining",
+        )
 
     def submit(self, job: Job) -> None:
         """Queue the job's rows or refuse it (503 not accepting; 429/400 by ``admit_or_refuse``)."""
@@ -242,9 +283,14 @@ class Engine:
         now = time.monotonic()
         limits = Limits(self.policy.max_batch_size, self.policy.cap, self.max_queue, self.max_queue_delay_s)
         running = [(t.grid, t.steps_left, t.params.steps) for t in self._running.values()]
-        predicted = admit_or_refuse(Request(grid, n, p.steps, job.timeout, job.deadline - now), running,
-                                    [(t.grid, t.params.steps) for t in self._waiting], self.costs, limits,
-                                    now - self._reported if running else 0.0)
+        predicted = admit_or_refuse(
+            Request(grid, n, p.steps, job.timeout, job.deadline - now),
+            running,
+            [(t.grid, t.params.steps) for t in self._waiting],
+            self.costs,
+            limits,
+            now - self._reported if running else 0.0,
+        )
         job.predicted_s = predicted
         job.future = self._loop.create_future()
         job.future.add_done_callback(_retrieve)
@@ -276,7 +322,9 @@ class Engine:
         self._finish_job(job, error=error)
         self._publish()
 
-    def _finish_job(self, job: Job, results: list[RowResult] | None = None, error: ApiError | None = None) -> None:
+    def _finish_job(
+        self, job: Job, results: list[RowResult] | None = None, error: ApiError | None = None
+    ) -> None:
         self._jobs.discard(job)
         if job.edit is not None:
             self._released.append(job.id)
@@ -286,15 +334,24 @@ class Engine:
         else:
             job.future.set_result(results)
             if job.predicted_s is not None and job.enqueued is not None:
-                log.debug("request %s: done in %.3f s, predicted %.3f s", job.id, time.monotonic() - job.enqueued,
-                          job.predicted_s)
+                log.debug(
+                    "request %s: done in %.3f s, predicted %.3f s",
+                    job.id,
+                    time.monotonic() - job.enqueued,
+                    job.predicted_s,
+                )
         if job.events is not None:
             job.events.put_nowait(None)
 
     @staticmethod
     def deadline_error(job: Job) -> ApiError:
-        return ApiError(504, "deadline_exceeded", f"the request did not finish within timeout={job.timeout:g} s",
-                        param="timeout", reason=None)
+        return ApiError(
+            504,
+            "deadline_exceeded",
+            f"the request did not finish within timeout={job.timeout:g} s",
+            param="timeout",
+            reason=None,
+        )
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -336,7 +393,9 @@ class Engine:
             log.exception("engine iteration failed")
             out = Outcome(failures=[(rid, exc) for rid in self._running])
         failed = self._deliver(out)
-        if out.rounds:  # what the wall time of these rounds spent outside the forwards: the per-iteration overhead
+        if (
+            out.rounds
+        ):  # what the wall time of these rounds spent outside the forwards: the per-iteration overhead
             compute = sum(f.step_s + f.finish_s for f in out.forwards) + sum(s for _, _, s in out.starts)
             self.costs.observe_overhead((time.monotonic() - started - compute) / out.rounds)
         return failed
@@ -430,7 +489,9 @@ class Engine:
     async def _probe(self) -> None:
         """After a failed batch: one tiny generation; if even that fails the engine is unhealthy."""
         width, height = self.probe_size
-        params: SamplingParams = self.pipe.params("", seed=0, steps=1, residual_steps=1, height=height, width=width)
+        params: SamplingParams = self.pipe.params(
+            "", seed=0, steps=1, residual_steps=1, height=height, width=width
+        )
         try:
             await self.call(self.pipe.generate, [params])
         except Exception as exc:
@@ -440,4 +501,3 @@ class Engine:
             self.metrics.set_ready(False)
             for job in list(self._jobs):
                 self._close(job, "failed", self._refusal())
-

@@ -25,8 +25,15 @@ log = logging.getLogger("dcar.server")
 class ApiError(Exception):
     """A refusal with its HTTP status. ``reason`` is the label used in ``dcar_rejections_total``."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None, reason: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
@@ -64,9 +71,14 @@ def check_unicode(param: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ApiError(400, "invalid_encoding", f"{param} is not valid Unicode: a lone surrogate "
-                       f"U+{ord(text[e.start]):04X} at character {e.start}; send UTF-8 text", param,
-                       reason="invalid") from None
+        raise ApiError(
+            400,
+            "invalid_encoding",
+            f"{param} is not valid Unicode: a lone surrogate "
+            f"U+{ord(text[e.start]):04X} at character {e.start}; send UTF-8 text",
+            param,
+            reason="invalid",
+        ) from None
 
 
 # Failures that repeat for the same request: the same deadline, the same image too big for memory, the same
@@ -79,7 +91,8 @@ def error_type(status: int) -> str:
     if status >= 500:
         return "server_error"
     return {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
-        status, "invalid_request_error")
+        status, "invalid_request_error"
+    )
 
 
 def retry_headers(status: int, code: str) -> dict[str, str]:
@@ -89,8 +102,9 @@ def retry_headers(status: int, code: str) -> dict[str, str]:
     return {}
 
 
-def error_body(status: int, code: str, message: str, param: str | None = None,
-               request_id: str | None = None) -> dict:
+def error_body(
+    status: int, code: str, message: str, param: str | None = None, request_id: str | None = None
+) -> dict:
     # A message may quote the client's input; lone surrogates in it would make the response unencodable.
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     err = {"code": code, "message": message, "param": param, "type": error_type(status)}
@@ -99,10 +113,19 @@ def error_body(status: int, code: str, message: str, param: str | None = None,
     return {"error": err}
 
 
-def json_error(status: int, code: str, message: str, param: str | None = None, request_id: str | None = None,
-               headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, code, message, param, request_id), status_code=status,
-                        headers={**retry_headers(status, code), **(headers or {})})
+def json_error(
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    request_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_body(status, code, message, param, request_id),
+        status_code=status,
+        headers={**retry_headers(status, code), **(headers or {})},
+    )
 
 
 def request_id_of(request: Request) -> str | None:
@@ -184,12 +207,23 @@ def install_handlers(app: FastAPI, metrics) -> None:
             metrics.rejected("too_large")
             headers["Connection"] = "close"
         codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        return json_error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), None,
-                          request_id_of(request), headers)
+        return json_error(
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            None,
+            request_id_of(request),
+            headers,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         rid = request_id_of(request)
         log.exception("request %s: unexpected error", rid)
-        return json_error(500, "internal_error", f"internal error ({type(exc).__name__}); quote request id "
-                          f"{rid} when reporting it", None, rid)
+        return json_error(
+            500,
+            "internal_error",
+            f"internal error ({type(exc).__name__}); quote request id {rid} when reporting it",
+            None,
+            rid,
+        )

@@ -24,13 +24,27 @@ def failure_reason(exc: BaseException) -> str:
 def failure_error(request_id: str, p: SamplingParams, exc: BaseException) -> ApiError:
     """The 500 of a request whose row failed with ``exc``."""
     if isinstance(exc, NonFiniteOutput):
-        log.error("request %s: non-finite output (NaN/inf) for seed %d at %dx%d", request_id, p.seed, p.width,
-                  p.height)
-        return ApiError(500, "non_finite_output", f"the generated image held NaN or inf values and was not "
-                        f"delivered; request id {request_id}")
+        log.error(
+            "request %s: non-finite output (NaN/inf) for seed %d at %dx%d",
+            request_id,
+            p.seed,
+            p.width,
+            p.height,
+        )
+        return ApiError(
+            500,
+            "non_finite_output",
+            f"the generated image held NaN or inf values and was not delivered; request id {request_id}",
+        )
     if isinstance(exc, OutOfMemory):
-        return ApiError(500, "out_of_memory", f"out of memory even for one {p.width}x{p.height} image; "
-                        f"request id {request_id}")
+        return ApiError(
+            500,
+            "out_of_memory",
+            f"out of memory even for one {p.width}x{p.height} image; request id {request_id}",
+        )
     log.error("request %s: batch failed: %s: %s", request_id, type(exc).__name__, exc)
-    return ApiError(500, "internal_error", f"the batch holding this request failed ({type(exc).__name__}: "
-                    f"{exc}); request id {request_id}")
+    return ApiError(
+        500,
+        "internal_error",
+        f"the batch holding this request failed ({type(exc).__name__}: {exc}); request id {request_id}",
+    )

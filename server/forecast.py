@@ -42,7 +42,9 @@ class _Line:
     def __call__(self, rows: int) -> float:
         if self._fit is None:
             pts = list(self.points)
-            slopes = [(y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(pts) for x2, y2 in pts[i + 1:] if x2 != x1]
+            slopes = [
+                (y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(pts) for x2, y2 in pts[i + 1 :] if x2 != x1
+            ]
             if slopes:
                 slope = max(0.0, statistics.median(slopes))
                 self._fit = (statistics.median(y - slope * x for x, y in pts), slope)
@@ -99,9 +101,15 @@ class Forecast:
     finished: list[float]
 
 
-def forecast(running: Sequence[tuple[Hashable, int, int]], waiting: Sequence[tuple[Hashable, int]],
-             costs: CostModel, max_batch_size: int, cap: int, elapsed: float = 0.0,
-             refill: bool = True) -> Forecast | None:
+def forecast(
+    running: Sequence[tuple[Hashable, int, int]],
+    waiting: Sequence[tuple[Hashable, int]],
+    costs: CostModel,
+    max_batch_size: int,
+    cap: int,
+    elapsed: float = 0.0,
+    refill: bool = True,
+) -> Forecast | None:
     """Replay the engine from the state it was in ``elapsed`` seconds ago.
 
     ``running``: (grid, steps left, steps) of each row in flight; ``waiting``: (grid, steps) of each queued row
@@ -151,7 +159,9 @@ def forecast(running: Sequence[tuple[Hashable, int, int]], waiting: Sequence[tup
     return Forecast([max(0.0, a - elapsed) for a in admitted], [max(0.0, f - elapsed) for f in finished])
 
 
-def alone(grid: Hashable, rows: int, steps: int, costs: CostModel, max_batch_size: int, cap: int) -> float | None:
+def alone(
+    grid: Hashable, rows: int, steps: int, costs: CostModel, max_batch_size: int, cap: int
+) -> float | None:
     """Seconds for ``rows`` rows of ``steps`` steps on an idle engine; None before measurements."""
     f = forecast([], [(grid, steps)] * rows, costs, max_batch_size, cap, refill=False)
     return None if f is None else max(f.finished)

@@ -35,10 +35,22 @@ CLOSE_REASONS = ("idle", "header_timeout", "body_timeout")
 
 
 def _raw_response(status: str, code: str, message: str, extra: dict[str, str] | None = None) -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message, "param": None,
-                                 "type": "server_error" if status.startswith("5") else "invalid_request_error"}})
-    headers = {"content-type": "application/json", "connection": "close", "content-length": str(len(body)),
-               **(extra or {})}
+    body = json.dumps(
+        {
+            "error": {
+                "code": code,
+                "message": message,
+                "param": None,
+                "type": "server_error" if status.startswith("5") else "invalid_request_error",
+            }
+        }
+    )
+    headers = {
+        "content-type": "application/json",
+        "connection": "close",
+        "content-length": str(len(body)),
+        **(extra or {}),
+    }
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return f"HTTP/1.1 {status}\r\n{head}\r\n{body}".encode()
 
@@ -53,9 +65,15 @@ class ConnectionGuard:
         self.keepalive_timeout_s = settings.keepalive_timeout_s
         self.open = 0
         kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
-        self.closed = Counter("dcar_connections_closed", "Connections closed by the server's timeouts, by reason "
-                              "(idle, header_timeout, body_timeout).", ["reason"], **kw)
-        self.refused = Counter("dcar_connections_refused", "Connections refused (503) at max_connections.", **kw)
+        self.closed = Counter(
+            "dcar_connections_closed",
+            "Connections closed by the server's timeouts, by reason (idle, header_timeout, body_timeout).",
+            ["reason"],
+            **kw,
+        )
+        self.refused = Counter(
+            "dcar_connections_refused", "Connections refused (503) at max_connections.", **kw
+        )
         self.gauge = Gauge("dcar_connections_open", "Open client connections.", **kw)
         for reason in CLOSE_REASONS:
             self.closed.labels(reason)
@@ -74,8 +92,14 @@ class ConnectionGuard:
             n = self._unlogged.pop(reason)
             self._last_log[reason] = now
             more = f" ({n - 1} more since the last report)" if n > 1 else ""
-            log.log(logging.INFO if reason == "idle" else logging.WARNING, "connection from %s %s: %s%s", _peer(peer),
-                    "refused" if reason == "refused" else "closed", detail, more)
+            log.log(
+                logging.INFO if reason == "idle" else logging.WARNING,
+                "connection from %s %s: %s%s",
+                _peer(peer),
+                "refused" if reason == "refused" else "closed",
+                detail,
+                more,
+            )
 
     def protocol(self) -> type[asyncio.Protocol]:
         """uvicorn's httptools protocol with this guard's limits (plain uvicorn h11 without httptools)."""
@@ -84,6 +108,7 @@ class ConnectionGuard:
         except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools
             log.warning("httptools is not installed: connection timeouts and max_connections are off")
             from uvicorn.protocols.http.h11_impl import H11Protocol
+
             return H11Protocol
         return type("GuardedHttpToolsProtocol", (_Guarded, HttpToolsProtocol), {"guard": self})
 
@@ -111,11 +136,20 @@ class _Guarded(_Protocol):
             self._refused = True
             self.transport = transport
             wait = max(1, round(g.keepalive_timeout_s))  # idle connections are closed within this
-            transport.write(_raw_response("503 Service Unavailable", "too_many_connections",
-                                          f"the server holds max_connections={g.max_connections} connections; "
-                                          f"retry after {wait} s", {"retry-after": str(wait)}))
+            transport.write(
+                _raw_response(
+                    "503 Service Unavailable",
+                    "too_many_connections",
+                    f"the server holds max_connections={g.max_connections} connections; retry after {wait} s",
+                    {"retry-after": str(wait)},
+                )
+            )
             transport.close()
-            g.note("refused", transport.get_extra_info("peername"), f"max_connections={g.max_connections} reached")
+            g.note(
+                "refused",
+                transport.get_extra_info("peername"),
+                f"max_connections={g.max_connections} reached",
+            )
             return
         g.open += 1
         g.gauge.set(g.open)
@@ -137,7 +171,9 @@ class _Guarded(_Protocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        self._arm("body_timeout", self.guard.body_timeout_s)  # on_message_complete follows at once without one
+        self._arm(
+            "body_timeout", self.guard.body_timeout_s
+        )  # on_message_complete follows at once without one
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -160,7 +196,12 @@ class _Guarded(_Protocol):
         if reason != "idle" and (cycle is None or not cycle.response_started):
             what = "its headers" if reason == "header_timeout" else "its body"
             setting = "header_timeout_s" if reason == "header_timeout" else "body_timeout_s"
-            self.transport.write(_raw_response("408 Request Timeout", "request_timeout",
-                                               f"the request did not send {what} within {setting}={seconds:g}"))
+            self.transport.write(
+                _raw_response(
+                    "408 Request Timeout",
+                    "request_timeout",
+                    f"the request did not send {what} within {setting}={seconds:g}",
+                )
+            )
         self.transport.close()
         self.guard.note(reason, self.client, f"{reason.replace('_', ' ')} ({seconds:g} s)")

@@ -31,8 +31,13 @@ def media_type(fmt: str) -> str:
     return OUTPUT_FORMATS[fmt][1]
 
 
-def encode_image(image: torch.Tensor | Image.Image, fmt: str, quality: int | None = None,
-                 png_compress_level: int = 1, mark: Mark | None = None) -> bytes:
+def encode_image(
+    image: torch.Tensor | Image.Image,
+    fmt: str,
+    quality: int | None = None,
+    png_compress_level: int = 1,
+    mark: Mark | None = None,
+) -> bytes:
     """(3, H, W) float in [0, 1] (or a PIL image) -> file bytes in ``fmt`` (png, jpeg or webp).
 
     PNG is lossless at every zlib level; level 1 (not Pillow's 6) encodes several times faster for somewhat
@@ -69,19 +74,28 @@ def encode_preview(image: torch.Tensor, size: int) -> str:
 def decode_base64(text: str, field: str, max_bytes: int) -> bytes:
     """Base64 (optionally a ``data:image/...;base64,`` URL) -> bytes; 413 above ``max_bytes``, 400 if broken."""
     if not isinstance(text, str) or not text.strip():
-        raise ApiError(400, "invalid_image", f"{field} must be a non-empty base64 string", field, reason="invalid")
+        raise ApiError(
+            400, "invalid_image", f"{field} must be a non-empty base64 string", field, reason="invalid"
+        )
     text = DATA_URL.sub("", text.strip(), count=1)
     if len(text) > (max_bytes + 2) // 3 * 4 + 4:
         raise too_large(field, len(text) * 3 // 4, max_bytes)
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ApiError(400, "invalid_base64", f"{field} is not valid base64 ({e})", field, reason="invalid") from e
+        raise ApiError(
+            400, "invalid_base64", f"{field} is not valid base64 ({e})", field, reason="invalid"
+        ) from e
 
 
 def too_large(field: str, size: int, limit: int) -> ApiError:
-    return ApiError(413, "image_too_large", f"{field} is {size} bytes; the limit is max_image_bytes={limit}",
-                    field, reason="too_large")
+    return ApiError(
+        413,
+        "image_too_large",
+        f"{field} is {size} bytes; the limit is max_image_bytes={limit}",
+        field,
+        reason="too_large",
+    )
 
 
 def decode_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -96,18 +110,31 @@ def decode_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Im
             image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
-                raise ApiError(413, "image_too_large", f"{field} is {width}x{height} = {width * height} pixels; the "
-                               f"limit is max_image_pixels={max_pixels}", field, reason="too_large")
+                raise ApiError(
+                    413,
+                    "image_too_large",
+                    f"{field} is {width}x{height} = {width * height} pixels; the "
+                    f"limit is max_image_pixels={max_pixels}",
+                    field,
+                    reason="too_large",
+                )
             image.load()
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ApiError(413, "image_too_large", f"{field} is a decompression bomb: {e}", field,
-                       reason="too_large") from e
+        raise ApiError(
+            413, "image_too_large", f"{field} is a decompression bomb: {e}", field, reason="too_large"
+        ) from e
     except UnidentifiedImageError as e:
-        raise ApiError(400, "invalid_image", f"{field} is not a PNG, JPEG or WebP image", field,
-                       reason="invalid") from e
+        raise ApiError(
+            400, "invalid_image", f"{field} is not a PNG, JPEG or WebP image", field, reason="invalid"
+        ) from e
     except (OSError, ValueError, SyntaxError) as e:
-        raise ApiError(400, "invalid_image", f"{field} could not be decoded (truncated or corrupt): {e}", field,
-                       reason="invalid") from e
+        raise ApiError(
+            400,
+            "invalid_image",
+            f"{field} could not be decoded (truncated or corrupt): {e}",
+            field,
+            reason="invalid",
+        ) from e
     return image

@@ -106,8 +106,17 @@ class Ticket:
     def spec(self) -> RowSpec:
         job = self.job
         preview_steps = frozenset() if not job.preview else job.preview_steps
-        return RowSpec(self.id, self.params, self.grid, job.deadline, job.stream, preview_steps, job.preview_size,
-                       job.edit, job.id if job.edit is not None else None)
+        return RowSpec(
+            self.id,
+            self.params,
+            self.grid,
+            job.deadline,
+            job.stream,
+            preview_steps,
+            job.preview_size,
+            job.edit,
+            job.id if job.edit is not None else None,
+        )
 
 
 @dataclass(frozen=True)

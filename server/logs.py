@@ -26,8 +26,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, then the record's extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-               "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        out = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         out.update(_extra(record))
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
@@ -42,13 +46,18 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        extra = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in _extra(record).items() if v is not None)
+        extra = " ".join(
+            f"{k}={json.dumps(v, default=str)}" for k, v in _extra(record).items() if v is not None
+        )
         return f"{text} {extra}" if extra else text
 
 
 def _extra(record: logging.LogRecord) -> dict:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
-            and k not in ("color_message",)}  # uvicorn's coloured copy of the message
+    return {
+        k: v
+        for k, v in record.__dict__.items()
+        if k not in _STANDARD and not k.startswith("_") and k not in ("color_message",)
+    }  # uvicorn's coloured copy of the message
 
 
 def log_config(log_format: str = "text", level: str = "info") -> dict:
@@ -62,11 +71,14 @@ def log_config(log_format: str = "text", level: str = "info") -> dict:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"dcar": {"()": f"{__name__}.{formatter.__name__}"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "dcar",
-                                "stream": "ext://sys.stderr"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "dcar", "stream": "ext://sys.stderr"}
+        },
         "root": {"handlers": ["stderr"], "level": level},
-        "loggers": {name: {"handlers": [], "level": level, "propagate": True}
-                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "dcar")},
+        "loggers": {
+            name: {"handlers": [], "level": level, "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "dcar")
+        },
     }
 
 
@@ -92,8 +104,13 @@ def key_fingerprint(headers: dict[bytes, bytes]) -> str | None:
 def job_fields(job, prompts: bool) -> dict:
     p = job.params[0]
     waits = [job.queue_wait(i) for i, a in enumerate(job.admitted) if a is not None]
-    out = {"task": job.task, "n": len(job.params), "size": f"{p.width}x{p.height}", "steps": p.steps,
-           "queue_wait_s": round(max(waits), 6) if waits else None}
+    out = {
+        "task": job.task,
+        "n": len(job.params),
+        "size": f"{p.width}x{p.height}",
+        "steps": p.steps,
+        "queue_wait_s": round(max(waits), 6) if waits else None,
+    }
     if prompts:
         out["prompt"] = p.prompt
     return out
@@ -127,9 +144,15 @@ class AccessLog:
         notes = dict(state.get(NOTES, {}))
         job = notes.pop("job", None)
         route = getattr(scope.get("route"), "path", None)
-        fields = {"request_id": state.get("request_id"), "method": scope.get("method"), "route": route,
-                  "path": scope.get("path"), "status": status, "duration_s": round(seconds, 6),
-                  "key_fingerprint": key_fingerprint(dict(scope.get("headers") or []))}
+        fields = {
+            "request_id": state.get("request_id"),
+            "method": scope.get("method"),
+            "route": route,
+            "path": scope.get("path"),
+            "status": status,
+            "duration_s": round(seconds, 6),
+            "key_fingerprint": key_fingerprint(dict(scope.get("headers") or [])),
+        }
         if job is not None:
             fields.update(job_fields(job, self.log_prompts))
         fields.update(notes)

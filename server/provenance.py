@@ -80,8 +80,9 @@ def weights_digest(weights: str | None, pipe) -> str:
     """The digest of the weights directory ``weights``, else of the pipeline's modules (presets, injected)."""
     if weights is not None and Path(weights).is_dir():
         return directory_digest(Path(weights))
-    return modules_digest({"tokenizer": pipe.tokenizer, "generator": pipe.generator,
-                           "text_encoder": pipe.text_encoder})
+    return modules_digest(
+        {"tokenizer": pipe.tokenizer, "generator": pipe.generator, "text_encoder": pipe.text_encoder}
+    )
 
 
 # --- marks in the file ---------------------------------------------------------------------------------
@@ -97,9 +98,13 @@ class Mark:
 
     def text(self) -> dict[str, str]:
         """PNG tEXt chunks (keywords are Latin-1, so the JSON is ASCII-escaped)."""
-        return {"Software": software(), "Source": self.model, "DigitalSourceType": DIGITAL_SOURCE_TYPE,
-                "dcar:weights_digest": self.weights_digest,
-                "dcar:parameters": json.dumps(self.parameters, separators=(",", ":"))}
+        return {
+            "Software": software(),
+            "Source": self.model,
+            "DigitalSourceType": DIGITAL_SOURCE_TYPE,
+            "dcar:weights_digest": self.weights_digest,
+            "dcar:parameters": json.dumps(self.parameters, separators=(",", ":")),
+        }
 
     def xmp(self) -> bytes:
         """An XMP packet: IPTC DigitalSourceType, xmp:CreatorTool, and dcar's own properties."""

@@ -120,11 +120,13 @@ async def read_form(request: Request, max_image_bytes: int) -> tuple[dict[str, s
     try:
         form = await parser.parse()  # a BodyTooLarge (413) from the body limit passes through
     except NotUtf8 as e:
-        raise ApiError(400, "invalid_encoding", f"multipart field {e.field} is not UTF-8 text", e.field,
-                       reason="invalid") from None
+        raise ApiError(
+            400, "invalid_encoding", f"multipart field {e.field} is not UTF-8 text", e.field, reason="invalid"
+        ) from None
     except MultiPartException as e:
-        raise ApiError(400, "invalid_multipart", f"the multipart body is malformed: {e.message}",
-                       reason="invalid") from None
+        raise ApiError(
+            400, "invalid_multipart", f"the multipart body is malformed: {e.message}", reason="invalid"
+        ) from None
     fields: dict[str, str] = {}
     files: dict[str, bytes] = {}
     try:
@@ -144,23 +146,34 @@ async def read_form(request: Request, max_image_bytes: int) -> tuple[dict[str, s
 
 
 @overload
-def take_file(fields: dict[str, str], files: dict[str, bytes], name: str,
-              required: Literal[True] = True) -> bytes: ...
+def take_file(
+    fields: dict[str, str], files: dict[str, bytes], name: str, required: Literal[True] = True
+) -> bytes: ...
 @overload
 def take_file(fields: dict[str, str], files: dict[str, bytes], name: str, required: bool) -> bytes | None: ...
-def take_file(fields: dict[str, str], files: dict[str, bytes], name: str, required: bool = True) -> bytes | None:
+def take_file(
+    fields: dict[str, str], files: dict[str, bytes], name: str, required: bool = True
+) -> bytes | None:
     if name in files:
         return files[name]
     if name in fields:
         raise invalid(name, f"{name} must be a file upload (multipart file part), got a text field")
     if required:
-        raise ApiError(422, "invalid_request", f"{name} is required (a multipart file)", name, reason="invalid")
+        raise ApiError(
+            422, "invalid_request", f"{name} is required (a multipart file)", name, reason="invalid"
+        )
     return None
 
 
-def decode_edit(image_bytes: bytes, mask_bytes: bytes | None, runtime: Runtime, limits: Limits,
-                transparent_means_edit: bool, blend: bool = True,
-                size: str | None = None) -> tuple[EditInput, tuple[int, int]]:
+def decode_edit(
+    image_bytes: bytes,
+    mask_bytes: bytes | None,
+    runtime: Runtime,
+    limits: Limits,
+    transparent_means_edit: bool,
+    blend: bool = True,
+    size: str | None = None,
+) -> tuple[EditInput, tuple[int, int]]:
     """Uploaded image and mask -> model tensors; the image must be an allowed size and the mask match it.
 
     The edit checks of both APIs: without a mask (OpenAI only) the image's own transparency is the mask, as in
@@ -169,22 +182,31 @@ def decode_edit(image_bytes: bytes, mask_bytes: bytes | None, runtime: Runtime, 
     s = runtime.settings
     image = decode_image(image_bytes, "image", s.max_image_bytes, s.max_image_pixels)
     if image.size not in limits.sizes:
-        raise invalid("image", f"image is {image.width}x{image.height}; an edit keeps the input size, which must "
-                               f"be one of the allowed sizes: {limits.size_list()}")
+        raise invalid(
+            "image",
+            f"image is {image.width}x{image.height}; an edit keeps the input size, which must "
+            f"be one of the allowed sizes: {limits.size_list()}",
+        )
     if mask_bytes is None:
         mask_image = image
     else:
         mask_image = decode_image(mask_bytes, "mask", s.max_image_bytes, s.max_image_pixels)
         if mask_image.size != image.size:
-            raise invalid("mask", f"mask is {mask_image.width}x{mask_image.height} but image is "
-                                  f"{image.width}x{image.height}; they must be the same size")
+            raise invalid(
+                "mask",
+                f"mask is {mask_image.width}x{mask_image.height} but image is "
+                f"{image.width}x{image.height}; they must be the same size",
+            )
     try:
         mask = mask_to_tensor(mask_image, transparent_means_edit=transparent_means_edit)
     except ValueError as e:
         raise invalid("mask", f"mask: {e}") from e
     if size not in (None, "auto") and check_size(size, limits) != image.size:
-        raise invalid("size", f"size {size} differs from the image's {image.width}x{image.height}; "
-                              "an edit keeps the input size")
+        raise invalid(
+            "size",
+            f"size {size} differs from the image's {image.width}x{image.height}; "
+            "an edit keeps the input size",
+        )
     return EditInput(pil_to_tensor(image), mask, blend), image.size
 
 
@@ -221,16 +243,18 @@ def image_mark(runtime: Runtime, params: SamplingParams) -> Mark | None:
     return Mark(runtime.pipe.name, runtime.weights_digest, parameters(params, seed=True))
 
 
-async def encode_all(runtime: Runtime, job: Job, results: list[RowResult], fmt: str,
-                     quality: int | None) -> list[tuple[bytes, float]]:
+async def encode_all(
+    runtime: Runtime, job: Job, results: list[RowResult], fmt: str, quality: int | None
+) -> list[tuple[bytes, float]]:
     """Encode every image off the event loop; each with its encoding time (the image_encode stage)."""
 
     def work() -> list[tuple[bytes, float]]:
         out = []
         for r, params in zip(results, job.params):
             t0 = time.perf_counter()
-            data = encode_image(r.image, fmt, quality, runtime.settings.png_compress_level,
-                                image_mark(runtime, params))
+            data = encode_image(
+                r.image, fmt, quality, runtime.settings.png_compress_level, image_mark(runtime, params)
+            )
             out.append((data, time.perf_counter() - t0))
         return out
 
@@ -252,22 +276,32 @@ def raw_format(request: Request) -> str | None:
     return None
 
 
-def native_body(runtime: Runtime, job: Job, results: list[RowResult], encoded: list[tuple[bytes, float]],
-                fmt: str) -> dict:
+def native_body(
+    runtime: Runtime, job: Job, results: list[RowResult], encoded: list[tuple[bytes, float]], fmt: str
+) -> dict:
     images = []
     for i, (r, (data, enc_s)) in enumerate(zip(results, encoded)):
         timings = {k: round(v, 6) for k, v in r.timings.items()}
         timings["image_encode"] = round(enc_s, 6)
         timings["queue_wait"] = round(job.queue_wait(i), 6)
-        images.append(ImageOut(index=i, seed=r.seed, b64_json=base64.b64encode(data).decode("ascii"),
-                               timings=timings))
+        images.append(
+            ImageOut(index=i, seed=r.seed, b64_json=base64.b64encode(data).decode("ascii"), timings=timings)
+        )
     p = job.params[0]
     body = GenerateResponse(
-        id=job.id, created=int(time.time()), model=runtime.pipe.name, size=f"{p.width}x{p.height}",
-        output_format=fmt, images=images,
-        timings={"queue_wait": max(im.timings["queue_wait"] for im in images),
-                 "total": round(time.monotonic() - job.submitted, 6)},
-        parameters=parameters(p), weights_digest=runtime.weights_digest)
+        id=job.id,
+        created=int(time.time()),
+        model=runtime.pipe.name,
+        size=f"{p.width}x{p.height}",
+        output_format=fmt,
+        images=images,
+        timings={
+            "queue_wait": max(im.timings["queue_wait"] for im in images),
+            "total": round(time.monotonic() - job.submitted, 6),
+        },
+        parameters=parameters(p),
+        weights_digest=runtime.weights_digest,
+    )
     return body.model_dump()
 
 
@@ -293,14 +327,21 @@ async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | Non
         if last is not None:
             yield last
         async for ev in job_events(job, runtime.settings.sse_keepalive_s):
-            if ev is None:  # silence: a new place in the queue, or a comment that keeps proxies from timing out
+            if (
+                ev is None
+            ):  # silence: a new place in the queue, or a comment that keeps proxies from timing out
                 queued = queued_event(engine, job)
                 changed = queued is not None and queued != last
                 last = queued if changed else last
                 yield queued if changed else KEEPALIVE
                 continue
-            data: dict[str, object] = {"index": ev.index, "step": ev.step, "steps": ev.steps,
-                                       "revealed": ev.revealed, "tokens": ev.tokens}
+            data: dict[str, object] = {
+                "index": ev.index,
+                "step": ev.step,
+                "steps": ev.steps,
+                "revealed": ev.revealed,
+                "tokens": ev.tokens,
+            }
             if ev.preview is not None:
                 data["preview"] = ev.preview
             yield sse("progress", data)
@@ -321,17 +362,26 @@ async def run_native(request: Request, runtime: Runtime, job: Job, fmt: str, qua
     engine, _ = runtime.serving()
     raw = None if job.stream else raw_format(request)
     if raw is not None and len(job.params) != 1:
-        raise ApiError(406, "not_acceptable", f"Accept: {media_type(raw)} returns one raw image, but n="
-                       f"{len(job.params)}; ask for application/json or n=1", "n", reason="invalid")
+        raise ApiError(
+            406,
+            "not_acceptable",
+            f"Accept: {media_type(raw)} returns one raw image, but n="
+            f"{len(job.params)}; ask for application/json or n=1",
+            "n",
+            reason="invalid",
+        )
     note(request, job=job)  # before submit: a refused request's access record still says what it asked
     engine.submit(job)
     if job.stream:
-        return StreamingResponse(stream_events(runtime, job, fmt, quality), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream_events(runtime, job, fmt, quality),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     results = await wait_for(request, engine, job)
     runtime.tracing.job_spans(job, time.monotonic())
     if raw is not None:
-        (data, seconds), = await encode_all(runtime, job, results, raw, quality)
+        ((data, seconds),) = await encode_all(runtime, job, results, raw, quality)
         return Response(data, media_type=media_type(raw), headers={"X-Seed": str(results[0].seed)})
     encoded = await encode_all(runtime, job, results, fmt, quality)
     return JSONResponse(native_body(runtime, job, results, encoded, fmt))
@@ -340,22 +390,42 @@ async def run_native(request: Request, runtime: Runtime, job: Job, fmt: str, qua
 # --- native API ----------------------------------------------------------------------------------------
 
 
-@router.post("/v1/generate", response_model=GenerateResponse, tags=["images"],
-             responses={200: {"content": {"image/png": {}, "text/event-stream": {}}}})
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    tags=["images"],
+    responses={200: {"content": {"image/png": {}, "text/event-stream": {}}}},
+)
 async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep, _: Authorized) -> Response:
     """Text to image. JSON in; JSON out, the raw image with ``Accept: image/png`` and n=1, or SSE with stream."""
     engine, limits = runtime.serving()
     check_knobs(body)
     size = check_size(body.size, limits)
     params = to_params(body, limits, size)
-    job = Job(request_id(request), "generate", params, check_timeout(body.timeout, limits), stream=body.stream,
-              preview=body.preview)
+    job = Job(
+        request_id(request),
+        "generate",
+        params,
+        check_timeout(body.timeout, limits),
+        stream=body.stream,
+        preview=body.preview,
+    )
     return await run_native(request, runtime, job, body.output_format, body.quality)
 
 
-@router.post("/v1/edit", response_model=GenerateResponse, tags=["images"], openapi_extra={"requestBody": {
-    "content": {"multipart/form-data": {"schema": EditFields.model_json_schema()},
-                "application/json": {"schema": EditJSONRequest.model_json_schema()}}}})
+@router.post(
+    "/v1/edit",
+    response_model=GenerateResponse,
+    tags=["images"],
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {"schema": EditFields.model_json_schema()},
+                "application/json": {"schema": EditJSONRequest.model_json_schema()},
+            }
+        }
+    },
+)
 async def edit(request: Request, runtime: RuntimeDep, _: Authorized) -> Response:
     """Inpainting. Multipart (files ``image`` and ``mask``, knobs as fields) or JSON with base64 images.
 
@@ -374,15 +444,28 @@ async def edit(request: Request, runtime: RuntimeDep, _: Authorized) -> Response
         image_bytes = decode_base64(body.image, "image", s.max_image_bytes)
         mask_bytes = decode_base64(body.mask, "mask", s.max_image_bytes)
     else:
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data (files image and mask) or "
-                       f"application/json (base64 image and mask), got Content-Type {ctype or 'none'!r}",
-                       "Content-Type", reason="invalid")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send multipart/form-data (files image and mask) or "
+            f"application/json (base64 image and mask), got Content-Type {ctype or 'none'!r}",
+            "Content-Type",
+            reason="invalid",
+        )
     check_knobs(body)
-    edit_input, size = await asyncio.to_thread(decode_edit, image_bytes, mask_bytes, runtime, limits, False,
-                                              body.blend, body.size)
+    edit_input, size = await asyncio.to_thread(
+        decode_edit, image_bytes, mask_bytes, runtime, limits, False, body.blend, body.size
+    )
     params = to_params(body, limits, size)
-    job = Job(request_id(request), "edit", params, check_timeout(body.timeout, limits), edit=edit_input,
-              stream=body.stream, preview=body.preview)
+    job = Job(
+        request_id(request),
+        "edit",
+        params,
+        check_timeout(body.timeout, limits),
+        edit=edit_input,
+        stream=body.stream,
+        preview=body.preview,
+    )
     return await run_native(request, runtime, job, body.output_format, body.quality)
 
 
@@ -420,9 +503,20 @@ async def models(runtime: RuntimeDep, _: Authorized) -> dict:
     """The served model, in OpenAI's list shape, with its sizes and device."""
     engine, limits = runtime.serving()
     info = runtime.pipe.info()
-    return {"object": "list", "data": [{
-        "id": info["name"], "object": "model", "created": runtime.created, "owned_by": "dcar",
-        "native_size": f"{limits.native[0]}x{limits.native[1]}", "sizes": limits.size_list().split(", "),
-        "device": info["device"], "dtype": info["dtype"], "max_n": limits.max_n,
-        "max_prompt_tokens": limits.max_prompt_tokens,
-    }]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": info["name"],
+                "object": "model",
+                "created": runtime.created,
+                "owned_by": "dcar",
+                "native_size": f"{limits.native[0]}x{limits.native[1]}",
+                "sizes": limits.size_list().split(", "),
+                "device": info["device"],
+                "dtype": info["dtype"],
+                "max_n": limits.max_n,
+                "max_prompt_tokens": limits.max_prompt_tokens,
+            }
+        ],
+    }

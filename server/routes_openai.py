@@ -103,14 +103,20 @@ def check_openai(body: OpenAIImageRequest, runtime: Runtime, kind: str) -> Plan:
     if body.model is not None and body.model not in names:
         raise invalid("model", f"model {body.model!r} is not served here; use one of {list(names)}")
     if body.response_format == "url":
-        raise invalid("response_format", "response_format 'url' is not supported; this server returns images "
-                                         "inline: use b64_json")
+        raise invalid(
+            "response_format",
+            "response_format 'url' is not supported; this server returns images inline: use b64_json",
+        )
     if body.background == "transparent":
-        raise invalid("background", "background 'transparent' is not supported: the model draws opaque RGB "
-                                    "images; use opaque or auto")
+        raise invalid(
+            "background",
+            "background 'transparent' is not supported: the model draws opaque RGB "
+            "images; use opaque or auto",
+        )
     if body.output_format in ("gif", "svg"):
-        raise invalid("output_format", f"output_format {body.output_format!r} is not supported; use png, jpeg "
-                                       "or webp")
+        raise invalid(
+            "output_format", f"output_format {body.output_format!r} is not supported; use png, jpeg or webp"
+        )
     for name, why in UNSUPPORTED.items():
         if getattr(body, name) is not None:
             raise invalid(name, f"{name} is not supported: {why}")
@@ -125,8 +131,15 @@ def check_openai(body: OpenAIImageRequest, runtime: Runtime, kind: str) -> Plan:
         check_range("output_compression", body.output_compression, 0, 100)
         compression = max(1, body.output_compression)
     quality = "high" if body.quality in (None, "auto") else body.quality
-    return Plan(kind, body.output_format or "png", compression, quality, bool(body.stream), partials,
-                body.safety_identifier or body.user or None)
+    return Plan(
+        kind,
+        body.output_format or "png",
+        compression,
+        quality,
+        bool(body.stream),
+        partials,
+        body.safety_identifier or body.user or None,
+    )
 
 
 def partial_steps(steps: int, k: int) -> frozenset[int]:
@@ -140,20 +153,37 @@ def usage(limits: Limits, runtime: Runtime, p: SamplingParams, images: int, edit
     per_image = (p.width // f) * (p.height // f)
     text = limits.count_tokens(p.prompt)
     image_in = per_image if edit else 0
-    return Usage(input_tokens=text + image_in, input_tokens_details=TokenDetails(image_tokens=image_in,
-                                                                                 text_tokens=text),
-                 output_tokens=per_image * images, output_tokens_details=TokenDetails(image_tokens=per_image * images,
-                                                                                      text_tokens=0),
-                 total_tokens=text + image_in + per_image * images)
+    return Usage(
+        input_tokens=text + image_in,
+        input_tokens_details=TokenDetails(image_tokens=image_in, text_tokens=text),
+        output_tokens=per_image * images,
+        output_tokens_details=TokenDetails(image_tokens=per_image * images, text_tokens=0),
+        total_tokens=text + image_in + per_image * images,
+    )
 
 
-def make_job(request: Request, runtime: Runtime, limits: Limits, body: OpenAIImageRequest, plan: Plan,
-             size: tuple[int, int], edit=None) -> Job:
+def make_job(
+    request: Request,
+    runtime: Runtime,
+    limits: Limits,
+    body: OpenAIImageRequest,
+    plan: Plan,
+    size: tuple[int, int],
+    edit=None,
+) -> Job:
     params = to_params(body, limits, size, plan.defaults(runtime))
     steps = partial_steps(params[0].steps, plan.partials) if plan.stream else frozenset()
-    return Job(request_id(request), "edit" if edit is not None else "generate", params,
-               check_timeout(body.timeout, limits), edit=edit, stream=plan.stream, preview=bool(steps),
-               preview_steps=steps, preview_size=max(size))
+    return Job(
+        request_id(request),
+        "edit" if edit is not None else "generate",
+        params,
+        check_timeout(body.timeout, limits),
+        edit=edit,
+        stream=plan.stream,
+        preview=bool(steps),
+        preview_steps=steps,
+        preview_size=max(size),
+    )
 
 
 async def respond(request: Request, runtime: Runtime, limits: Limits, job: Job, plan: Plan) -> Response:
@@ -162,17 +192,29 @@ async def respond(request: Request, runtime: Runtime, limits: Limits, job: Job, 
     p = job.params[0]
     use = usage(limits, runtime, p, len(job.params), job.edit is not None)
     if plan.stream:
-        return StreamingResponse(stream(runtime, job, plan, use), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(runtime, job, plan, use),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     results = await wait_for(request, engine_of(runtime), job)
     runtime.tracing.job_spans(job, time.monotonic())
     encoded = await encode_all(runtime, job, results, plan.fmt, plan.compression)
     body = OpenAIImagesResponse(
-        created=int(time.time()), output_format=plan.fmt, quality=plan.quality, size=f"{p.width}x{p.height}",
-        data=[{"b64_json": base64.b64encode(data).decode("ascii"), "seed": r.seed}
-              for (data, _), r in zip(encoded, results)],
-        usage=use, safety_identifier=plan.user, model=served(runtime).name, parameters=parameters(p),
-        weights_digest=runtime.weights_digest)
+        created=int(time.time()),
+        output_format=plan.fmt,
+        quality=plan.quality,
+        size=f"{p.width}x{p.height}",
+        data=[
+            {"b64_json": base64.b64encode(data).decode("ascii"), "seed": r.seed}
+            for (data, _), r in zip(encoded, results)
+        ],
+        usage=use,
+        safety_identifier=plan.user,
+        model=served(runtime).name,
+        parameters=parameters(p),
+        weights_digest=runtime.weights_digest,
+    )
     return JSONResponse(body.model_dump(exclude_none=True))
 
 
@@ -208,10 +250,15 @@ async def stream(runtime: Runtime, job: Job, plan: Plan, use: Usage):
                     preview = pending[sent][i]
                     if preview is None:
                         continue
-                    partial = PartialImageEvent(type=f"{plan.kind}.partial_image", created_at=int(time.time()),
-                                                b64_json=await asyncio.to_thread(_reencode, preview, plan),
-                                                output_format=plan.fmt, partial_image_index=sent,
-                                                quality=plan.quality, size=size)
+                    partial = PartialImageEvent(
+                        type=f"{plan.kind}.partial_image",
+                        created_at=int(time.time()),
+                        b64_json=await asyncio.to_thread(_reencode, preview, plan),
+                        output_format=plan.fmt,
+                        partial_image_index=sent,
+                        quality=plan.quality,
+                        size=size,
+                    )
                     yield sse(partial.type, partial.model_dump())
                 del pending[sent]
                 sent += 1
@@ -225,11 +272,20 @@ async def stream(runtime: Runtime, job: Job, plan: Plan, use: Usage):
         encoded = await encode_all(runtime, job, results, plan.fmt, plan.compression)
         one = usage_of_one(use, n)
         for (data, _), r in zip(encoded, results):
-            event = CompletedEvent(type=f"{plan.kind}.completed", created_at=int(time.time()),
-                                   b64_json=base64.b64encode(data).decode("ascii"), output_format=plan.fmt,
-                                   quality=plan.quality, size=size, usage=one, safety_identifier=plan.user,
-                                   seed=r.seed, model=served(runtime).name, parameters=parameters(p),
-                                   weights_digest=runtime.weights_digest)
+            event = CompletedEvent(
+                type=f"{plan.kind}.completed",
+                created_at=int(time.time()),
+                b64_json=base64.b64encode(data).decode("ascii"),
+                output_format=plan.fmt,
+                quality=plan.quality,
+                size=size,
+                usage=one,
+                safety_identifier=plan.user,
+                seed=r.seed,
+                model=served(runtime).name,
+                parameters=parameters(p),
+                weights_digest=runtime.weights_digest,
+            )
             yield sse(event.type, event.model_dump(exclude_none=True))
     finally:
         engine_of(runtime).cancel(job, "disconnected")  # no-op once the job is done
@@ -238,16 +294,22 @@ async def stream(runtime: Runtime, job: Job, plan: Plan, use: Usage):
 def usage_of_one(use: Usage, n: int) -> Usage:
     """A completed event's usage: the prompt, and that one image's tokens."""
     out = use.output_tokens // n
-    return use.model_copy(update={"output_tokens": out, "total_tokens": use.input_tokens + out,
-                                  "output_tokens_details": TokenDetails(image_tokens=out, text_tokens=0)})
+    return use.model_copy(
+        update={
+            "output_tokens": out,
+            "total_tokens": use.input_tokens + out,
+            "output_tokens_details": TokenDetails(image_tokens=out, text_tokens=0),
+        }
+    )
 
 
 STREAM_DOC: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
 
 
 @router.post("/generations", response_model=OpenAIImagesResponse, responses=STREAM_DOC)
-async def images_generations(body: OpenAIImageRequest, request: Request, runtime: RuntimeDep,
-                             _: Authorized) -> Response:
+async def images_generations(
+    body: OpenAIImageRequest, request: Request, runtime: RuntimeDep, _: Authorized
+) -> Response:
     """OpenAI ``images.generate``."""
     engine, limits = runtime.serving()
     plan = check_openai(body, runtime, "image_generation")
@@ -255,15 +317,27 @@ async def images_generations(body: OpenAIImageRequest, request: Request, runtime
     return await respond(request, runtime, limits, make_job(request, runtime, limits, body, plan, size), plan)
 
 
-@router.post("/edits", response_model=OpenAIImagesResponse, responses=STREAM_DOC, openapi_extra={"requestBody": {
-    "content": {"multipart/form-data": {"schema": OpenAIEditFields.model_json_schema()}}}})
+@router.post(
+    "/edits",
+    response_model=OpenAIImagesResponse,
+    responses=STREAM_DOC,
+    openapi_extra={
+        "requestBody": {"content": {"multipart/form-data": {"schema": OpenAIEditFields.model_json_schema()}}}
+    },
+)
 async def images_edits(request: Request, runtime: RuntimeDep, _: Authorized) -> Response:
     """OpenAI ``images.edit``: multipart ``image`` (or ``image[]``), optional ``mask``, prompt and knobs."""
     engine, limits = runtime.serving()
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
-        raise ApiError(415, "unsupported_media_type", "images/edits takes multipart/form-data (file image, "
-                       f"optional file mask), got Content-Type {ctype or 'none'!r}", "Content-Type", reason="invalid")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "images/edits takes multipart/form-data (file image, "
+            f"optional file mask), got Content-Type {ctype or 'none'!r}",
+            "Content-Type",
+            reason="invalid",
+        )
     fields, files = await read_form(request, runtime.settings.max_image_bytes)
     if "markup" in files:
         raise invalid("markup", "markup is not supported: send a mask (transparent pixels are regenerated)")
@@ -271,10 +345,13 @@ async def images_edits(request: Request, runtime: RuntimeDep, _: Authorized) -> 
     mask_bytes = take_file(fields, files, "mask", required=False)
     unknown = sorted(files.keys() - {"image", "mask"})
     if unknown:
-        raise ApiError(422, "invalid_request", f"{unknown[0]} is not a known field", unknown[0], reason="invalid")
+        raise ApiError(
+            422, "invalid_request", f"{unknown[0]} is not a known field", unknown[0], reason="invalid"
+        )
     body = validate(OpenAIEditFields, fields)
     plan = check_openai(body, runtime, "image_edit")
-    edit_input, size = await asyncio.to_thread(decode_edit, image_bytes, mask_bytes, runtime, limits, True,
-                                              size=body.size)
+    edit_input, size = await asyncio.to_thread(
+        decode_edit, image_bytes, mask_bytes, runtime, limits, True, size=body.size
+    )
     job = make_job(request, runtime, limits, body, plan, size, edit=edit_input)
     return await respond(request, runtime, limits, job, plan)

@@ -30,8 +30,8 @@ STATIC = {  # file name -> media type; nothing else is served
 HEADERS = {
     # 'self' only: no CDN, no inline script; data:/blob: images are the generated PNGs and the uploads.
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
-                               "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
-                               "form-action 'none'; frame-ancestors 'none'",
+    "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",  # revalidate, so an upgraded server never runs an old script
@@ -40,7 +40,9 @@ HEADERS = {
 
 def _file(name: str) -> FileResponse:
     if name not in STATIC:
-        raise ApiError(404, "not_found", f"no static file {name!r}; the playground serves {', '.join(STATIC)}")
+        raise ApiError(
+            404, "not_found", f"no static file {name!r}; the playground serves {', '.join(STATIC)}"
+        )
     return FileResponse(STATIC_DIR / name, media_type=STATIC[name], headers=HEADERS)
 
 
@@ -60,15 +62,27 @@ async def static_file(name: str) -> FileResponse:
 async def status(runtime: RuntimeDep, _: Authorized) -> dict:
     """What the playground's status strip shows: readiness, model, device, queue, recent throughput, and the
     sampling defaults and limits the page's inputs start from. 200 in every state (``status`` says which)."""
-    body: dict = {"status": runtime.status, "model": None, "device": None, "dtype": None,
-                  **runtime.metrics.load()}
+    body: dict = {
+        "status": runtime.status,
+        "model": None,
+        "device": None,
+        "dtype": None,
+        **runtime.metrics.load(),
+    }
     if runtime.pipeline is not None and runtime.limits is not None:
         info = runtime.pipeline.info()
         body.update(model=info["name"], device=info["device"], dtype=info["dtype"], compute=info["compute"])
         lim, d = runtime.limits, runtime.pipeline.config.sampling
-        body["defaults"] = {"steps": d.steps, "guidance_scale": d.guidance_scale,
-                            "size": f"{lim.native[0]}x{lim.native[1]}"}
-        body["limits"] = {"sizes": [f"{w}x{h}" for w, h in lim.sizes], "max_steps": lim.max_steps,
-                          "max_guidance_scale": lim.max_guidance_scale, "max_prompt_chars": lim.max_prompt_chars,
-                          "max_prompt_tokens": lim.max_prompt_tokens}
+        body["defaults"] = {
+            "steps": d.steps,
+            "guidance_scale": d.guidance_scale,
+            "size": f"{lim.native[0]}x{lim.native[1]}",
+        }
+        body["limits"] = {
+            "sizes": [f"{w}x{h}" for w, h in lim.sizes],
+            "max_steps": lim.max_steps,
+            "max_guidance_scale": lim.max_guidance_scale,
+            "max_prompt_chars": lim.max_prompt_chars,
+            "max_prompt_tokens": lim.max_prompt_tokens,
+        }
     return body

@@ -35,10 +35,15 @@ def resolve_device(name: str) -> str:
 
 def load_pipeline(settings: Settings) -> Pipeline:
     """The weights directory named by the settings, or ``preset:<name>`` for a random model of that preset."""
-    options = SamplerOptions(compile=settings.compile, cuda_graphs=settings.cuda_graphs,
-                             pad_buckets=settings.pad_buckets, channels_last_decoder=settings.channels_last)
-    return Pipeline.load(settings.weights, device=resolve_device(settings.device), dtype=settings.dtype,
-                         options=options)
+    options = SamplerOptions(
+        compile=settings.compile,
+        cuda_graphs=settings.cuda_graphs,
+        pad_buckets=settings.pad_buckets,
+        channels_last_decoder=settings.channels_last,
+    )
+    return Pipeline.load(
+        settings.weights, device=resolve_device(settings.device), dtype=settings.dtype, options=options
+    )
 
 
 class Runtime:
@@ -78,9 +83,16 @@ class Runtime:
         """The engine and limits, or the 503 that explains why there are none yet."""
         if self.engine is None or self.limits is None:
             if self.error is not None:
-                raise ApiError(503, "engine_failed", f"the model failed to load: {self.error}", reason="not_ready")
-            raise ApiError(503, "not_ready", "the model is still loading; retry shortly",
-                           headers={"Retry-After": "1"}, reason="not_ready")
+                raise ApiError(
+                    503, "engine_failed", f"the model failed to load: {self.error}", reason="not_ready"
+                )
+            raise ApiError(
+                503,
+                "not_ready",
+                "the model is still loading; retry shortly",
+                headers={"Retry-After": "1"},
+                reason="not_ready",
+            )
         return self.engine, self.limits
 
     async def boot(self) -> None:
@@ -90,32 +102,62 @@ class Runtime:
             if self.pipeline is None:
                 self.pipeline = await asyncio.to_thread(load_pipeline, s)
             pipe = self.pipeline
-            self.weights_digest = await asyncio.to_thread(weights_digest, None if injected else s.weights, pipe)
+            self.weights_digest = await asyncio.to_thread(
+                weights_digest, None if injected else s.weights, pipe
+            )
             self.sizes = served_sizes(s, pipe)
             # its own tokenizer copy: prompts are counted on the event loop while the worker tokenizes
             counter = pipe.text_encoder.token_counter()
-            self.limits = Limits(tuple(self.sizes), s.max_n, s.max_steps, s.max_residual_steps, s.max_guidance_scale,
-                                 s.max_prompt_chars, pipe.text_encoder.max_length, s.request_timeout_s, counter,
-                                 pipe.params)
+            self.limits = Limits(
+                tuple(self.sizes),
+                s.max_n,
+                s.max_steps,
+                s.max_residual_steps,
+                s.max_guidance_scale,
+                s.max_prompt_chars,
+                pipe.text_encoder.max_length,
+                s.request_timeout_s,
+                counter,
+                pipe.params,
+            )
             info = pipe.info()
-            self.metrics.set_model({"name": info["name"], "device": info["device"], "dtype": info["dtype"],
-                                    "native_size": info["native_size"],
-                                    "sizes": ",".join(f"{w}x{h}" for w, h in self.sizes)})
+            self.metrics.set_model(
+                {
+                    "name": info["name"],
+                    "device": info["device"],
+                    "dtype": info["dtype"],
+                    "native_size": info["native_size"],
+                    "sizes": ",".join(f"{w}x{h}" for w, h in self.sizes),
+                }
+            )
             if pipe.device.type == "cuda":
                 dev = pipe.device
-                self.metrics.watch_gpu_memory(lambda: torch.cuda.memory_allocated(dev),
-                                              lambda: torch.cuda.memory_reserved(dev))
-            engine = Engine(pipe, max_batch_size=s.max_batch_size, max_wait_s=s.max_wait_ms / 1000,
-                            max_queue=s.max_queue, max_queue_delay_s=s.max_queue_delay_s, trim_heap=s.trim_heap,
-                            metrics=self.metrics, preview_size=s.preview_size,
-                            probe_size=self.sizes[0])
+                self.metrics.watch_gpu_memory(
+                    lambda: torch.cuda.memory_allocated(dev), lambda: torch.cuda.memory_reserved(dev)
+                )
+            engine = Engine(
+                pipe,
+                max_batch_size=s.max_batch_size,
+                max_wait_s=s.max_wait_ms / 1000,
+                max_queue=s.max_queue,
+                max_queue_delay_s=s.max_queue_delay_s,
+                trim_heap=s.trim_heap,
+                metrics=self.metrics,
+                preview_size=s.preview_size,
+                probe_size=self.sizes[0],
+            )
             await engine.start()
             self.engine = engine
             if s.warmup:
                 await engine.warmup(self.sizes)
             engine.set_ready()
-            log.info("ready: %s on %s (%s), sizes %s", info["name"], info["device"], info["dtype"],
-                     ", ".join(f"{w}x{h}" for w, h in self.sizes))
+            log.info(
+                "ready: %s on %s (%s), sizes %s",
+                info["name"],
+                info["device"],
+                info["dtype"],
+                ", ".join(f"{w}x{h}" for w, h in self.sizes),
+            )
         except (LoadError, ValueError) as e:  # bad weights or settings: the message says it all
             self.error = f"{type(e).__name__}: {e}"
             log.error("startup failed: %s", self.error)
@@ -133,7 +175,9 @@ class Runtime:
         if self.engine is not None:
             drained = await self.engine.drain(self.settings.drain_timeout_s)
             if not drained:
-                log.warning("drain timeout (%g s) passed; unfinished requests got 503", self.settings.drain_timeout_s)
+                log.warning(
+                    "drain timeout (%g s) passed; unfinished requests got 503", self.settings.drain_timeout_s
+                )
             await self.engine.stop()
 
 
@@ -144,7 +188,9 @@ def served_sizes(settings: Settings, pipe: Pipeline) -> list[tuple[int, int]]:
     f = pipe.tokenizer.compression
     for w, h in sizes:
         if w <= 0 or h <= 0 or w % f or h % f:
-            raise ValueError(f"allowed size {w}x{h} is not a positive multiple of {f} (the tokenizer's compression)")
+            raise ValueError(
+                f"allowed size {w}x{h} is not a positive multiple of {f} (the tokenizer's compression)"
+            )
     if (native, native) in sizes:  # the native size first: it is the default and the probe size
         sizes.remove((native, native))
         sizes.insert(0, (native, native))

@@ -53,7 +53,9 @@ class Knobs(SamplingFields):
     seed: int | None = Field(None, description="seed of the first image; random when omitted (echoed back)")
     output_format: OutputFormat = "png"
     quality: int | None = Field(None, description="JPEG/WebP quality 1..100 (default 95)")
-    timeout: float | None = Field(None, description="seconds; may only shorten the server's request_timeout_s")
+    timeout: float | None = Field(
+        None, description="seconds; may only shorten the server's request_timeout_s"
+    )
     stream: bool = Field(False, description="answer with Server-Sent Events: progress per step, then images")
     preview: bool = Field(False, description="with stream: a small PNG preview in every progress event")
 
@@ -138,16 +140,21 @@ def check_prompt(prompt: str, limits: Limits) -> None:
     if not prompt.strip():
         raise invalid("prompt", "prompt must not be empty")
     if len(prompt) > limits.max_prompt_chars:
-        raise invalid("prompt", f"prompt is {len(prompt)} characters; the limit is "
-                                f"max_prompt_chars={limits.max_prompt_chars}")
+        raise invalid(
+            "prompt",
+            f"prompt is {len(prompt)} characters; the limit is max_prompt_chars={limits.max_prompt_chars}",
+        )
     tokens = limits.count_tokens(prompt)
     if tokens > limits.max_prompt_tokens:
-        raise invalid("prompt", f"prompt is {tokens} tokens; the text encoder takes at most "
-                                f"{limits.max_prompt_tokens} (prompts are never truncated)")
+        raise invalid(
+            "prompt",
+            f"prompt is {tokens} tokens; the text encoder takes at most "
+            f"{limits.max_prompt_tokens} (prompts are never truncated)",
+        )
 
 
 def check_size(size: str | None, limits: Limits, param: str = "size") -> tuple[int, int]:
-    """"WxH" (or None / "auto": the native size) -> (width, height), one of the allowed sizes."""
+    """ "WxH" (or None / "auto": the native size) -> (width, height), one of the allowed sizes."""
     if size is None or size.strip().lower() == "auto":
         return limits.native
     try:
@@ -163,13 +170,17 @@ def check_timeout(timeout: float | None, limits: Limits) -> float:
     if timeout is None:
         return limits.request_timeout_s
     if not math.isfinite(timeout) or not 0 < timeout <= limits.request_timeout_s:
-        raise invalid("timeout", f"timeout must be above 0 and at most request_timeout_s="
-                                 f"{limits.request_timeout_s:g} seconds, got {timeout!r}")
+        raise invalid(
+            "timeout",
+            f"timeout must be above 0 and at most request_timeout_s="
+            f"{limits.request_timeout_s:g} seconds, got {timeout!r}",
+        )
     return timeout
 
 
-def to_params(k: Knobs | OpenAIImageRequest, limits: Limits, size: tuple[int, int],
-              defaults: dict | None = None) -> list[SamplingParams]:
+def to_params(
+    k: Knobs | OpenAIImageRequest, limits: Limits, size: tuple[int, int], defaults: dict | None = None
+) -> list[SamplingParams]:
     """Validated knobs -> one ``SamplingParams`` per image (seeds seed, seed+1, ...).
 
     ``defaults`` replace the model's defaults where the request sets nothing (OpenAI quality presets).
@@ -181,11 +192,15 @@ def to_params(k: Knobs | OpenAIImageRequest, limits: Limits, size: tuple[int, in
     overrides: dict = dict(defaults or {})
     overrides.update({name: getattr(k, name) for name in KNOB_NAMES if getattr(k, name) is not None})
     try:
-        model_knobs.check_knobs(overrides, limits.caps)  # the knobs' bounds (model/knobs.py), capped by the settings
+        model_knobs.check_knobs(
+            overrides, limits.caps
+        )  # the knobs' bounds (model/knobs.py), capped by the settings
     except KnobError as e:
         raise invalid(e.field, str(e)) from e
     width, height = size
-    return [limits.defaults(k.prompt, seed=seed + i, height=height, width=width, **overrides) for i in range(k.n)]
+    return [
+        limits.defaults(k.prompt, seed=seed + i, height=height, width=width, **overrides) for i in range(k.n)
+    ]
 
 
 def check_knobs(k: Knobs) -> None:

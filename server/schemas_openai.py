@@ -35,11 +35,18 @@ class OpenAIImageRequest(SamplingFields):
     prompt: str
     model: str | None = Field(None, description="the served model's id, 'dcar', or a DCAR_MODEL_ALIASES name")
     n: int = Field(1, description="images to generate (1..max_n)")
-    size: str | None = Field(None, description="WIDTHxHEIGHT, one of the allowed sizes; auto: the native size")
-    quality: OpenAIQuality | None = Field(None, description="low, medium, high (step presets) or auto (= high)")
+    size: str | None = Field(
+        None, description="WIDTHxHEIGHT, one of the allowed sizes; auto: the native size"
+    )
+    quality: OpenAIQuality | None = Field(
+        None, description="low, medium, high (step presets) or auto (= high)"
+    )
     background: Literal["transparent", "opaque", "auto"] | None = Field(
-        None, description="opaque or auto; transparent is refused (the model draws opaque RGB)")
-    moderation: Literal["low", "auto"] | None = Field(None, description="accepted; this server filters nothing")
+        None, description="opaque or auto; transparent is refused (the model draws opaque RGB)"
+    )
+    moderation: Literal["low", "auto"] | None = Field(
+        None, description="accepted; this server filters nothing"
+    )
     output_format: OpenAIOutputFormat | None = Field(None, description="png, jpeg or webp (gif, svg refused)")
     output_compression: int | None = Field(None, description="0..100: JPEG/WebP quality")
     response_format: Literal["url", "b64_json"] | None = Field(None, description="b64_json only")
@@ -66,7 +73,8 @@ class OpenAIEditFields(OpenAIImageRequest):
     """The text fields of POST /v1/images/edits (files ``image``/``image[]`` and ``mask`` come beside them)."""
 
     input_fidelity: Literal["high", "low"] | None = Field(
-        None, description="accepted: unmasked pixels are always kept exactly")
+        None, description="accepted: unmasked pixels are always kept exactly"
+    )
 
 
 # --- responses -----------------------------------------------------------------------------------------

@@ -47,10 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``dcar serve``; each overrides the matching ``DCAR_*`` setting."""
     for field, (flag, kind, help_text) in FLAGS.items():
         parser.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
-    parser.add_argument("--api-key", dest="api_keys", action="append", default=None,
-                        help="accepted bearer key (repeatable); default: DCAR_API_KEYS, or no auth")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_const", const=False, default=None,
-                        help="report ready without the warm-up generations")
+    parser.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=None,
+        help="accepted bearer key (repeatable); default: DCAR_API_KEYS, or no auth",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_const",
+        const=False,
+        default=None,
+        help="report ready without the warm-up generations",
+    )
     from dcar.server import ray_serve  # Ray itself is imported only by --ray
 
     ray_serve.add_arguments(parser)
@@ -112,8 +123,14 @@ def uvicorn_config(app, settings: Settings, **options) -> uvicorn.Config:
     keep-alive timeout from the settings, and a short graceful shutdown (the drain happened before it)."""
     guard = ConnectionGuard(settings, app.state.runtime.metrics.registry)
     # (uvicorn annotates timeout_keep_alive as int; it is a delay for loop.call_later, and floats work)
-    return uvicorn.Config(app, http=guard.protocol(), timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
-                          timeout_graceful_shutdown=5, lifespan="on", **options)
+    return uvicorn.Config(
+        app,
+        http=guard.protocol(),
+        timeout_keep_alive=settings.keepalive_timeout_s,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+        **options,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,8 +147,15 @@ def run(args: argparse.Namespace) -> int:
     log_config = logs.configure(settings.log_format, settings.log_level)
     app = create_app(settings)
     # uvicorn's loggers through dcar's formatter; dcar.access replaces uvicorn's access lines (it knows more)
-    config = uvicorn_config(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=log_config, access_log=False)
+    config = uvicorn_config(
+        app,
+        settings,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=log_config,
+        access_log=False,
+    )
     server = DrainingServer(config, app.state.runtime)
     try:
         server.run()

@@ -41,15 +41,21 @@ class Tracing:
             from opentelemetry import trace
             from opentelemetry.sdk.trace import TracerProvider
         except ImportError as e:
-            raise ValueError("DCAR_OTEL_ENDPOINT is set but OpenTelemetry is not installed: "
-                             "pip install 'dcar[otel]'") from e
+            raise ValueError(
+                "DCAR_OTEL_ENDPOINT is set but OpenTelemetry is not installed: pip install 'dcar[otel]'"
+            ) from e
         provider = trace.get_tracer_provider()
         if not isinstance(provider, TracerProvider):  # nobody configured one: export to the endpoint
             provider = self._otlp_provider(settings.otel_endpoint)
         self.tracer = provider.get_tracer("dcar.server")
         # request spans only: Prometheus has the metrics, and operation spans would sit between them and ours
-        self.telemetry = {"tracer_provider": provider, "tracing": True, "metrics": False, "logs": False,
-                          "operation_spans": False}
+        self.telemetry = {
+            "tracer_provider": provider,
+            "tracing": True,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+        }
 
     @staticmethod
     def _otlp_provider(endpoint: str):
@@ -60,8 +66,11 @@ class Tracing:
 
         provider = TracerProvider(resource=Resource.create({"service.name": SERVICE_NAME}))
         url = endpoint.rstrip("/")
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
-            endpoint=url if url.endswith("/v1/traces") else f"{url}/v1/traces")))
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                OTLPSpanExporter(endpoint=url if url.endswith("/v1/traces") else f"{url}/v1/traces")
+            )
+        )
         return provider
 
     @property
@@ -90,6 +99,9 @@ class Tracing:
         rows = {"dcar.rows": len(job.params)}
         queue = self.tracer.start_span("queue", start_time=_wall_ns(job.enqueued), attributes=rows)
         queue.end(end_time=_wall_ns(max(admitted)))
-        steps = self.tracer.start_span("steps", start_time=_wall_ns(min(admitted)),
-                                       attributes={**rows, "dcar.steps": job.params[0].steps})
+        steps = self.tracer.start_span(
+            "steps",
+            start_time=_wall_ns(min(admitted)),
+            attributes={**rows, "dcar.steps": job.params[0].steps},
+        )
         steps.end(end_time=_wall_ns(finished))

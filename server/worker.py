@@ -59,7 +59,9 @@ class Forward:
 class Outcome:
     """What one plan produced (returned by the worker to the loop); rows are named by their ids."""
 
-    progress: list[tuple[StepEvent, str | None]] = field(default_factory=list)  # event (tag = row id), preview
+    progress: list[tuple[StepEvent, str | None]] = field(
+        default_factory=list
+    )  # event (tag = row id), preview
     results: list[RowResult] = field(default_factory=list)  # tag = row id
     failures: list[tuple[int, BaseException]] = field(default_factory=list)
     forwards: list[Forward] = field(default_factory=list)
@@ -146,9 +148,11 @@ class ModelWorker:
 
     def _start(self, specs: list[RowSpec]) -> BatchState:
         edits = [self._edit_spec(s) for s in specs]
-        return self.pipe.sampler.start([s.params for s in specs],
-                                       edits if any(e is not None for e in edits) else None,
-                                       tags=[s.id for s in specs])
+        return self.pipe.sampler.start(
+            [s.params for s in specs],
+            edits if any(e is not None for e in edits) else None,
+            tags=[s.id for s in specs],
+        )
 
     def _edit_spec(self, spec: RowSpec) -> EditSpec | None:
         if spec.edit is None:
@@ -164,8 +168,10 @@ class ModelWorker:
         """Cut groups above the cap; merge same-grid groups that fit together under it (batching.pack)."""
         packed = []
         for part in pack([GroupView(g.grid, len(g)) for g in groups], cap):
-            states = [groups[i] if (a, b) == (0, len(groups[i])) else groups[i].select(list(range(a, b)))
-                      for i, a, b in part]
+            states = [
+                groups[i] if (a, b) == (0, len(groups[i])) else groups[i].select(list(range(a, b)))
+                for i, a, b in part
+            ]
             state = states[0]
             for s in states[1:]:
                 state = BatchState.merge(state, s)
@@ -211,12 +217,20 @@ class ModelWorker:
                         self._rows.pop(r.tag, None)
                         out.results.append(r)
                     else:
-                        self._fail([r.tag], NonFiniteOutput("the generated image held NaN or inf values"), out)
+                        self._fail(
+                            [r.tag], NonFiniteOutput("the generated image held NaN or inf values"), out
+                        )
                 if len(rest):
                     self._groups.append(rest)
-            out.forwards.append(Forward(part.grid, tuple(r.tag for r in part.rows),
-                                        step_s * len(part) / len(group) + (t2 - t1), finished,
-                                        time.monotonic() - t2))
+            out.forwards.append(
+                Forward(
+                    part.grid,
+                    tuple(r.tag for r in part.rows),
+                    step_s * len(part) / len(group) + (t2 - t1),
+                    finished,
+                    time.monotonic() - t2,
+                )
+            )
 
     def _run_split(self, items, run: Callable, select: Callable, out: Outcome) -> list[tuple[Any, Any]]:
         """``run(items)`` as (part, result) pairs; the result is the exception where a part failed.
@@ -235,8 +249,9 @@ class ModelWorker:
                 return [(items, exc)]
             log.warning("out of memory on a batch of %d rows; splitting it in halves", n)
             h = n // 2
-            return (self._run_split(select(items, range(h)), run, select, out)
-                    + self._run_split(select(items, range(h, n)), run, select, out))
+            return self._run_split(select(items, range(h)), run, select, out) + self._run_split(
+                select(items, range(h, n)), run, select, out
+            )
         except Exception as exc:
             return [(items, exc)]
 

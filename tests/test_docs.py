@@ -10,8 +10,12 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def markdown_files() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "weights" / "README.md",
-            REPO / "tests" / "golden" / "README.md"]
+    return [
+        REPO / "README.md",
+        *sorted((REPO / "docs").glob("*.md")),
+        REPO / "weights" / "README.md",
+        REPO / "tests" / "golden" / "README.md",
+    ]
 
 
 def test_readme_is_short_and_links_every_docs_page():

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.slow
 
 
 def run(argv: list, cwd: Path, env: dict | None = None, timeout: float = 600) -> str:
-    out = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        [str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, f"{argv}\n{out.stdout}\n{out.stderr}"
     return out.stdout
 
@@ -36,19 +37,39 @@ def fresh_venv(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     dist = root / "dist"
     # --no-build-isolation: the build backend (setuptools) of this environment, nothing fetched
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, REPO], cwd=root)
-    wheel, = dist.glob("dcar-*.whl")
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, REPO],
+        cwd=root,
+    )
+    (wheel,) = dist.glob("dcar-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "dcar/weights/dcar-tiny-shapes/model_index.json" in names  # the embedded model is package data
-    assert not [n for n in names if n.split("/")[0] in ("model", "server", "training", "cli", "tests")], \
+    assert not [n for n in names if n.split("/")[0] in ("model", "server", "training", "cli", "tests")], (
         "the wheel must install one top-level package, dcar"
+    )
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root)
-    site = Path(run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                    cwd=root).strip())
+    site = Path(
+        run(
+            [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            cwd=root,
+        ).strip()
+    )
     (site / "dcar-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "-q", wheel],
-        cwd=root)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            venv / "bin" / "python",
+            "install",
+            "--no-deps",
+            "-q",
+            wheel,
+        ],
+        cwd=root,
+    )
     return venv
 
 
@@ -62,15 +83,38 @@ def clean_env() -> dict:
 def test_the_installed_wheel_generates_with_the_embedded_weights(fresh_venv, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
-    (work / "model.py").write_text("raise ImportError('a user file named model.py must not shadow dcar.model')\n")
-    where = run([fresh_venv / "bin" / "python", "-c",
-                 "import dcar, dcar.model.pipeline, dcar.weights; "
-                 "print(dcar.__file__); print(dcar.model.pipeline.__file__); print(dcar.weights.embedded_weights())"],
-                cwd=work, env=clean_env()).split()
+    (work / "model.py").write_text(
+        "raise ImportError('a user file named model.py must not shadow dcar.model')\n"
+    )
+    where = run(
+        [
+            fresh_venv / "bin" / "python",
+            "-c",
+            "import dcar, dcar.model.pipeline, dcar.weights; "
+            "print(dcar.__file__); print(dcar.model.pipeline.__file__); print(dcar.weights.embedded_weights())",
+        ],
+        cwd=work,
+        env=clean_env(),
+    ).split()
     for path in where:
         assert Path(path).resolve().is_relative_to(fresh_venv.resolve()), where  # not the checkout
-    out = run([fresh_venv / "bin" / "dcar", "generate", "a red circle", "-o", "circle.png", "--seed", "1",
-               "--steps", "4", "--device", "cpu"], cwd=work, env=clean_env())
+    out = run(
+        [
+            fresh_venv / "bin" / "dcar",
+            "generate",
+            "a red circle",
+            "-o",
+            "circle.png",
+            "--seed",
+            "1",
+            "--steps",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        cwd=work,
+        env=clean_env(),
+    )
     image = Image.open(work / "circle.png")
     assert image.format == "PNG" and image.size == (256, 256), out  # the embedded model's native size
     assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 16  # not a flat fill

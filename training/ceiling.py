@@ -31,11 +31,14 @@ PATHS = ("truth", "continuous", "hybrid", "discrete")
 CEILING_SEED = 4321  # scenes of the ceiling: drawn from (this, seed, prompt index), never a training stream
 
 
-def ceiling_images(tok: DCHT, specs: Sequence[PromptSpec], seeds: Sequence[int], size: int,
-                   prompt_index: Sequence[int]) -> dict[str, list[Image.Image]]:
+def ceiling_images(
+    tok: DCHT, specs: Sequence[PromptSpec], seeds: Sequence[int], size: int, prompt_index: Sequence[int]
+) -> dict[str, list[Image.Image]]:
     """{path: one image per (spec, seed)} for the scenes of those prompts (indices seed their draw)."""
-    scenes = [scene_for_prompt(s, np.random.default_rng([CEILING_SEED, seed, i]))
-              for s, seed, i in zip(specs, seeds, prompt_index, strict=True)]
+    scenes = [
+        scene_for_prompt(s, np.random.default_rng([CEILING_SEED, seed, i]))
+        for s, seed, i in zip(specs, seeds, prompt_index, strict=True)
+    ]
     truth = [render(sc, size) for sc in scenes]
     weight = next(tok.parameters())
     x = torch.stack([pil_to_tensor(im) for im in truth]).to(weight.device, weight.dtype)
@@ -53,8 +56,13 @@ def ceiling_images(tok: DCHT, specs: Sequence[PromptSpec], seeds: Sequence[int],
 
 
 @torch.inference_mode()
-def tokenizer_ceiling(tok: DCHT, size: int = 256, seeds: Sequence[int] = (0, 1, 2, 3),
-                      prompts: Sequence[PromptSpec] = EVAL_PROMPTS, batch_size: int = 16) -> dict[str, Any]:
+def tokenizer_ceiling(
+    tok: DCHT,
+    size: int = 256,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    prompts: Sequence[PromptSpec] = EVAL_PROMPTS,
+    batch_size: int = 16,
+) -> dict[str, Any]:
     """ShapesEval per path: ``{"size", "seeds", "num_images", "paths": {path: {"categories", "overall"}}}``.
 
     The tokenizer runs in eval mode for the measurement and is left in the mode it was in.
@@ -68,8 +76,9 @@ def tokenizer_ceiling(tok: DCHT, size: int = 256, seeds: Sequence[int] = (0, 1, 
         todo = [(t, s) for t, s in zip(texts, row_seeds, strict=True) if (t, s) not in cache]
         if not todo:
             return
-        images = ceiling_images(tok, [prompts[index[t]] for t, _ in todo], [s for _, s in todo], size,
-                                [index[t] for t, _ in todo])
+        images = ceiling_images(
+            tok, [prompts[index[t]] for t, _ in todo], [s for _, s in todo], size, [index[t] for t, _ in todo]
+        )
         for k, key in enumerate(todo):
             cache[key] = {p: images[p][k] for p in PATHS}
 
@@ -77,12 +86,15 @@ def tokenizer_ceiling(tok: DCHT, size: int = 256, seeds: Sequence[int] = (0, 1, 
         def generate(texts: list[str], row_seeds: list[int]) -> list[Image.Image]:
             fill(texts, row_seeds)
             return [cache[(t, s)][path] for t, s in zip(texts, row_seeds, strict=True)]
+
         return generate
 
     try:
         paths = {}
         for path in PATHS:
-            r = run_shapes_eval(generator_for(path), size=size, seeds=seeds, prompts=prompts, batch_size=batch_size)
+            r = run_shapes_eval(
+                generator_for(path), size=size, seeds=seeds, prompts=prompts, batch_size=batch_size
+            )
             paths[path] = {"categories": r["categories"], "overall": r["overall"]}
             num = r["num_images"]
     finally:
@@ -94,11 +106,15 @@ def tokenizer_ceiling(tok: DCHT, size: int = 256, seeds: Sequence[int] = (0, 1, 
 def format_ceiling(result: dict[str, Any]) -> str:
     """A Markdown table: one row per path, one column per ShapesEval category, and the overall score."""
     cats = [c for c in CATEGORIES if c in result["paths"]["truth"]["categories"]]
-    lines = ["| path | " + " | ".join(c.replace("_", " ") for c in cats) + " | **overall** |",
-             "| --- |" + " ---: |" * (len(cats) + 1)]
+    lines = [
+        "| path | " + " | ".join(c.replace("_", " ") for c in cats) + " | **overall** |",
+        "| --- |" + " ---: |" * (len(cats) + 1),
+    ]
     for path, r in result["paths"].items():
         cells = " | ".join(f"{r['categories'][c]:.3f}" for c in cats)
         lines.append(f"| {path} | {cells} | **{r['overall']:.3f}** |")
     seeds = ", ".join(str(s) for s in result["seeds"])
-    lines.append(f"\n{result['num_images']} ground-truth scenes per path at {result['size']} px (scene seeds {seeds}).")
+    lines.append(
+        f"\n{result['num_images']} ground-truth scenes per path at {result['size']} px (scene seeds {seeds})."
+    )
     return "\n".join(lines)

@@ -81,20 +81,24 @@ def eval_split(directory: str | Path, n: int, size: int = 256) -> list:
 
 
 @torch.inference_mode()
-def reconstruction(pipe: Pipeline, samples: Sequence, sizes: Sequence[int] = (256, 512), batch: int = 8
-                   ) -> dict[str, dict[str, dict[str, float]]]:
+def reconstruction(
+    pipe: Pipeline, samples: Sequence, sizes: Sequence[int] = (256, 512), batch: int = 8
+) -> dict[str, dict[str, dict[str, float]]]:
     """{size: {path: {"psnr", "ssim"}}} over the split, each scene rendered at each size."""
     tok, dev = pipe.tokenizer, pipe.device
     out: dict[str, dict[str, dict[str, float]]] = {}
     for size in sizes:
         scores: dict[str, dict[str, list[torch.Tensor]]] = {}
         for start in range(0, len(samples), batch):
-            chunk = samples[start: start + batch]
+            chunk = samples[start : start + batch]
             x = torch.stack([pil_to_tensor(render(s.scene, size)) for s in chunk]).to(dev, pipe.dtype)
             q = tok.encode(x)
             hybrid = q.codewords + (q.normalized - q.codewords)
-            decoded = {"continuous": tok.decode(q.normalized), "discrete": tok.decode(q.codewords),
-                       "hybrid": tok.decode(hybrid)}
+            decoded = {
+                "continuous": tok.decode(q.normalized),
+                "discrete": tok.decode(q.codewords),
+                "hybrid": tok.decode(hybrid),
+            }
             target = _to01(x)
             for path, img in decoded.items():
                 rec = _to01(img)
@@ -106,8 +110,9 @@ def reconstruction(pipe: Pipeline, samples: Sequence, sizes: Sequence[int] = (25
 
 
 @torch.inference_mode()
-def hybrid_vs_discrete(pipe: Pipeline, samples: Sequence, size: int = 256, batch: int = 8, seed: int = 0
-                       ) -> dict[str, dict[str, float]]:
+def hybrid_vs_discrete(
+    pipe: Pipeline, samples: Sequence, size: int = 256, batch: int = 8, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """PSNR/SSIM against the rendered scene of: the true ids decoded alone ("discrete"), with residuals
     sampled by the diffusion head ("hybrid"), and with the true residuals ("hybrid_oracle")."""
     tok, gen, text = pipe.tokenizer, pipe.generator, pipe.text_encoder
@@ -118,14 +123,16 @@ def hybrid_vs_discrete(pipe: Pipeline, samples: Sequence, size: int = 256, batch
     g = torch.Generator().manual_seed(seed)
     scores: dict[str, dict[str, list[torch.Tensor]]] = {}
     for start in range(0, len(samples), batch):
-        chunk = samples[start: start + batch]
+        chunk = samples[start : start + batch]
         n = len(chunk)
         x = torch.stack([pil_to_tensor(render(s.scene, size)) for s in chunk]).to(dev, pipe.dtype)
         q = tok.encode(x)
         ids = q.tokens
         # The last sampling step's input: all ids known except the ones that step reveals.
         order = torch.rand(n, length, generator=g).argsort(1).to(dev)
-        masked = torch.zeros(n, length, dtype=torch.bool, device=dev).scatter(1, order[:, :still_masked], True)
+        masked = torch.zeros(n, length, dtype=torch.bool, device=dev).scatter(
+            1, order[:, :still_masked], True
+        )
         inp = torch.where(masked, torch.full_like(ids, gen.cfg.mask_token_id), ids)
         states, mask = text([s.caption for s in chunk])
         drop = torch.tensor([False, True], device=dev).repeat(n)
@@ -133,13 +140,23 @@ def hybrid_vs_discrete(pipe: Pipeline, samples: Sequence, size: int = 256, batch
         _, hidden = gen(inp.repeat_interleave(2, 0), kv, grid)
         c = gen.cfg.token_size
         shape = (n * length, c)
-        residual = gen.diffloss.sample(
-            hidden[0::2].reshape(n * length, -1), lambda kind, shape=shape: torch.randn(shape, generator=g).to(dev),
-            uncond=hidden[1::2].reshape(n * length, -1),
-            guidance=torch.full((n * length,), d.guidance_scale, device=dev),
-            temperature=d.residual_temperature, steps=d.residual_steps).float().view(n, length, c)
-        decoded = {"discrete": tok.decode_tokens(ids, grid), "hybrid": tok.decode_tokens(ids, grid, residual),
-                   "hybrid_oracle": tok.decode_tokens(ids, grid, q.residual)}
+        residual = (
+            gen.diffloss.sample(
+                hidden[0::2].reshape(n * length, -1),
+                lambda kind, shape=shape: torch.randn(shape, generator=g).to(dev),
+                uncond=hidden[1::2].reshape(n * length, -1),
+                guidance=torch.full((n * length,), d.guidance_scale, device=dev),
+                temperature=d.residual_temperature,
+                steps=d.residual_steps,
+            )
+            .float()
+            .view(n, length, c)
+        )
+        decoded = {
+            "discrete": tok.decode_tokens(ids, grid),
+            "hybrid": tok.decode_tokens(ids, grid, residual),
+            "hybrid_oracle": tok.decode_tokens(ids, grid, q.residual),
+        }
         target = _to01(x)
         for path, img in decoded.items():
             rec = _to01(img)
@@ -167,14 +184,20 @@ def tuning_prompts(per_category: int = 8, seed: int = 7) -> tuple[PromptSpec, ..
 
     def one() -> Description:  # 24 shape/colour pairs, most of them taken: sizes widen the pool
         size = rng.choice([None, "small", "large"])
-        return Description((Phrase(str(rng.choice(SHAPES)), str(rng.choice(colors)),
-                                   size=None if size is None else str(size)),))
+        return Description(
+            (
+                Phrase(
+                    str(rng.choice(SHAPES)), str(rng.choice(colors)), size=None if size is None else str(size)
+                ),
+            )
+        )
 
     makers = {
         "single_object": one,
         "two_object": lambda: Description(pair()),
-        "counting": lambda: Description((Phrase(str(rng.choice(SHAPES)), str(rng.choice(colors)),
-                                                int(rng.integers(2, 5))),)),
+        "counting": lambda: Description(
+            (Phrase(str(rng.choice(SHAPES)), str(rng.choice(colors)), int(rng.integers(2, 5))),)
+        ),
         "colors": one,
         "position": lambda: Description(pair(), relation=str(rng.choice(RELATIONS))),
         "color_attr": lambda: Description(pair()),
@@ -192,14 +215,25 @@ def tuning_prompts(per_category: int = 8, seed: int = 7) -> tuple[PromptSpec, ..
     return tuple(out)
 
 
-def shapes_eval(pipe: Pipeline, size: int = 256, steps: int = 12, seeds: Sequence[int] = (0, 1, 2, 3),
-                use_residuals: bool = True, batch_size: int = 16, prompts: Sequence[PromptSpec] = EVAL_PROMPTS,
-                **overrides) -> dict[str, Any]:
+def shapes_eval(
+    pipe: Pipeline,
+    size: int = 256,
+    steps: int = 12,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    use_residuals: bool = True,
+    batch_size: int = 16,
+    prompts: Sequence[PromptSpec] = EVAL_PROMPTS,
+    **overrides,
+) -> dict[str, Any]:
     """ShapesEval of the pipeline with its sampling defaults (plus ``overrides``)."""
 
     def generate(prompts: list[str], row_seeds: list[int]) -> list[Image.Image]:
-        params = [pipe.params(p, seed=s, height=size, width=size, steps=steps, use_residuals=use_residuals,
-                              **overrides) for p, s in zip(prompts, row_seeds)]
+        params = [
+            pipe.params(
+                p, seed=s, height=size, width=size, steps=steps, use_residuals=use_residuals, **overrides
+            )
+            for p, s in zip(prompts, row_seeds)
+        ]
         return [tensor_to_pil(r.image) for r in pipe.generate(params)]
 
     return run_shapes_eval(generate, size=size, seeds=seeds, prompts=prompts, batch_size=batch_size)
@@ -213,5 +247,8 @@ def sample_grid(pipe: Pipeline, prompts: Sequence[str], seeds: Sequence[int], si
     grid = np.full((len(seeds) * (size + pad) + pad, len(prompts) * (size + pad) + pad, 3), 255, np.uint8)
     for k, img in enumerate(images):
         i, j = divmod(k, len(prompts))
-        grid[pad + i * (size + pad): pad + i * (size + pad) + size, pad + j * (size + pad): pad + j * (size + pad) + size] = img
+        grid[
+            pad + i * (size + pad) : pad + i * (size + pad) + size,
+            pad + j * (size + pad) : pad + j * (size + pad) + size,
+        ] = img
     return Image.fromarray(grid)

@@ -36,7 +36,12 @@ def hardware() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -47,9 +52,15 @@ def _done(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def export(preset: TrainPreset, tokenizer_dir: str | Path, generator_dir: str | Path, out: str | Path,
-           name: str | None = None, guidance_scale: float | None = None,
-           randomize_temperature: float | None = None) -> Path:
+def export(
+    preset: TrainPreset,
+    tokenizer_dir: str | Path,
+    generator_dir: str | Path,
+    out: str | Path,
+    name: str | None = None,
+    guidance_scale: float | None = None,
+    randomize_temperature: float | None = None,
+) -> Path:
     """Write the weights directory ``out`` from a tokenizer run and a generator run (EMA weights).
 
     ``guidance_scale`` and ``randomize_temperature`` override the preset's sampling defaults stored in
@@ -75,7 +86,8 @@ def export(preset: TrainPreset, tokenizer_dir: str | Path, generator_dir: str | 
         "tokenizer_seconds": tok_done.get("seconds"),
         "generator_seconds": gen_done.get("seconds"),
         "pretokenize_seconds": json.loads(meta_path.read_text()).get("seconds_last_session")
-        if meta_path.is_file() else None,
+        if meta_path.is_file()
+        else None,
         "vae_scale": gcfg.head.vae_scale,
         "parameters": {
             "tokenizer": sum(p.numel() for p in pipe.tokenizer.parameters()),

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor, l1: float = 1.0, l2: float = 1.0
-                        ) -> tuple[torch.Tensor, dict[str, float]]:
+def reconstruction_loss(
+    rec: torch.Tensor, target: torch.Tensor, l1: float = 1.0, l2: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
     """``l1 * |rec - x| + l2 * (rec - x)^2``, both means over pixels; images in [-1, 1].
 
     LlamaGen uses L2 plus LPIPS; LPIPS needs downloaded VGG weights, so L1 takes its place as the
@@ -48,8 +49,11 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, layers + 1):
             prev, mult = mult, min(2**i, 8)
             stride = 2 if i < layers else 1
-            ops += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
-                    nn.GroupNorm(min(32, ndf * mult // 4), ndf * mult), nn.LeakyReLU(0.2)]
+            ops += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
+                nn.GroupNorm(min(32, ndf * mult // 4), ndf * mult),
+                nn.LeakyReLU(0.2),
+            ]
         ops.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         self.net = nn.Sequential(*ops)
         for m in self.modules():
@@ -71,8 +75,9 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 # --- generator ------------------------------------------------------------------------------------
 
 
-def arccos_mask(batch: int, length: int, generator: torch.Generator, device: torch.device | str = "cpu"
-                ) -> torch.Tensor:
+def arccos_mask(
+    batch: int, length: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Boolean mask (B, L), True = masked: per row u ~ U(0, 1), ratio = arccos(u) / (pi / 2) clamped to
     [1e-6, 1], round(L * ratio) positions (at least one) chosen uniformly at random.
 
@@ -87,13 +92,18 @@ def arccos_mask(batch: int, length: int, generator: torch.Generator, device: tor
     return (ranks < count[:, None]).to(device)
 
 
-def masked_token_loss(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
-                      label_smoothing: float = 0.1, unmasked_weight: float = 0.1
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
+def masked_token_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    label_smoothing: float = 0.1,
+    unmasked_weight: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """1d-tokenizer ``MLMLoss``: label-smoothed CE at every position, weight 1 where masked and
     ``unmasked_weight`` elsewhere, normalised by the total weight. Logits (B, L, K), targets (B, L)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none",
-                         label_smoothing=label_smoothing).view_as(targets)
+    ce = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), reduction="none", label_smoothing=label_smoothing
+    ).view_as(targets)
     weight = torch.where(masked, 1.0, unmasked_weight).to(ce.dtype)
     loss = (ce * weight).sum() / weight.sum()
     with torch.no_grad():

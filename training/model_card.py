@@ -41,10 +41,19 @@ def target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     rows = []
     shapes = results.get("shapes_eval")
     # The ShapesEval targets are defined at 256 px, 12 steps, on ShapesEval's own prompts.
-    if shapes and results.get("prompts", "shapes-eval") == "shapes-eval" and results.get("size", 256) == 256 \
-            and results.get("steps", 12) == 12:
-        rows.append(("ShapesEval overall >= 0.80 (256 px, 12 steps)", f"{shapes['overall']:.3f}",
-                     shapes["overall"] >= 0.80))
+    if (
+        shapes
+        and results.get("prompts", "shapes-eval") == "shapes-eval"
+        and results.get("size", 256) == 256
+        and results.get("steps", 12) == 12
+    ):
+        rows.append(
+            (
+                "ShapesEval overall >= 0.80 (256 px, 12 steps)",
+                f"{shapes['overall']:.3f}",
+                shapes["overall"] >= 0.80,
+            )
+        )
         worst = min(shapes["categories"], key=shapes["categories"].get)
         low = shapes["categories"][worst]
         rows.append(("no ShapesEval category below 0.6", f"lowest: {worst} {low:.3f}", low >= 0.6))
@@ -65,8 +74,13 @@ def target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     hvd = results.get("hybrid_vs_discrete")
     if hvd:
         gain = hvd["hybrid"]["psnr"] - hvd["discrete"]["psnr"]
-        rows.append(("hybrid beats discrete-only (PSNR vs the rendered scene)",
-                     f"{gain:+.2f} dB, better on {hvd['hybrid']['wins']:.0%} of scenes", gain > 0))
+        rows.append(
+            (
+                "hybrid beats discrete-only (PSNR vs the rendered scene)",
+                f"{gain:+.2f} dB, better on {hvd['hybrid']['wins']:.0%} of scenes",
+                gain > 0,
+            )
+        )
     return rows
 
 
@@ -119,24 +133,37 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
         lines += [format_results(shapes), ""]
         disc = results.get("shapes_eval_discrete")
         if disc:
-            lines += [f"Without residuals (codewords only, same seeds): overall {disc['overall']:.3f} "
-                      f"(hybrid {shapes['overall']:.3f}).", ""]
+            lines += [
+                f"Without residuals (codewords only, same seeds): overall {disc['overall']:.3f} "
+                f"(hybrid {shapes['overall']:.3f}).",
+                "",
+            ]
     ceiling = results.get("tokenizer_ceiling")
     if ceiling:
-        lines += ["## Tokenizer ceiling", "",
-                  "ShapesEval of ground-truth scenes for the same prompts (`dcar eval --tokenizer-ceiling`), scored",
-                  "as rendered (truth) and after encode -> decode through each path: what a perfect generator could",
-                  "reach. Hybrid uses the true residuals in float16, as the generator's training data stores them.",
-                  "", format_ceiling(ceiling), ""]
+        lines += [
+            "## Tokenizer ceiling",
+            "",
+            "ShapesEval of ground-truth scenes for the same prompts (`dcar eval --tokenizer-ceiling`), scored",
+            "as rendered (truth) and after encode -> decode through each path: what a perfect generator could",
+            "reach. Hybrid uses the true residuals in float16, as the generator's training data stores them.",
+            "",
+            format_ceiling(ceiling),
+            "",
+        ]
     recon = results.get("reconstruction")
     crop = train.get("preset", {}).get("tokenizer", {}).get("crop")
     crop = f"{crop} px" if crop else "small"
     if recon:
         n = results.get("eval_images")
-        lines += ["## Tokenizer reconstruction", "",
-                  f"On {n} evaluation-split scenes, rendered at each size (trained on {crop} crops only).",
-                  "The hybrid path with the true residuals is the continuous latent again (codeword + residual).",
-                  "", *_recon_table(recon), ""]
+        lines += [
+            "## Tokenizer reconstruction",
+            "",
+            f"On {n} evaluation-split scenes, rendered at each size (trained on {crop} crops only).",
+            "The hybrid path with the true residuals is the continuous latent again (codeword + residual).",
+            "",
+            *_recon_table(recon),
+            "",
+        ]
     hvd = results.get("hybrid_vs_discrete")
     if hvd:
         lines += [
@@ -149,23 +176,36 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
             "| decode | PSNR (dB) | SSIM |",
             "| --- | ---: | ---: |",
         ]
-        for k, label in (("discrete", "codewords only"), ("hybrid", "codewords + sampled residuals"),
-                         ("hybrid_oracle", "codewords + true residuals")):
+        for k, label in (
+            ("discrete", "codewords only"),
+            ("hybrid", "codewords + sampled residuals"),
+            ("hybrid_oracle", "codewords + true residuals"),
+        ):
             lines.append(f"| {label} | {hvd[k]['psnr']:.2f} | {hvd[k]['ssim']:.4f} |")
         lines += ["", f"Sampled residuals raise PSNR on {hvd['hybrid']['wins']:.0%} of the scenes.", ""]
     rows = target_rows(results)
     if rows:
-        lines += ["## Targets", "", "| target | measured | |", "| --- | --- | --- |",
-                  *[f"| {t} | {m} | {_mark(ok)} |" for t, m, ok in rows], ""]
+        lines += [
+            "## Targets",
+            "",
+            "| target | measured | |",
+            "| --- | --- | --- |",
+            *[f"| {t} | {m} | {_mark(ok)} |" for t, m, ok in rows],
+            "",
+        ]
     lines += [
         "## Training",
         "",
         f"- Hardware: {hw.get('cpu', 'n/a')}, {hw.get('cpu_count', '?')} cores"
-        + (f", {hw['gpu']}" if hw.get("gpu") else "") + f"; torch {hw.get('torch', '?')}.",
+        + (f", {hw['gpu']}" if hw.get("gpu") else "")
+        + f"; torch {hw.get('torch', '?')}.",
         f"- Wall time: tokenizer {_hours(train.get('tokenizer_seconds'))}, pre-tokenizing "
         f"{_hours(train.get('pretokenize_seconds'))}, generator {_hours(train.get('generator_seconds'))}.",
         # card_notes: what the numbers cannot say (a run's history); eval.json keeps them across rewrites
-        *[textwrap.fill(f"- {note}", width=110, subsequent_indent="  ") for note in results.get("card_notes", [])],
+        *[
+            textwrap.fill(f"- {note}", width=110, subsequent_indent="  ")
+            for note in results.get("card_notes", [])
+        ],
         f"- Recipe: training/presets.py `{preset}`, trained by the `dcar train` commands of docs/training.md with",
         f"  `--preset {preset}` (`make train-tiny` runs them for the newest tiny preset).",
         "",

@@ -94,9 +94,14 @@ class GeneratorRecipe:
     diffusion_weight: float = 1.0
     ema_decay: float = 0.999  # 0 turns EMA off; the exported weights are the EMA ones when on
     sample_prompts: tuple[str, ...] = (
-        "a red circle", "a blue square on the left", "two yellow triangles", "a green circle above a purple square",
-        "three white circles on a gray background", "an orange triangle to the right of a black circle",
-        "a large purple square in the top right corner", "a small blue circle, a red square and a green triangle",
+        "a red circle",
+        "a blue square on the left",
+        "two yellow triangles",
+        "a green circle above a purple square",
+        "three white circles on a gray background",
+        "an orange triangle to the right of a black circle",
+        "a large purple square in the top right corner",
+        "a small blue circle, a red square and a green triangle",
     )
 
 
@@ -108,8 +113,11 @@ class TrainPreset:
     generator: GeneratorRecipe = field(default_factory=GeneratorRecipe)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "tokenizer": dataclasses.asdict(self.tokenizer),
-                "generator": dataclasses.asdict(self.generator)}
+        return {
+            "name": self.name,
+            "tokenizer": dataclasses.asdict(self.tokenizer),
+            "generator": dataclasses.asdict(self.generator),
+        }
 
 
 _WIDTHS = (16, 32, 64, 64, 128, 128)
@@ -122,13 +130,26 @@ TINY_SHAPES = TrainPreset(
             decoder=DecoderConfig(width_list=_WIDTHS, depth_list=(0, 2, 2, 1, 1, 1)),
         ),
         generator=GeneratorConfig(
-            hidden_size=192, num_layers=6, num_heads=6, intermediate_size=768, codebook_size=1024,
-            image_seq_len=64, context_dim=128, text_token_length=128, pos_embed_base_size=8,
+            hidden_size=192,
+            num_layers=6,
+            num_heads=6,
+            intermediate_size=768,
+            codebook_size=1024,
+            image_seq_len=64,
+            context_dim=128,
+            text_token_length=128,
+            pos_embed_base_size=8,
             # vae_scale is a placeholder: the generator run measures the residual std and replaces it.
             head=DiffusionHeadConfig(width=192, depth=3, num_sampling_steps=32, batch_mul=2, vae_scale=0.1),
         ),
         text_encoder=TextEncoderConfig(
-            tokenizer="byt5", max_length=128, d_model=128, num_layers=3, num_heads=4, d_kv=32, d_ff=384,
+            tokenizer="byt5",
+            max_length=128,
+            d_model=128,
+            num_layers=3,
+            num_heads=4,
+            d_kv=32,
+            d_ff=384,
             vocab_size=384,
         ),
         # Chosen on held-out tuning prompts (`dcar eval --prompts tuning`) for the 12,000-step model:
@@ -139,12 +160,35 @@ TINY_SHAPES = TrainPreset(
 
 CI = TrainPreset(
     name="ci",
-    pipeline=PipelineConfig(TINY_HT, replace(TINY_AR, head=replace(TINY_AR.head, batch_mul=1)), TINY_TEXT,
-                            SamplingDefaults(size=128, residual_steps=4)),
-    tokenizer=TokenizerRecipe(render_size=64, crop=64, batch=4, crops_per_image=2, stage_steps=(6, 6, 6),
-                              warmup=1, lr=2e-3, restart_every=2, disc_start=0.5, val_images=2),
-    generator=GeneratorRecipe(num_images=16, image_size=128, shard_size=8, batch=4, steps=8, lr=2e-3,
-                              warmup=1, ema_decay=0.9, sample_prompts=("a red circle", "two blue squares")),
+    pipeline=PipelineConfig(
+        TINY_HT,
+        replace(TINY_AR, head=replace(TINY_AR.head, batch_mul=1)),
+        TINY_TEXT,
+        SamplingDefaults(size=128, residual_steps=4),
+    ),
+    tokenizer=TokenizerRecipe(
+        render_size=64,
+        crop=64,
+        batch=4,
+        crops_per_image=2,
+        stage_steps=(6, 6, 6),
+        warmup=1,
+        lr=2e-3,
+        restart_every=2,
+        disc_start=0.5,
+        val_images=2,
+    ),
+    generator=GeneratorRecipe(
+        num_images=16,
+        image_size=128,
+        shard_size=8,
+        batch=4,
+        steps=8,
+        lr=2e-3,
+        warmup=1,
+        ema_decay=0.9,
+        sample_prompts=("a red circle", "two blue squares"),
+    ),
 )
 
 _GPU_WIDTHS = (32, 64, 128, 128, 256, 256)
@@ -157,18 +201,33 @@ SHAPES_GPU = TrainPreset(
             decoder=DecoderConfig(width_list=_GPU_WIDTHS, depth_list=(0, 3, 3, 2, 2, 2)),
         ),
         generator=GeneratorConfig(
-            hidden_size=512, num_layers=12, num_heads=8, intermediate_size=2048, codebook_size=4096,
-            image_seq_len=64, context_dim=256, text_token_length=128, pos_embed_base_size=8,
+            hidden_size=512,
+            num_layers=12,
+            num_heads=8,
+            intermediate_size=2048,
+            codebook_size=4096,
+            image_seq_len=64,
+            context_dim=256,
+            text_token_length=128,
+            pos_embed_base_size=8,
             head=DiffusionHeadConfig(width=512, depth=6, num_sampling_steps=32, batch_mul=4, vae_scale=0.1),
         ),
         text_encoder=TextEncoderConfig(
-            tokenizer="byt5", max_length=128, d_model=256, num_layers=4, num_heads=4, d_kv=64, d_ff=1024,
+            tokenizer="byt5",
+            max_length=128,
+            d_model=256,
+            num_layers=4,
+            num_heads=4,
+            d_kv=64,
+            d_ff=1024,
             vocab_size=384,
         ),
         sampling=SamplingDefaults(size=256),
     ),
     tokenizer=TokenizerRecipe(crop=256, batch=32, stage_steps=(5000, 20000, 5000), lr=2e-4),
-    generator=GeneratorRecipe(num_images=200000, shard_size=5000, batch=128, steps=50000, lr=4e-4, warmup=2000),
+    generator=GeneratorRecipe(
+        num_images=200000, shard_size=5000, batch=128, steps=50000, lr=4e-4, warmup=2000
+    ),
 )
 
 # v2 (issue 14): the tokenizer first, since it caps the generator. v1's tokenizer decodes ground-truth
@@ -191,8 +250,9 @@ TINY_SHAPES_V2 = TrainPreset(
         tokenizer=replace(TINY_SHAPES.pipeline.tokenizer, codebook_size=CODEBOOK_V2),
         generator=replace(TINY_SHAPES.pipeline.generator, codebook_size=CODEBOOK_V2),
     ),
-    tokenizer=TokenizerRecipe(crop=256, batch=8, crops_per_image=1, stage_steps=(800, 2800, 1200),
-                              ceiling_seeds=(0, 1)),
+    tokenizer=TokenizerRecipe(
+        crop=256, batch=8, crops_per_image=1, stage_steps=(800, 2800, 1200), ceiling_seeds=(0, 1)
+    ),
 )
 
 TRAIN_PRESETS: dict[str, TrainPreset] = {p.name: p for p in (TINY_SHAPES, TINY_SHAPES_V2, CI, SHAPES_GPU)}
@@ -204,9 +264,12 @@ def train_preset(name: str) -> TrainPreset:
     return TRAIN_PRESETS[name]
 
 
-def with_overrides(preset: TrainPreset, tokenizer: dict[str, Any] | None = None,
-                   generator: dict[str, Any] | None = None) -> TrainPreset:
+def with_overrides(
+    preset: TrainPreset, tokenizer: dict[str, Any] | None = None, generator: dict[str, Any] | None = None
+) -> TrainPreset:
     """The preset with some recipe fields replaced (command-line flags); None values are ignored."""
     tok = {k: v for k, v in (tokenizer or {}).items() if v is not None}
     gen = {k: v for k, v in (generator or {}).items() if v is not None}
-    return replace(preset, tokenizer=replace(preset.tokenizer, **tok), generator=replace(preset.generator, **gen))
+    return replace(
+        preset, tokenizer=replace(preset.tokenizer, **tok), generator=replace(preset.generator, **gen)
+    )

@@ -38,24 +38,34 @@ def _shard_path(root: Path, index: int) -> Path:
 
 
 @torch.no_grad()
-def encode_shard(tok: DCHT, seed: int, index: int, count: int, size: int, batch: int = 32
-                 ) -> dict[str, Any]:
+def encode_shard(tok: DCHT, seed: int, index: int, count: int, size: int, batch: int = 32) -> dict[str, Any]:
     """Draw ``count`` scenes of shard ``index``, render at ``size`` and encode them (fp32, eval mode)."""
     rng = stream_rng(seed, PRETOKENIZE_STREAM, index)
     scenes = [sample_scene(rng) for _ in range(count)]
     dev = next(tok.parameters()).device
     ids, res = [], []
     for start in range(0, count, batch):
-        x = torch.stack([image_to_tensor(render(s, size)) for s in scenes[start: start + batch]])
+        x = torch.stack([image_to_tensor(render(s, size)) for s in scenes[start : start + batch]])
         q = tok.encode(x.to(dev, memory_format=torch.channels_last))
         ids.append(q.tokens.to(torch.int16).cpu())
         res.append(q.residual.to(torch.float16).cpu())
-    return {"tokens": torch.cat(ids), "residuals": torch.cat(res),
-            "scenes": [scene_to_dict(s) for s in scenes]}
+    return {
+        "tokens": torch.cat(ids),
+        "residuals": torch.cat(res),
+        "scenes": [scene_to_dict(s) for s in scenes],
+    }
 
 
-def pretokenize(tok: DCHT, out_dir: str | Path, num_images: int, size: int, shard_size: int, seed: int,
-                d: Dist, show_progress: bool = True) -> dict[str, Any]:
+def pretokenize(
+    tok: DCHT,
+    out_dir: str | Path,
+    num_images: int,
+    size: int,
+    shard_size: int,
+    seed: int,
+    d: Dist,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Write the missing shards (this rank's share), then ``meta.json`` on rank 0; returns the meta."""
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -79,10 +89,17 @@ def pretokenize(tok: DCHT, out_dir: str | Path, num_images: int, size: int, shar
         _, residuals, _ = _read_shards(root, shards)
         r = residuals.float()
         grid = size // tok.compression
-        meta = {"num_images": num_images, "size": size, "grid": [grid, grid], "shards": shards, "seed": seed,
-                "codebook_size": tok.cfg.codebook_size, "residual_std": float(r.std()),
-                "seconds_last_session": time.monotonic() - t0,
-                "residual_channel_std": [float(v) for v in r.flatten(0, 1).std(0)]}
+        meta = {
+            "num_images": num_images,
+            "size": size,
+            "grid": [grid, grid],
+            "shards": shards,
+            "seed": seed,
+            "codebook_size": tok.cfg.codebook_size,
+            "residual_std": float(r.std()),
+            "seconds_last_session": time.monotonic() - t0,
+            "residual_channel_std": [float(v) for v in r.flatten(0, 1).std(0)],
+        }
         (root / META).write_text(json.dumps(meta, indent=1) + "\n")
     dist_utils.barrier()
     return json.loads((root / META).read_text())

@@ -140,7 +140,8 @@ class CsvLog:
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
 
 
 def read_csv(path: Path) -> list[dict[str, float]]:
@@ -151,8 +152,15 @@ def read_csv(path: Path) -> list[dict[str, float]]:
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=2.0, smoothing=0.05)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+        mininterval=2.0,
+        smoothing=0.05,
+    )
 
 
 # --- images -----------------------------------------------------------------------------------------
@@ -174,7 +182,7 @@ def save_grid(rows: list[torch.Tensor], path: Path, signed: bool = True, pad: in
     for i, row in enumerate(arrays):
         for j, img in enumerate(row):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y: y + h, x: x + w] = img
+            grid[y : y + h, x : x + w] = img
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return path

@@ -25,8 +25,12 @@ CROP_STREAM = 2
 ORDER_STREAM = 3
 CAPTION_STREAM = 4
 
-_MIRROR = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-           "below": "above"}
+_MIRROR = {
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
 assert set(_MIRROR) == set(RELATIONS)
 
 
@@ -49,7 +53,7 @@ class SceneCrops:
             image = image_to_tensor(render(scene, self.size))
             for _ in range(min(self.per_image, n - len(out))):
                 y, x = self.crops.integers(0, self.size - self.crop + 1, size=2)
-                out.append(image[:, y: y + self.crop, x: x + self.crop])
+                out.append(image[:, y : y + self.crop, x : x + self.crop])
         return torch.stack(out)
 
     def state(self) -> dict[str, Any]:
@@ -80,8 +84,15 @@ def caption_variant(scene: Scene, rng: np.random.Generator) -> str:
 class TokenData:
     """Batches of (tokens (B, L), residuals (B, L, C), captions) from pre-tokenized arrays."""
 
-    def __init__(self, tokens: torch.Tensor, residuals: torch.Tensor, scenes: list[Scene], seed: int,
-                 rank: int, world: int):
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        residuals: torch.Tensor,
+        scenes: list[Scene],
+        seed: int,
+        rank: int,
+        world: int,
+    ):
         self.tokens, self.residuals, self.scenes = tokens, residuals, scenes
         self.seed, self.rank, self.world = seed, rank, world
         self.epoch, self.pos = 0, 0
@@ -90,7 +101,7 @@ class TokenData:
 
     def _epoch_order(self) -> np.ndarray:
         order = stream_rng(self.seed, ORDER_STREAM, self.epoch).permutation(len(self.tokens))
-        return order[self.rank:: self.world]
+        return order[self.rank :: self.world]
 
     def next_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         idx = []
@@ -98,7 +109,7 @@ class TokenData:
             if self.pos >= len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._epoch_order()
-            take = self._order[self.pos: self.pos + n - len(idx)]
+            take = self._order[self.pos : self.pos + n - len(idx)]
             idx.extend(take.tolist())
             self.pos += len(take)
         texts = [caption_variant(self.scenes[i], self.captions) for i in idx]

@@ -60,12 +60,18 @@ VAL_COLUMNS = ["step", "quick_eval"]
 
 # Held-out monitoring prompts (not ShapesEval's): a quick pass/fail signal in val.csv while training.
 MONITOR = (
-    ("single_object", "a green square"), ("single_object", "a large white triangle"),
-    ("two_object", "a yellow circle and a blue triangle"), ("two_object", "a white square and a red circle"),
-    ("counting", "three red squares"), ("counting", "two purple circles"),
-    ("colors", "a black triangle"), ("colors", "a white square"),
-    ("position", "a blue circle to the left of an orange square"), ("position", "a red triangle below a green square"),
-    ("color_attr", "a purple circle and a green square"), ("color_attr", "an orange circle and a black square"),
+    ("single_object", "a green square"),
+    ("single_object", "a large white triangle"),
+    ("two_object", "a yellow circle and a blue triangle"),
+    ("two_object", "a white square and a red circle"),
+    ("counting", "three red squares"),
+    ("counting", "two purple circles"),
+    ("colors", "a black triangle"),
+    ("colors", "a white square"),
+    ("position", "a blue circle to the left of an orange square"),
+    ("position", "a red triangle below a green square"),
+    ("color_attr", "a purple circle and a green square"),
+    ("color_attr", "an orange circle and a black square"),
 )
 
 
@@ -107,13 +113,23 @@ def ema_update(ema: nn.Module, live: nn.Module, decay: float) -> None:
 
 
 class GeneratorTrainer:
-    def __init__(self, preset: TrainPreset, tokenizer_dir: Path, data_dir: Path, run_dir: Path, d: Dist,
-                 opts: RunOptions):
+    def __init__(
+        self,
+        preset: TrainPreset,
+        tokenizer_dir: Path,
+        data_dir: Path,
+        run_dir: Path,
+        d: Dist,
+        opts: RunOptions,
+    ):
         self.preset, self.recipe, self.run_dir, self.d, self.opts = preset, preset.generator, run_dir, d, opts
         r = self.recipe
-        self.tok: DCHT = load_trained_tokenizer(tokenizer_dir, preset).to(d.device, memory_format=torch.channels_last)
-        self.meta = pretokenize(self.tok, data_dir, r.num_images, r.image_size, r.shard_size, opts.seed, d,
-                                opts.progress_bar)
+        self.tok: DCHT = load_trained_tokenizer(tokenizer_dir, preset).to(
+            d.device, memory_format=torch.channels_last
+        )
+        self.meta = pretokenize(
+            self.tok, data_dir, r.num_images, r.image_size, r.shard_size, opts.seed, d, opts.progress_bar
+        )
         tokens, residuals, scenes, _ = load_pretokenized(data_dir)
         self.grid = tuple(self.meta["grid"])
         self.data = TokenData(tokens, residuals, scenes, opts.seed, d.rank, d.world)
@@ -126,8 +142,9 @@ class GeneratorTrainer:
         self.text.to(d.device).train()
         self.ema_gen = copy.deepcopy(self.gen).eval().requires_grad_(False) if r.ema_decay > 0 else None
         self.ema_text = copy.deepcopy(self.text).eval().requires_grad_(False) if r.ema_decay > 0 else None
-        self.opt = torch.optim.AdamW(_param_groups(self.gen, self.text, r.text_lr_scale, r.weight_decay),
-                                     lr=r.lr, betas=r.betas)
+        self.opt = torch.optim.AdamW(
+            _param_groups(self.gen, self.text, r.text_lr_scale, r.weight_decay), lr=r.lr, betas=r.betas
+        )
         self.cpu_gen = torch.Generator().manual_seed(opts.seed * 1000 + d.rank)
         self.dev_gen = torch.Generator(device=d.device).manual_seed(opts.seed * 1000 + 500 + d.rank)
         self.step = 0
@@ -136,16 +153,30 @@ class GeneratorTrainer:
     def elapsed(self) -> float:
         """Wall seconds spent training this run (pre-tokenizing excluded), over every session."""
         return self.elapsed_before + time.monotonic() - self.session_start
+
     # --- state --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        ranks = dist_utils.gather_objects({"data": self.data.state(), "cpu": self.cpu_gen.get_state(),
-                                           "dev": self.dev_gen.get_state().cpu(),
-                                           "checksum": dist_utils.checksum(self.gen)})
-        state = {"kind": "generator", "preset": self.preset.to_dict(), "generator_config": self.cfg.to_dict(),
-                 "step": self.step, "generator": self.gen.state_dict(), "text": self.text.state_dict(),
-                 "optimizer": self.opt.state_dict(), "ranks": ranks, "meta": self.meta,
-                "elapsed": self.elapsed()}
+        ranks = dist_utils.gather_objects(
+            {
+                "data": self.data.state(),
+                "cpu": self.cpu_gen.get_state(),
+                "dev": self.dev_gen.get_state().cpu(),
+                "checksum": dist_utils.checksum(self.gen),
+            }
+        )
+        state = {
+            "kind": "generator",
+            "preset": self.preset.to_dict(),
+            "generator_config": self.cfg.to_dict(),
+            "step": self.step,
+            "generator": self.gen.state_dict(),
+            "text": self.text.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "ranks": ranks,
+            "meta": self.meta,
+            "elapsed": self.elapsed(),
+        }
         if self.ema_gen is not None:
             state["ema_generator"] = self.ema_gen.state_dict()
             state["ema_text"] = self.ema_text.state_dict()
@@ -188,8 +219,10 @@ class GeneratorTrainer:
         if d.enabled:
             step_module = DDP(step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         bar = progress(r.steps, self.step, "generator", d.main and opts.progress_bar)
-        timer, sample_timer = CheckpointTimer(opts.checkpoint_minutes, opts.checkpoint_every), CheckpointTimer(
-            opts.sample_minutes)
+        timer, sample_timer = (
+            CheckpointTimer(opts.checkpoint_minutes, opts.checkpoint_every),
+            CheckpointTimer(opts.sample_minutes),
+        )
         t_start = time.monotonic()
         while self.step < r.steps:
             if opts.stop_at is not None and self.step >= opts.stop_at:
@@ -210,8 +243,12 @@ class GeneratorTrainer:
                 self.save()
                 timer.reset()
         bar.close()
-        summary = {"steps": r.steps, "seconds_this_session": time.monotonic() - t_start,
-                   "seconds": self.elapsed(), "vae_scale": self.cfg.head.vae_scale}
+        summary = {
+            "steps": r.steps,
+            "seconds_this_session": time.monotonic() - t_start,
+            "seconds": self.elapsed(),
+            "vae_scale": self.cfg.head.vae_scale,
+        }
         if d.main:
             mark_done(self.run_dir, summary)
         return summary
@@ -229,8 +266,9 @@ class GeneratorTrainer:
         with autocast(d.device, self.opts.precision):
             logits, hidden = model(ids, captions, drop, self.grid)
             ce, parts = masked_token_loss(logits, tokens, masked, r.label_smoothing, r.unmasked_weight)
-            diff = self.gen.diffloss.loss(residuals.reshape(b * length, -1), hidden.reshape(b * length, -1),
-                                          generator=self.dev_gen)
+            diff = self.gen.diffloss.loss(
+                residuals.reshape(b * length, -1), hidden.reshape(b * length, -1), generator=self.dev_gen
+            )
         loss = ce + r.diffusion_weight * diff.float()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -266,14 +304,22 @@ class GeneratorTrainer:
         for m, mode in modes.items():
             m.train(mode)
         specs = [PromptSpec.from_text(c, p) for c, p in MONITOR]
-        passed = [score(tensor_to_pil(img), spec) for row in (rows[0], rows[2]) for img, spec in zip(row, specs)]
+        passed = [
+            score(tensor_to_pil(img), spec) for row in (rows[0], rows[2]) for img, spec in zip(row, specs)
+        ]
         if val_log is not None:
             val_log.write({"step": self.step, "quick_eval": sum(passed) / len(passed)})
         save_grid(rows, self.run_dir / "samples" / f"generator-{self.step:06d}.png", signed=False)
 
 
-def train_generator(preset: TrainPreset, tokenizer_dir: str | Path, data_dir: str | Path, run_dir: str | Path,
-                    d: Dist, opts: RunOptions) -> dict[str, Any]:
+def train_generator(
+    preset: TrainPreset,
+    tokenizer_dir: str | Path,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    d: Dist,
+    opts: RunOptions,
+) -> dict[str, Any]:
     """Pre-tokenize (once), then train or resume into ``run_dir``; a finished run is skipped."""
     run_dir = Path(run_dir)
     if is_done(run_dir):
@@ -283,8 +329,9 @@ def train_generator(preset: TrainPreset, tokenizer_dir: str | Path, data_dir: st
     return GeneratorTrainer(preset, Path(tokenizer_dir), Path(data_dir), run_dir, d, opts).run()
 
 
-def load_trained_generator(run_dir: str | Path, preset: TrainPreset, ema: bool = True
-                           ) -> tuple[DCARTransformer, TextEncoder, GeneratorConfig]:
+def load_trained_generator(
+    run_dir: str | Path, preset: TrainPreset, ema: bool = True
+) -> tuple[DCARTransformer, TextEncoder, GeneratorConfig]:
     """Generator and text encoder of a run (the EMA weights when the run kept them), eval mode, CPU."""
     ckpt = load_checkpoint(Path(run_dir))
     if ckpt is None:

@@ -51,8 +51,23 @@ from dcar.training.scenes import sample_scene
 from dcar.training.streams import SceneCrops
 
 STAGES = ("continuous", "discrete", "alternate")
-COLUMNS = ["step", "stage", "lr", "loss", "l1", "l2", "psnr", "codebook", "commit", "usage", "restarted",
-           "path", "g_loss", "d_loss", "sec"]
+COLUMNS = [
+    "step",
+    "stage",
+    "lr",
+    "loss",
+    "l1",
+    "l2",
+    "psnr",
+    "codebook",
+    "commit",
+    "usage",
+    "restarted",
+    "path",
+    "g_loss",
+    "d_loss",
+    "sec",
+]
 VAL_COLUMNS = ["step", "stage", "psnr_continuous", "psnr_discrete"]
 
 
@@ -159,13 +174,26 @@ class TokenizerTrainer:
         return torch.optim.AdamW(params, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
 
     def state_dict(self) -> dict[str, Any]:
-        ranks = dist_utils.gather_objects({
-            "data": self.data.state(), "torch": self.gen.get_state(), "usage": self.usage.cpu(),
-            "checksum": dist_utils.checksum(self.tok)})
-        return {"kind": "tokenizer", "preset": self.preset.to_dict(), "stage": self.stage, "step": self.step,
-                "model": self.tok.state_dict(), "optimizer": self.opt.state_dict(),
-                "disc": self.disc.state_dict(), "disc_optimizer": self.disc_opt.state_dict(), "ranks": ranks,
-                "elapsed": self.elapsed()}
+        ranks = dist_utils.gather_objects(
+            {
+                "data": self.data.state(),
+                "torch": self.gen.get_state(),
+                "usage": self.usage.cpu(),
+                "checksum": dist_utils.checksum(self.tok),
+            }
+        )
+        return {
+            "kind": "tokenizer",
+            "preset": self.preset.to_dict(),
+            "stage": self.stage,
+            "step": self.step,
+            "model": self.tok.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "disc": self.disc.state_dict(),
+            "disc_optimizer": self.disc_opt.state_dict(),
+            "ranks": ranks,
+            "elapsed": self.elapsed(),
+        }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.tok.load_state_dict(ckpt["model"])
@@ -223,11 +251,21 @@ class TokenizerTrainer:
             self.load_state_dict(ckpt)
         elif self.opt is None:
             self.opt = self._make_optimizer(0)
-        log = CsvLog(self.run_dir / "losses.csv", COLUMNS, self.global_step if ckpt else None) if d.main else None
-        val_log = CsvLog(self.run_dir / "val.csv", VAL_COLUMNS, self.global_step if ckpt else None) if d.main else None
+        log = (
+            CsvLog(self.run_dir / "losses.csv", COLUMNS, self.global_step if ckpt else None)
+            if d.main
+            else None
+        )
+        val_log = (
+            CsvLog(self.run_dir / "val.csv", VAL_COLUMNS, self.global_step if ckpt else None)
+            if d.main
+            else None
+        )
         bar = progress(r.total_steps, self.global_step, "tokenizer", d.main and opts.progress_bar)
-        timer, sampler_timer = CheckpointTimer(opts.checkpoint_minutes, opts.checkpoint_every), CheckpointTimer(
-            opts.sample_minutes)
+        timer, sampler_timer = (
+            CheckpointTimer(opts.checkpoint_minutes, opts.checkpoint_every),
+            CheckpointTimer(opts.sample_minutes),
+        )
         t_start = time.monotonic()
         while self.stage < len(STAGES):
             model = self._wrap()
@@ -242,9 +280,17 @@ class TokenizerTrainer:
                 self.step += 1
                 bar.update(1)
                 if log is not None:
-                    log.write({"step": self.global_step, "stage": self.stage + 1, "sec": time.perf_counter() - t0,
-                               **row})
-                    bar.set_postfix(stage=self.stage + 1, loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}")
+                    log.write(
+                        {
+                            "step": self.global_step,
+                            "stage": self.stage + 1,
+                            "sec": time.perf_counter() - t0,
+                            **row,
+                        }
+                    )
+                    bar.set_postfix(
+                        stage=self.stage + 1, loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.1f}"
+                    )
                 if sampler_timer.due(self.global_step) or self.step == steps:
                     self._sample(val_log)
                     sampler_timer.reset()
@@ -266,8 +312,11 @@ class TokenizerTrainer:
             self.save()
             timer.reset()
         bar.close()
-        summary = {"steps": r.total_steps, "seconds_this_session": time.monotonic() - t_start,
-                   "seconds": self.elapsed()}
+        summary = {
+            "steps": r.total_steps,
+            "seconds_this_session": time.monotonic() - t_start,
+            "seconds": self.elapsed(),
+        }
         if d.main:
             mark_done(self.run_dir, summary)
         return summary
@@ -379,12 +428,17 @@ class TokenizerTrainer:
         if val_log is None:
             return
         rec = reconstruct(self.tok, self.val)
-        row = {"step": self.global_step, "stage": self.stage + 1,
-               "psnr_continuous": psnr(rec["continuous"], self.val).mean().item(),
-               "psnr_discrete": psnr(rec["discrete"], self.val).mean().item()}
+        row = {
+            "step": self.global_step,
+            "stage": self.stage + 1,
+            "psnr_continuous": psnr(rec["continuous"], self.val).mean().item(),
+            "psnr_discrete": psnr(rec["discrete"], self.val).mean().item(),
+        }
         val_log.write(row)
-        save_grid([self.val, rec["continuous"], rec["discrete"]],
-                  self.run_dir / "samples" / f"tokenizer-{self.global_step:06d}.png")
+        save_grid(
+            [self.val, rec["continuous"], rec["discrete"]],
+            self.run_dir / "samples" / f"tokenizer-{self.global_step:06d}.png",
+        )
 
 
 def train_tokenizer(preset: TrainPreset, run_dir: str | Path, d: Dist, opts: RunOptions) -> dict[str, Any]:

@@ -14,24 +14,50 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_script(name: str, *args: str) -> str:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def test_soak_prints_outcomes_latency_rss_and_recovery():
-    out = run_script("soak", "--weights", "preset:tiny", "--k", "2", "--duration", "6", "--capacity-s", "3",
-                     "--set", "max_queue_delay_s", "0.5")
+    out = run_script(
+        "soak",
+        "--weights",
+        "preset:tiny",
+        "--k",
+        "2",
+        "--duration",
+        "6",
+        "--capacity-s",
+        "3",
+        "--set",
+        "max_queue_delay_s",
+        "0.5",
+    )
     assert re.search(r"capacity: [0-9.]+ images/s with 16 closed-loop clients", out)
     counts = {m[0]: int(m[1]) for m in re.findall(r"^\| ([^|*]+?) \| (\d+) \| [0-9.]+% \|$", out, re.M)}
     total = int(re.search(r"^\| \*\*all\*\* \| (\d+) \|", out, re.M).group(1))
     assert counts.get("accepted, 200", 0) > 0 and sum(counts.values()) == total
-    for part in ("latency \\(client\\)", "queue wait \\(limit max_queue_delay_s = 0.5\\)", "the rest: in the batch"):
+    for part in (
+        "latency \\(client\\)",
+        "queue wait \\(limit max_queue_delay_s = 0.5\\)",
+        "the rest: in the batch",
+    ):
         assert re.search(rf"^\| {part}[^|]* \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", out, re.M), part
-    assert re.search(r"bound: max_queue_delay_s \+ one image .* = 0.5 \+ [0-9.]+ = [0-9.]+ s; p99 latency", out)
+    assert re.search(
+        r"bound: max_queue_delay_s \+ one image .* = 0.5 \+ [0-9.]+ = [0-9.]+ s; p99 latency", out
+    )
     assert len(re.findall(r"^\| \d+ \| \d+ \| \d+ \| \d+ \|$", out, re.M)) >= 3  # RSS and queue over time
-    assert re.search(r"recovery: the first request after the load stopped had its image \(200\) [0-9.]+ s later", out)
+    assert re.search(
+        r"recovery: the first request after the load stopped had its image \(200\) [0-9.]+ s later", out
+    )
 
 
 def test_memory_prints_rss_per_burst_with_and_without_the_trim():

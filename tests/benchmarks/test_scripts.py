@@ -17,25 +17,43 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_script(name: str, *args: str) -> str:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # from the repo root, no extra path: as a user runs them
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ, OMP_WAIT_POLICY="PASSIVE"
+    )  # from the repo root, no extra path: as a user runs them
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
 def table_rows(out: str, first_cell: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
-            if line.startswith(f"| {first_cell}")]
+    return [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith(f"| {first_cell}")
+    ]
 
 
 def test_gpu_script_on_cpu_with_the_tiny_preset(tmp_path):
     plot = tmp_path / "gpu.png"
-    out = run_script("gpu", "--tiny", "--device", "cpu", "--batches", "1,2", "--repeat", "1", "--plot", str(plot))
+    out = run_script(
+        "gpu", "--tiny", "--device", "cpu", "--batches", "1,2", "--repeat", "1", "--plot", str(plot)
+    )
     assert re.search(r"matmul ceiling \(256\^3, float32\): [0-9.]+ TFLOP/s", out)
     assert re.search(r"FLOPs per image: unmask [0-9.]+ G, head [0-9.]+ G, decode [0-9.]+ G", out)
     rows = table_rows(out, "eager") + table_rows(out, "compiled")
-    assert [(r[0], r[1]) for r in rows] == [("eager", "1"), ("eager", "2"), ("compiled", "1"), ("compiled", "2")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("eager", "1"),
+        ("eager", "2"),
+        ("compiled", "1"),
+        ("compiled", "2"),
+    ]
     for r in rows:
         assert r[-1] == "yes"  # every output finite
         values = [float(v) for v in r[2:-1]]
@@ -47,9 +65,31 @@ def test_gpu_script_on_cpu_with_the_tiny_preset(tmp_path):
 
 def test_peers_script_at_toy_sizes(tmp_path):
     plot = tmp_path / "peers.png"
-    out = run_script("peers", "--width", "64", "--depth", "1", "--heads", "2", "--codebook", "256", "--context", "32",
-                     "--head-depth", "1", "--decoder-div", "16", "--size", "64", "--batches", "1,2", "--repeat", "1",
-                     "--plot", str(plot))
+    out = run_script(
+        "peers",
+        "--width",
+        "64",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--codebook",
+        "256",
+        "--context",
+        "32",
+        "--head-depth",
+        "1",
+        "--decoder-div",
+        "16",
+        "--size",
+        "64",
+        "--batches",
+        "1,2",
+        "--repeat",
+        "1",
+        "--plot",
+        str(plot),
+    )
     names = ["DC-AR (12 + head)", "Sana-style (20 steps)", "MAR-style (64 + head each)"]
     for name in names:
         row = table_rows(out, name)[0]
@@ -61,15 +101,22 @@ def test_peers_script_at_toy_sizes(tmp_path):
 def test_sampler_script_prints_every_row():
     out = run_script("sampler", "--no-full", "--repeat", "1")
     rows = table_rows(out, "tiny")
-    assert [(r[0], r[1], r[2]) for r in rows] == [("tiny", "256", "1"), ("tiny", "256", "8"), ("tiny", "512", "1"),
-                                                  ("tiny", "512", "8"), ("tiny (CL)", "512", "8")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("tiny", "256", "1"),
+        ("tiny", "256", "8"),
+        ("tiny", "512", "1"),
+        ("tiny", "512", "8"),
+        ("tiny (CL)", "512", "8"),
+    ]
     for r in rows:
         stages, total, rate = [float(v) for v in r[3:7]], float(r[7]), float(r[8])
         assert all(v > 0 for v in stages) and total >= max(stages) and rate > 0
 
 
 def test_load_script_over_real_http():
-    out = run_script("load", "--concurrency", "1,2", "--requests", "4", "--steps", "2", "--direct-images", "4")
+    out = run_script(
+        "load", "--concurrency", "1,2", "--requests", "4", "--steps", "2", "--direct-images", "4"
+    )
     rows = [r for r in table_rows(out, "") if r[0].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("1", "4"), ("2", "4")]
     for r in rows:
@@ -79,8 +126,9 @@ def test_load_script_over_real_http():
 
 
 def test_device_check_end_to_end_at_toy_size(tmp_path):
-    out = run_script("device_check", "--toy", "--device", "cpu", "--out", str(tmp_path), "--batches", "1",
-                     "--repeat", "1")
+    out = run_script(
+        "device_check", "--toy", "--device", "cpu", "--out", str(tmp_path), "--batches", "1", "--repeat", "1"
+    )
     fin = table_rows(out, "float")  # float32, float16 (bfloat16 starts with b)
     assert [r[0] for r in fin] == ["float32", "float16"] and all(r[2] == "0" for r in fin)
     assert table_rows(out, "bfloat16")[0][2] == "0"
@@ -94,7 +142,9 @@ def test_device_check_end_to_end_at_toy_size(tmp_path):
     assert all(float(r[3]) > 0 and r[7] == "yes" for r in speed)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["toy"] and len(results["speed"]) == 3
-    assert (tmp_path / "report.md").read_text().count("|") > 40 and (tmp_path / "latency.png").stat().st_size > 1000
+    assert (tmp_path / "report.md").read_text().count("|") > 40 and (
+        tmp_path / "latency.png"
+    ).stat().st_size > 1000
 
 
 def test_precision_script_prints_a_row_per_dtype():

@@ -58,8 +58,9 @@ def test_forward_cfg_batch(gen, gold, meta):
     drop = torch.tensor([False] * rows + [True] * rows)  # generate()'s doubled batch: cond rows, then uncond
     assert max_diff(gen.y_embedder(torch.cat([h, h]), drop), gold["trace.y_embedder_out"]) < 2e-5
     trace = {}
-    logits, hidden = gen(torch.cat([ids, ids]), gen.text_kv(torch.cat([h, h]), torch.cat([m, m]), drop),
-                         trace=trace)
+    logits, hidden = gen(
+        torch.cat([ids, ids]), gen.text_kv(torch.cat([h, h]), torch.cat([m, m]), drop), trace=trace
+    )
     block_keys = [k for k in gold if k.startswith("trace.blocks.")]
     assert len(block_keys) == gen.cfg.num_layers
     assert {f"trace.{k}" for k in trace if k.startswith("blocks.")} == set(block_keys)
@@ -137,8 +138,9 @@ def test_respaced_schedule_arrays(golden_dir, gen):
     base = DiffusionSchedule.create(meta["diffusion_steps"], meta["noise_schedule"])
     base_prefix = f"base{meta['diffusion_steps']}_"
     assert torch.allclose(torch.from_numpy(base.betas), ref[f"{base_prefix}betas"], rtol=1e-12, atol=0)
-    assert torch.allclose(torch.from_numpy(base.alphas_cumprod), ref[f"{base_prefix}alphas_cumprod"],
-                          rtol=1e-12, atol=0)
+    assert torch.allclose(
+        torch.from_numpy(base.alphas_cumprod), ref[f"{base_prefix}alphas_cumprod"], rtol=1e-12, atol=0
+    )
 
 
 def test_mask_schedule_counts(golden_dir):
@@ -166,8 +168,13 @@ def test_head_sampler_replays_recorded_noise(gen, gold, meta):
     def noise(kind):
         return init if kind == "init" else next(steps)[:half]  # the conditional half's noise
 
-    out = gen.diffloss.sample(z[:half], noise, uncond=z[half:], guidance=torch.full((half,), call.cfg),
-                              steps=gen.cfg.head.num_sampling_steps)
+    out = gen.diffloss.sample(
+        z[:half],
+        noise,
+        uncond=z[half:],
+        guidance=torch.full((half,), call.cfg),
+        steps=gen.cfg.head.num_sampling_steps,
+    )
     # The second half of the official output is the discarded unconditional copy; the first is the result.
     assert max_diff(out, gold[f"diffsample.out.{call.tag}"][:half]) < 1e-4
 
@@ -180,8 +187,11 @@ def test_head_sampler_with_seeded_generators(gen, gold, meta):
     for call in unguided:
         ref = gold[f"diffsample.out.{call.tag}"]
         g = torch.Generator().manual_seed(call.seed)
-        out = gen.diffloss.sample(z[: ref.shape[0]], lambda kind, g=g, shape=ref.shape: torch.randn(shape, generator=g),
-                                  steps=gen.cfg.head.num_sampling_steps)
+        out = gen.diffloss.sample(
+            z[: ref.shape[0]],
+            lambda kind, g=g, shape=ref.shape: torch.randn(shape, generator=g),
+            steps=gen.cfg.head.num_sampling_steps,
+        )
         assert max_diff(out, ref) < 1e-4, call.tag
 
 
@@ -193,8 +203,12 @@ def test_generate_reproduces_official_ids_and_residuals(golden_dir, gen, gold, m
     side = gen.cfg.grid_size * tokenizer.compression
     params = [
         SamplingParams(
-            prompt, height=side, width=side, steps=call["num_sample_steps"],
-            guidance_scale=call["guidance_scale"], guidance_decay=call["guidance_decay"],
+            prompt,
+            height=side,
+            width=side,
+            steps=call["num_sample_steps"],
+            guidance_scale=call["guidance_scale"],
+            guidance_decay=call["guidance_decay"],
             randomize_temperature=call["randomize_temperature"],
             softmax_temperature_annealing=call["softmax_temperature_annealing"],
             residual_steps=gen.cfg.head.num_sampling_steps,

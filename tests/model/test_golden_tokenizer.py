@@ -39,8 +39,12 @@ def test_quantizer_outputs(tok, gold):
     q = tok.encode(gold["input.images"])
     assert torch.equal(q.indices, gold["out.indices"])
     assert torch.equal(q.tokens, gold["out.tokens"])
-    for ours, ref in ((q.normalized, "out.normalized_latent"), (q.codewords, "out.codeword_latent"),
-                      (q.quantized, "out.quantized_ste"), (q.residual, "out.residual")):
+    for ours, ref in (
+        (q.normalized, "out.normalized_latent"),
+        (q.codewords, "out.codeword_latent"),
+        (q.quantized, "out.quantized_ste"),
+        (q.residual, "out.residual"),
+    ):
         assert max_diff(ours, gold[ref]) < 1e-5, ref
 
 

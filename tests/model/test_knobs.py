@@ -24,30 +24,51 @@ def test_params_and_model_defaults_carry_every_knob_with_the_official_default():
 
 def test_a_models_stored_defaults_reach_its_params(tiny_pipe, tmp_path):
     """Every knob a weights directory stores comes back through Pipeline.params; a request's value wins."""
-    stored = SamplingDefaults(steps=5, guidance_scale=2.0, guidance_decay="linear", randomize_temperature=0.5,
-                              softmax_temperature_annealing=False, residual_steps=4, residual_temperature=0.5,
-                              use_residuals=False, size=tiny_pipe.config.sampling.size)
+    stored = SamplingDefaults(
+        steps=5,
+        guidance_scale=2.0,
+        guidance_decay="linear",
+        randomize_temperature=0.5,
+        softmax_temperature_annealing=False,
+        residual_steps=4,
+        residual_temperature=0.5,
+        use_residuals=False,
+        size=tiny_pipe.config.sampling.size,
+    )
     assert all(getattr(stored, k.name) != k.default for k in KNOBS)  # each knob really differs
-    pipe = Pipeline(dataclasses.replace(tiny_pipe.config, sampling=stored), tiny_pipe.tokenizer,
-                    tiny_pipe.generator, tiny_pipe.text_encoder)
+    pipe = Pipeline(
+        dataclasses.replace(tiny_pipe.config, sampling=stored),
+        tiny_pipe.tokenizer,
+        tiny_pipe.generator,
+        tiny_pipe.text_encoder,
+    )
     pipe.save_pretrained(tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["sampling"] == dataclasses.asdict(stored)
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["sampling"] == dataclasses.asdict(
+        stored
+    )
     loaded = Pipeline.from_pretrained(tmp_path / "m")
     assert knob_values(loaded.params("x")) == knob_values(stored)
     assert loaded.params("x", steps=7).steps == 7
 
 
-@pytest.mark.parametrize("values,field,text", [
-    ({"steps": 0}, "steps", "steps must be at least 1, got 0"),
-    ({"guidance_scale": -1.0}, "guidance_scale", "at least 0"),
-    ({"guidance_scale": math.nan}, "guidance_scale", "guidance_scale must be at least 0, got nan"),
-    ({"randomize_temperature": 11.0}, "randomize_temperature", "between 0 and 10, got 11.0"),
-    ({"guidance_decay": "cosine"}, "guidance_decay", "one of constant, linear, power-cosine; got 'cosine'"),
-    ({"use_residuals": 1}, "use_residuals", "true or false"),
-    ({"steps": 2.5}, "steps", "an integer"),
-    ({"residual_steps": "8"}, "residual_steps", "an integer, got '8'"),
-    ({"guidance_scale": "4"}, "guidance_scale", "a number"),
-])
+@pytest.mark.parametrize(
+    "values,field,text",
+    [
+        ({"steps": 0}, "steps", "steps must be at least 1, got 0"),
+        ({"guidance_scale": -1.0}, "guidance_scale", "at least 0"),
+        ({"guidance_scale": math.nan}, "guidance_scale", "guidance_scale must be at least 0, got nan"),
+        ({"randomize_temperature": 11.0}, "randomize_temperature", "between 0 and 10, got 11.0"),
+        (
+            {"guidance_decay": "cosine"},
+            "guidance_decay",
+            "one of constant, linear, power-cosine; got 'cosine'",
+        ),
+        ({"use_residuals": 1}, "use_residuals", "true or false"),
+        ({"steps": 2.5}, "steps", "an integer"),
+        ({"residual_steps": "8"}, "residual_steps", "an integer, got '8'"),
+        ({"guidance_scale": "4"}, "guidance_scale", "a number"),
+    ],
+)
 def test_bad_values_name_the_field_and_the_limit(values, field, text):
     with pytest.raises(KnobError, match=text) as err:
         check_knobs(values)
@@ -92,29 +113,57 @@ def _generate_args(*argv):
 def test_cli_has_a_flag_for_every_knob_and_passes_each_to_the_params(tiny_pipe):
     from dcar.cli.common import sampling_params
 
-    args = _generate_args("--steps", "5", "--guidance-scale", "2", "--guidance-decay", "linear",
-                          "--randomize-temperature", "0.5", "--no-softmax-temperature-annealing",
-                          "--residual-steps", "4", "--residual-temperature", "0.5", "--no-use-residuals",
-                          "--size", "64", "-n", "2")
+    args = _generate_args(
+        "--steps",
+        "5",
+        "--guidance-scale",
+        "2",
+        "--guidance-decay",
+        "linear",
+        "--randomize-temperature",
+        "0.5",
+        "--no-softmax-temperature-annealing",
+        "--residual-steps",
+        "4",
+        "--residual-temperature",
+        "0.5",
+        "--no-use-residuals",
+        "--size",
+        "64",
+        "-n",
+        "2",
+    )
     params = sampling_params(tiny_pipe, args)
     assert [p.seed for p in params] == [0, 1] and (params[0].width, params[0].height) == (64, 64)
-    given = {"steps": 5, "guidance_scale": 2.0, "guidance_decay": "linear", "randomize_temperature": 0.5,
-             "softmax_temperature_annealing": False, "residual_steps": 4, "residual_temperature": 0.5,
-             "use_residuals": False}
+    given = {
+        "steps": 5,
+        "guidance_scale": 2.0,
+        "guidance_decay": "linear",
+        "randomize_temperature": 0.5,
+        "softmax_temperature_annealing": False,
+        "residual_steps": 4,
+        "residual_temperature": 0.5,
+        "use_residuals": False,
+    }
     assert set(given) == set(KNOB_NAMES)
     assert knob_values(params[0]) == given
     # unset flags take the model's defaults; the old spellings still work
-    assert knob_values(sampling_params(tiny_pipe, _generate_args())[0]) == knob_values(tiny_pipe.config.sampling)
+    assert knob_values(sampling_params(tiny_pipe, _generate_args())[0]) == knob_values(
+        tiny_pipe.config.sampling
+    )
     old = sampling_params(tiny_pipe, _generate_args("--guidance", "3", "--no-residuals"))[0]
     assert old.guidance_scale == 3.0 and old.use_residuals is False
 
 
-@pytest.mark.parametrize("argv,text", [
-    (["--steps", "0"], "argument --steps: steps must be at least 1, got 0"),
-    (["--randomize-temperature", "11"], "randomize_temperature must be between 0 and 10, got 11.0"),
-    (["--residual-steps", "2.5"], "--residual-steps: must be a whole number, got '2.5'"),
-    (["--guidance-decay", "cosine"], "--guidance-decay: invalid choice: 'cosine'"),
-])
+@pytest.mark.parametrize(
+    "argv,text",
+    [
+        (["--steps", "0"], "argument --steps: steps must be at least 1, got 0"),
+        (["--randomize-temperature", "11"], "randomize_temperature must be between 0 and 10, got 11.0"),
+        (["--residual-steps", "2.5"], "--residual-steps: must be a whole number, got '2.5'"),
+        (["--guidance-decay", "cosine"], "--guidance-decay: invalid choice: 'cosine'"),
+    ],
+)
 def test_cli_refuses_a_bad_knob_with_one_line_naming_it(argv, text, capsys):
     with pytest.raises(SystemExit) as exit_:
         _generate_args(*argv)
@@ -127,5 +176,7 @@ def test_every_knob_is_documented_with_its_official_default():
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
     for k in KNOBS:
-        default = str(k.default).lower() if k.type is bool else f"`{k.default}`" if k.choices else str(k.default)
+        default = (
+            str(k.default).lower() if k.type is bool else f"`{k.default}`" if k.choices else str(k.default)
+        )
         assert f"| `{k.name}` | {default} |" in doc, k.name

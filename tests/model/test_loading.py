@@ -74,7 +74,9 @@ def test_missing_and_unexpected_keys_are_named(saved):
 def test_pickle_with_objects_is_refused(tmp_path):
     f = tmp_path / "evil.bin"
     torch.save({"weight": torch.zeros(1), "obj": _Payload()}, f)
-    with pytest.raises(LoadError, match=r"evil\.bin: refused: the pickle holds objects other than plain tensors"):
+    with pytest.raises(
+        LoadError, match=r"evil\.bin: refused: the pickle holds objects other than plain tensors"
+    ):
         read_state_dict(f)
 
 
@@ -111,12 +113,24 @@ def _official_dir(golden_dir, tmp_path):
     (root / "dc-ht" / "config.json").write_text(json.dumps({"model_type": "dc_ht", **cfg["dcht_config"]}))
     shutil.copy(golden_dir / "tokenizer_state_dict.safetensors", root / "dc-ht" / "model.safetensors")
     (root / "dc-ar-512").mkdir()
-    torch.save(load_file(str(golden_dir / "generator_state_dict.safetensors")), root / "dc-ar-512" / "pytorch_model.bin")
+    torch.save(
+        load_file(str(golden_dir / "generator_state_dict.safetensors")),
+        root / "dc-ar-512" / "pytorch_model.bin",
+    )
     gcfg = GeneratorConfig.from_official(json.loads((golden_dir / "generator_config.json").read_text()))
     # The golden set stubs T5 out; a one-layer byte-level encoder of the generator's caption width stands in.
-    text = TextEncoder.from_config(TextEncoderConfig(
-        tokenizer="byt5", max_length=gcfg.text_token_length, d_model=gcfg.context_dim, num_layers=1,
-        num_heads=2, d_kv=16, d_ff=64, vocab_size=384))
+    text = TextEncoder.from_config(
+        TextEncoderConfig(
+            tokenizer="byt5",
+            max_length=gcfg.text_token_length,
+            d_model=gcfg.context_dim,
+            num_layers=1,
+            num_heads=2,
+            d_kv=16,
+            d_ff=64,
+            vocab_size=384,
+        )
+    )
     text.save_pretrained(root / "t5-base")
     return root, gcfg, cfg["dc_ae"]
 
@@ -136,7 +150,9 @@ def test_official_layout_is_strict(golden_dir, tmp_path):
     state = torch.load(root / "dc-ar-512" / "pytorch_model.bin", weights_only=True)
     state = {f"module.{k}": v for k, v in state.items()}  # a prefixed checkpoint: every key "missing"
     torch.save(state, root / "dc-ar-512" / "pytorch_model.bin")
-    with pytest.raises(LoadError, match=r"dc-ar-512/pytorch_model\.bin: does not match the model: \d+ missing keys"):
+    with pytest.raises(
+        LoadError, match=r"dc-ar-512/pytorch_model\.bin: does not match the model: \d+ missing keys"
+    ):
         Pipeline.from_pretrained(root, official_generator=gcfg, official_autoencoder=dc_ae)
     with pytest.raises(LoadError, match="missing keys"):
         verify_official(root, generator=gcfg, autoencoder=dc_ae)

@@ -76,5 +76,7 @@ def test_dc_ar_parameter_counts(keys_dir):
 def test_inspect_preset_prints_the_key_list(keys_dir, capsys, name):
     assert main(["inspect", "--preset", name]) == 0
     out = capsys.readouterr().out.splitlines()
-    expected = ["\t".join(line.split("\t")[:2]) for line in (keys_dir / f"{name}.tsv").read_text().splitlines()]
+    expected = [
+        "\t".join(line.split("\t")[:2]) for line in (keys_dir / f"{name}.tsv").read_text().splitlines()
+    ]
     assert out == expected

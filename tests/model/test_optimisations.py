@@ -18,10 +18,12 @@ def _pipe(options: SamplerOptions) -> Pipeline:
 
 
 def _rows(pipe):
-    return [pipe.params("a red circle on the left", seed=1),
-            pipe.params("two blue squares", seed=2, guidance_scale=2.5, steps=8),
-            pipe.params("x", seed=3, guidance_decay="linear"),
-            pipe.params("a yellow triangle above a purple square", seed=4, randomize_temperature=0.7)]
+    return [
+        pipe.params("a red circle on the left", seed=1),
+        pipe.params("two blue squares", seed=2, guidance_scale=2.5, steps=8),
+        pipe.params("x", seed=3, guidance_decay="linear"),
+        pipe.params("a yellow triangle above a purple square", seed=4, randomize_temperature=0.7),
+    ]
 
 
 def _assert_same(a, b):
@@ -37,9 +39,16 @@ def plain_results():
     return pipe.generate(_rows(pipe))
 
 
-@pytest.mark.parametrize("options", [SamplerOptions(), SamplerOptions(cache_text_kv=False),
-                                     SamplerOptions(batch_cfg=False), SamplerOptions(channels_last_decoder=True)],
-                         ids=["default", "no-kv-cache", "no-cfg-batch", "channels-last-decoder"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        SamplerOptions(),
+        SamplerOptions(cache_text_kv=False),
+        SamplerOptions(batch_cfg=False),
+        SamplerOptions(channels_last_decoder=True),
+    ],
+    ids=["default", "no-kv-cache", "no-cfg-batch", "channels-last-decoder"],
+)
 def test_kv_cache_and_cfg_batching_keep_outputs(plain_results, options):
     pipe = _pipe(options)
     _assert_same(pipe.generate(_rows(pipe)), plain_results)
@@ -70,7 +79,17 @@ def test_uncached_captions_survive_rows_joining_mid_batch():
 
 
 def test_bucket_rounds_up_and_never_down():
-    assert [bucket(n, BATCH_BUCKETS) for n in (1, 2, 3, 5, 9, 33, 64, 65, 130)] == [1, 2, 4, 8, 16, 64, 64, 128, 192]
+    assert [bucket(n, BATCH_BUCKETS) for n in (1, 2, 3, 5, 9, 33, 64, 65, 130)] == [
+        1,
+        2,
+        4,
+        8,
+        16,
+        64,
+        64,
+        128,
+        192,
+    ]
     assert [bucket(n, CAPTION_BUCKETS) for n in (1, 32, 33, 129, 300)] == [32, 32, 64, 300, 300]
 
 
@@ -79,8 +98,9 @@ def test_padded_buckets_keep_outputs(plain_results):
     pipe = _pipe(SamplerOptions(pad_buckets=True))
     shapes = []
     forward = pipe.sampler._forward
-    pipe.sampler._forward = lambda ids, text, grid: shapes.append((ids.shape[0], text.length)) or forward(
-        ids, text, grid)
+    pipe.sampler._forward = lambda ids, text, grid: (
+        shapes.append((ids.shape[0], text.length)) or forward(ids, text, grid)
+    )
     _assert_same(pipe.generate(_rows(pipe)[:3]), plain_results[:3])
     assert {b for b, _ in shapes} <= {2 * 4, 2 * 2, 2 * 1}  # 2B over buckets only (rows leave as they finish)
     assert (2 * 4, 32) in shapes  # 3 rows padded to 4, captions to the 32-token bucket
@@ -128,6 +148,7 @@ class _HostReads:
             if self.active:
                 self.reads.append(name)
             return original(t, *args, **kwargs)
+
         return method
 
 
@@ -157,6 +178,12 @@ def test_a_step_reads_the_device_once_and_the_head_loop_never(monkeypatch, pad):
 
     cond = torch.randn(6, pipe.config.generator.hidden_size)
     g = torch.Generator().manual_seed(0)
-    head.sample(cond, lambda kind: torch.randn(6, pipe.config.generator.token_size, generator=g),
-                uncond=torch.randn_like(cond), guidance=torch.full((6,), 2.0), steps=8, forward=counted)
+    head.sample(
+        cond,
+        lambda kind: torch.randn(6, pipe.config.generator.token_size, generator=g),
+        uncond=torch.randn_like(cond),
+        guidance=torch.full((6,), 2.0),
+        steps=8,
+        forward=counted,
+    )
     assert len(calls) == 8 and probe.reads == [] and probe.uploads == 0

@@ -73,8 +73,10 @@ def test_edit_and_previews_are_finite(dtype, reference):
     def preview_every_row(events, state):
         previews.extend(pipe.sampler.preview(state, i) for i in range(len(state)))
 
-    params = [pipe.params("a blue circle", seed=1, height=SIZE, width=SIZE),
-              pipe.params("a red square", seed=2, height=SIZE, width=SIZE)]
+    params = [
+        pipe.params("a blue circle", seed=1, height=SIZE, width=SIZE),
+        pipe.params("a red square", seed=2, height=SIZE, width=SIZE),
+    ]
     results = pipe.generate(params, [edit, edit], callback=preview_every_row)
     _assert_finite(results, pipe.config.generator.codebook_size)
     assert len(previews) == 2 * params[0].steps
@@ -95,15 +97,22 @@ def test_full_size_modules_run_in_float16_without_overflow():
     pipe = Pipeline.from_config(config, dtype="float16", seed=0, name="full-random")
     g = torch.Generator().manual_seed(0)
     head = pipe.generator.diffloss.net
-    zeroed = [pipe.generator.final_layer.linear, head.final_layer.linear, head.final_layer.adaLN_modulation[-1],
-              *(b.adaLN_modulation[-1] for b in head.res_blocks)]
+    zeroed = [
+        pipe.generator.final_layer.linear,
+        head.final_layer.linear,
+        head.final_layer.adaLN_modulation[-1],
+        *(b.adaLN_modulation[-1] for b in head.res_blocks),
+    ]
     with torch.no_grad():
         for lin in zeroed:
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
     # One 64 px row (2x2 tokens): CPU float16 matmuls are slow, and the overflows do not need many tokens.
     # Any respacing starts the head at t=999, where its posterior coefficient is ~2e4.
-    params = [pipe.params("a red circle above a blue square", seed=0, height=64, width=64, steps=2,
-                          residual_steps=4)]
+    params = [
+        pipe.params(
+            "a red circle above a blue square", seed=0, height=64, width=64, steps=2, residual_steps=4
+        )
+    ]
     results = pipe.generate(params)
     _assert_finite(results, config.generator.codebook_size)
     assert all(r.residual.abs().max() > 0 for r in results)  # the head really produced something

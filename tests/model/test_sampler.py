@@ -20,10 +20,12 @@ def test_same_seed_same_image_and_different_seed_differs(tiny_pipe):
 
 
 def test_row_in_a_batch_equals_the_row_alone(tiny_pipe):
-    rows = [tiny_pipe.params("two blue squares", seed=11),
-            tiny_pipe.params("a yellow triangle above a purple square", seed=3, guidance_scale=2.0),
-            tiny_pipe.params("x", seed=5, steps=8),
-            tiny_pipe.params("a green circle in the top left corner", seed=99, randomize_temperature=0.5)]
+    rows = [
+        tiny_pipe.params("two blue squares", seed=11),
+        tiny_pipe.params("a yellow triangle above a purple square", seed=3, guidance_scale=2.0),
+        tiny_pipe.params("x", seed=5, steps=8),
+        tiny_pipe.params("a green circle in the top left corner", seed=99, randomize_temperature=0.5),
+    ]
     before = torch.random.get_rng_state()
     batch = tiny_pipe.generate(rows)
     alone = [tiny_pipe.generate([r])[0] for r in rows]

@@ -61,7 +61,9 @@ def read_until_closed(s: socket.socket, timeout: float = 20.0) -> bytes:
         while chunk := s.recv(65536):
             data += chunk
     except TimeoutError as e:
-        raise AssertionError(f"the server kept the connection open for {timeout} s; got {data[:200]!r}") from e
+        raise AssertionError(
+            f"the server kept the connection open for {timeout} s; got {data[:200]!r}"
+        ) from e
     except ConnectionResetError:
         pass
     return data

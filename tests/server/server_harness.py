@@ -47,8 +47,9 @@ async def serve(pipe: Pipeline, ready: bool = True, headers: dict | None = None,
     app = create_app(settings(**overrides), pipeline=pipe)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://dcar.test", timeout=60,
-                                     headers=headers) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://dcar.test", timeout=60, headers=headers
+        ) as client:
             if ready:
                 await wait_ready(client)
             client.app = app

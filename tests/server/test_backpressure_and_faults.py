@@ -34,8 +34,10 @@ async def test_full_queue_answers_429_with_a_computed_retry_after(pipe, monkeypa
         running = asyncio.create_task(client.post("/v1/generate", json={"prompt": "runs", "steps": 3}))
         while metric(await metrics_text(client), "dcar_rows_running") < 1:
             await asyncio.sleep(0.01)
-        queued = [asyncio.create_task(client.post("/v1/generate", json={"prompt": f"waits {i}", "steps": 3}))
-                  for i in range(2)]
+        queued = [
+            asyncio.create_task(client.post("/v1/generate", json={"prompt": f"waits {i}", "steps": 3}))
+            for i in range(2)
+        ]
         while metric(await metrics_text(client), "dcar_queue_size") < 2:
             await asyncio.sleep(0.01)
         r = await client.post("/v1/generate", json={"prompt": "one too many", "steps": 3})
@@ -74,7 +76,9 @@ async def test_a_timeout_shorter_than_one_image_on_an_idle_server_is_400(pipe):
             assert f"timeout={timeout:g}" in err["message"] and "idle server" in err["message"]
             assert "retry-after" not in r.headers
         assert metric(await metrics_text(client), "dcar_rejections_total", reason="deadline") == 0
-        assert (await client.post("/v1/generate", json={"prompt": "no hurry", "timeout": 30})).status_code == 200
+        assert (
+            await client.post("/v1/generate", json={"prompt": "no hurry", "timeout": 30})
+        ).status_code == 200
 
 
 async def test_a_passed_deadline_is_504_and_its_rows_leave_the_batch(pipe, monkeypatch):
@@ -86,7 +90,9 @@ async def test_a_passed_deadline_is_504_and_its_rows_leave_the_batch(pipe, monke
         assert r.status_code == 504, r.text
         assert time.monotonic() - t0 < 2.5  # ended at a step boundary, not after 12 steps (3 s)
         err = r.json()["error"]
-        assert err["code"] == "deadline_exceeded" and err["param"] == "timeout" and "timeout=1" in err["message"]
+        assert (
+            err["code"] == "deadline_exceeded" and err["param"] == "timeout" and "timeout=1" in err["message"]
+        )
         text = await metrics_text(client)
         assert metric(text, "dcar_dropped_rows_total", reason="deadline") == 1
         assert metric(text, "dcar_wasted_seconds_total", reason="deadline") > 0.25
@@ -113,7 +119,10 @@ def test_a_client_that_disconnects_has_its_rows_dropped(pipe, monkeypatch):
         assert len(hook.calls) < 12  # dropped between steps, long before its last one
         assert metric(text, "dcar_requests_total", endpoint="/v1/generate", status="499") == 1
         hook.delay = 0.0
-        assert httpx.post(f"{url}/v1/generate", json={"prompt": "staying", "steps": 2}, timeout=30).status_code == 200
+        assert (
+            httpx.post(f"{url}/v1/generate", json={"prompt": "staying", "steps": 2}, timeout=30).status_code
+            == 200
+        )
 
 
 async def test_a_batch_whose_sampler_raises_fails_only_its_own_rows(pipe, monkeypatch):

@@ -55,7 +55,13 @@ def test_pack_cuts_groups_at_the_cap_and_merges_same_grid_slices():
         assert len({groups[i].grid for i, _, _ in part}) == 1
         assert sum(b - a for _, a, b in part) <= 4
     assert sorted((i, a, b) for part in parts for i, a, b in part) == [
-        (0, 0, 1), (1, 0, 3), (2, 0, 2), (3, 0, 4), (3, 4, 6), (4, 0, 1)]  # every row exactly once
+        (0, 0, 1),
+        (1, 0, 3),
+        (2, 0, 2),
+        (3, 0, 4),
+        (3, 4, 6),
+        (4, 0, 1),
+    ]  # every row exactly once
 
 
 def test_policy_refuses_an_empty_batch_size():
@@ -111,7 +117,9 @@ def test_forecast_of_an_idle_engine_is_steps_times_step_plus_finish():
     model = costs_of({1: 0.1, 2: 0.15}, {1: 0.4, 2: 0.5})
     assert alone(A, 1, 12, model, max_batch_size=4, cap=4) == pytest.approx(12 * 0.1 + 0.4)
     assert alone(A, 2, 12, model, max_batch_size=4, cap=4) == pytest.approx(12 * 0.15 + 0.5)
-    assert alone(A, 2, 12, model, max_batch_size=1, cap=1) == pytest.approx(2 * (12 * 0.1 + 0.4))  # one by one
+    assert alone(A, 2, 12, model, max_batch_size=1, cap=1) == pytest.approx(
+        2 * (12 * 0.1 + 0.4)
+    )  # one by one
 
 
 def test_forecast_waits_for_running_rows_to_free_slots_fifo():

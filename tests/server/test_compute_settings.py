@@ -13,8 +13,12 @@ pytestmark = pytest.mark.anyio
 
 def test_per_device_defaults_on_cpu():
     pipe = load_pipeline(Settings(weights="preset:tiny", device="cpu"))
-    assert pipe.info()["compute"] == {"compile": False, "cuda_graphs": False, "pad_buckets": False,
-                                      "channels_last_decoder": False}
+    assert pipe.info()["compute"] == {
+        "compile": False,
+        "cuda_graphs": False,
+        "pad_buckets": False,
+        "channels_last_decoder": False,
+    }
     half = load_pipeline(Settings(weights="preset:tiny", device="cpu", dtype="bfloat16"))
     assert half.info()["compute"]["channels_last_decoder"] is True  # 8x faster half convolutions on CPU
 
@@ -32,7 +36,9 @@ async def test_env_settings_turn_buckets_and_channels_last_on_with_the_same_imag
         app = create_app(Settings(weights="preset:tiny", max_wait_ms=0))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://dcar.test", timeout=120) as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://dcar.test", timeout=120
+            ) as client:
                 await wait_ready(client)
                 status = (await client.get("/v1/status")).json()
                 assert status["compute"]["pad_buckets"] is (flag == "1")

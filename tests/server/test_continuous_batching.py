@@ -52,8 +52,11 @@ async def test_edits_and_generations_share_a_batch(pipe, monkeypatch):
     async with serve(pipe, max_batch_size=4, max_wait_ms=1000) as client:
         hook.calls.clear()
         gen = client.post("/v1/generate", json={"prompt": "gen row", "seed": 1, "steps": 4})
-        edit = client.post("/v1/edit", data={"prompt": "edit row", "seed": 2, "steps": "4"},
-                           files={"image": ("i.png", image, "image/png"), "mask": ("m.png", mask, "image/png")})
+        edit = client.post(
+            "/v1/edit",
+            data={"prompt": "edit row", "seed": 2, "steps": "4"},
+            files={"image": ("i.png", image, "image/png"), "mask": ("m.png", mask, "image/png")},
+        )
         g, e = await asyncio.gather(gen, edit)
         assert g.status_code == 200 and e.status_code == 200, (g.text, e.text)
         assert any({p for p, _ in c} == {"gen row", "edit row"} for c in hook.calls)

@@ -29,8 +29,11 @@ def mask(box=None, pixel=None, mode="L") -> bytes:
 
 async def edit(client, mask_bytes: bytes, **fields):
     data = {"prompt": "a yellow star", "seed": "9", "steps": "4", **{k: str(v) for k, v in fields.items()}}
-    r = await client.post("/v1/edit", data=data, files={"image": ("in.png", IMAGE, "image/png"),
-                                                        "mask": ("mask.png", mask_bytes, "image/png")})
+    r = await client.post(
+        "/v1/edit",
+        data=data,
+        files={"image": ("in.png", IMAGE, "image/png"), "mask": ("mask.png", mask_bytes, "image/png")},
+    )
     assert r.status_code == 200, r.text
     return decode(r.json()["images"][0]["b64_json"])
 
@@ -57,9 +60,13 @@ async def test_json_edit_with_base64_and_data_url_equals_multipart(pipe):
     m = mask(box=(0, 0, 64, 64))
     async with serve(pipe) as client:
         multipart = await edit(client, m)
-        body = {"prompt": "a yellow star", "seed": 9, "steps": 4,
-                "image": "data:image/png;base64," + base64.b64encode(IMAGE).decode(),
-                "mask": base64.b64encode(m).decode()}
+        body = {
+            "prompt": "a yellow star",
+            "seed": 9,
+            "steps": 4,
+            "image": "data:image/png;base64," + base64.b64encode(IMAGE).decode(),
+            "mask": base64.b64encode(m).decode(),
+        }
         r = await client.post("/v1/edit", json=body)
         assert r.status_code == 200, r.text
         assert same_image(decode(r.json()["images"][0]["b64_json"]), multipart)
@@ -80,14 +87,20 @@ async def test_openai_edit_uses_transparent_as_regenerate(pipe):
     async with serve(pipe) as client:
         native = await edit(client, mask(box=(0, 0, 64, 64)))
         fields = {"prompt": "a yellow star", "seed": "9", "steps": "4", "response_format": "b64_json"}
-        r = await client.post("/v1/images/edits", data=fields,
-                              files={"image": ("in.png", IMAGE, "image/png"),
-                                     "mask": ("mask.png", png_bytes(openai_mask), "image/png")})
+        r = await client.post(
+            "/v1/images/edits",
+            data=fields,
+            files={
+                "image": ("in.png", IMAGE, "image/png"),
+                "mask": ("mask.png", png_bytes(openai_mask), "image/png"),
+            },
+        )
         assert r.status_code == 200, r.text
         assert same_image(decode(r.json()["data"][0]["b64_json"]), native)
         # Without a mask, the image's own transparency is the mask (OpenAI's rule); image[] is accepted.
-        r = await client.post("/v1/images/edits", data=fields,
-                              files={"image[]": ("in.png", png_bytes(with_alpha), "image/png")})
+        r = await client.post(
+            "/v1/images/edits", data=fields, files={"image[]": ("in.png", png_bytes(with_alpha), "image/png")}
+        )
         assert r.status_code == 200, r.text
         out = decode(r.json()["data"][0]["b64_json"])
         assert np.array_equal(out[64:, 64:], STRIPES[64:, 64:])
@@ -110,4 +123,7 @@ async def test_both_apis_refuse_a_size_other_than_the_images(pipe, route):
             if status == 400:
                 error = r.json()["error"]
                 assert error["param"] == "size"
-                assert error["message"] == "size 256x256 differs from the image's 128x128; an edit keeps the input size"
+                assert (
+                    error["message"]
+                    == "size 256x256 differs from the image's 128x128; an edit keeps the input size"
+                )

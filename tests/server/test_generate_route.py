@@ -28,8 +28,14 @@ async def test_generate_returns_images_seeds_and_stage_timings(pipe):
         assert [im["seed"] for im in body["images"]] == [7, 8]
         for im in body["images"]:
             assert decode(im["b64_json"]).shape == (128, 128, 3)
-            assert set(im["timings"]) == {"text_encode", "unmask", "residual", "decode", "image_encode",
-                                          "queue_wait"}
+            assert set(im["timings"]) == {
+                "text_encode",
+                "unmask",
+                "residual",
+                "decode",
+                "image_encode",
+                "queue_wait",
+            }
         assert body["timings"]["total"] >= body["timings"]["queue_wait"] >= 0
         a, b = (decode(im["b64_json"]) for im in body["images"])
         assert not np.array_equal(a, b)  # different seeds
@@ -43,18 +49,22 @@ async def test_same_seed_same_image_and_random_seed_is_echoed(pipe):
         r = await client.post("/v1/generate", json={"prompt": "blue square", "steps": 3})
         seed = r.json()["images"][0]["seed"]
         again = await client.post("/v1/generate", json={"prompt": "blue square", "steps": 3, "seed": seed})
-        assert same_image(decode(r.json()["images"][0]["b64_json"]), decode(again.json()["images"][0]["b64_json"]))
+        assert same_image(
+            decode(r.json()["images"][0]["b64_json"]), decode(again.json()["images"][0]["b64_json"])
+        )
 
 
 @pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")])
 async def test_output_formats_and_raw_image_with_accept(pipe, fmt, magic):
     async with serve(pipe) as client:
-        r = await client.post("/v1/generate", json={"prompt": "x", "steps": 2, "seed": 1, "output_format": fmt,
-                                                    "quality": 80})
+        r = await client.post(
+            "/v1/generate", json={"prompt": "x", "steps": 2, "seed": 1, "output_format": fmt, "quality": 80}
+        )
         assert r.status_code == 200
         assert base64.b64decode(r.json()["images"][0]["b64_json"]).startswith(magic)
-        raw = await client.post("/v1/generate", json={"prompt": "x", "steps": 2, "seed": 1},
-                                headers={"Accept": f"image/{fmt}"})
+        raw = await client.post(
+            "/v1/generate", json={"prompt": "x", "steps": 2, "seed": 1}, headers={"Accept": f"image/{fmt}"}
+        )
         assert raw.status_code == 200
         assert raw.headers["content-type"] == f"image/{fmt}"
         assert raw.headers["x-seed"] == "1"
@@ -110,8 +120,9 @@ async def test_api_keys_guard_inference_but_not_operations(pipe):
         for path in ("/healthz", "/readyz", "/metrics"):
             assert (await client.get(path)).status_code == 200
         assert (await client.get("/v1/models")).status_code == 401
-        r = await client.post("/v1/generate", json={"prompt": "x", "steps": 2},
-                              headers={"Authorization": "Bearer key-two-456"})
+        r = await client.post(
+            "/v1/generate", json={"prompt": "x", "steps": 2}, headers={"Authorization": "Bearer key-two-456"}
+        )
         assert r.status_code == 200
         r = await client.get("/v1/models", headers={"Authorization": "bearer key-one-123"})
         assert r.status_code == 200

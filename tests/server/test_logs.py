@@ -26,9 +26,24 @@ def test_json_logs_one_record_per_finished_request(tmp_path):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "DCAR_LOG_FORMAT": "json"}
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "dcar.server.serve", "--weights", "preset:tiny", "--port",
-                             str(port), "--no-warmup", "--api-key", KEY], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dcar.server.serve",
+            "--weights",
+            "preset:tiny",
+            "--port",
+            str(port),
+            "--no-warmup",
+            "--api-key",
+            KEY,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     auth = {"Authorization": f"Bearer {KEY}"}
     try:
         deadline = time.monotonic() + 120
@@ -40,16 +55,26 @@ def test_json_logs_one_record_per_finished_request(tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
-        ok = httpx.post(f"{url}/v1/generate", json={"prompt": "secret prompt", "n": 2, "steps": 2},
-                        headers={**auth, "X-Request-Id": "trace-me-1"}, timeout=60)
+        ok = httpx.post(
+            f"{url}/v1/generate",
+            json={"prompt": "secret prompt", "n": 2, "steps": 2},
+            headers={**auth, "X-Request-Id": "trace-me-1"},
+            timeout=60,
+        )
         assert ok.status_code == 200 and ok.headers["x-request-id"] == "trace-me-1"
-        openai = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "user": "user-7", "steps": 2},
-                            headers=auth, timeout=60)
+        openai = httpx.post(
+            f"{url}/v1/images/generations",
+            json={"prompt": "x", "user": "user-7", "steps": 2},
+            headers=auth,
+            timeout=60,
+        )
         assert openai.status_code == 200
-        errors = [httpx.post(f"{url}/v1/generate", json={"prompt": "x", "step": 2}, headers=auth, timeout=10),
-                  httpx.post(f"{url}/v1/generate", json={"prompt": "x", "steps": 999}, headers=auth, timeout=10),
-                  httpx.post(f"{url}/v1/generate", json={"prompt": "x"}, timeout=10),
-                  httpx.get(f"{url}/nowhere", timeout=10)]
+        errors = [
+            httpx.post(f"{url}/v1/generate", json={"prompt": "x", "step": 2}, headers=auth, timeout=10),
+            httpx.post(f"{url}/v1/generate", json={"prompt": "x", "steps": 999}, headers=auth, timeout=10),
+            httpx.post(f"{url}/v1/generate", json={"prompt": "x"}, timeout=10),
+            httpx.get(f"{url}/nowhere", timeout=10),
+        ]
         assert [r.status_code for r in errors] == [422, 400, 401, 404]
         for r in errors:  # every error body names its request id
             assert r.json()["error"]["request_id"] == r.headers["x-request-id"]

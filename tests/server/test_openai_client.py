@@ -17,13 +17,23 @@ def test_openai_client_generates_and_edits(pipe):
     with live_server(pipe, api_keys=KEY) as (url, app):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
 
-        result = client.images.generate(model="tiny-random", prompt="a red circle", n=2, size="128x128",
-                                        response_format="b64_json", extra_body={"seed": 3, "steps": 4})
+        result = client.images.generate(
+            model="tiny-random",
+            prompt="a red circle",
+            n=2,
+            size="128x128",
+            response_format="b64_json",
+            extra_body={"seed": 3, "steps": 4},
+        )
         assert result.created > 0 and len(result.data) == 2
         images = [decode(d.b64_json) for d in result.data]
         assert all(im.shape == (128, 128, 3) for im in images)
-        native = httpx.post(f"{url}/v1/generate", json={"prompt": "a red circle", "n": 2, "seed": 3, "steps": 4},
-                            headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
+        native = httpx.post(
+            f"{url}/v1/generate",
+            json={"prompt": "a red circle", "n": 2, "seed": 3, "steps": 4},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+        ).json()
         for image, mine in zip(images, native["images"]):
             assert same_image(image, decode(mine["b64_json"]))  # the extension fields took effect
 
@@ -34,23 +44,39 @@ def test_openai_client_generates_and_edits(pipe):
         source[:, 64:] = (30, 200, 90)
         mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
         mask.paste((0, 0, 0, 0), (0, 0, 64, 64))  # transparent = regenerate
-        edited = client.images.edit(image=("image.png", png_bytes(Image.fromarray(source)), "image/png"),
-                                    mask=("mask.png", png_bytes(mask), "image/png"), prompt="a blue square",
-                                    n=1, size="128x128", response_format="b64_json",
-                                    extra_body={"seed": 5, "guidance_scale": 3.0, "steps": 4})
+        edited = client.images.edit(
+            image=("image.png", png_bytes(Image.fromarray(source)), "image/png"),
+            mask=("mask.png", png_bytes(mask), "image/png"),
+            prompt="a blue square",
+            n=1,
+            size="128x128",
+            response_format="b64_json",
+            extra_body={"seed": 5, "guidance_scale": 3.0, "steps": 4},
+        )
         out = decode(edited.data[0].b64_json)
         assert np.array_equal(out[64:, :], source[64:, :])  # outside the transparent area: kept
-        direct = httpx.post(f"{url}/v1/images/edits", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                            data={"prompt": "a blue square", "seed": "5", "guidance_scale": "3.0", "steps": "4"},
-                            files={"image": ("i.png", png_bytes(Image.fromarray(source)), "image/png"),
-                                   "mask": ("m.png", png_bytes(mask), "image/png")})
+        direct = httpx.post(
+            f"{url}/v1/images/edits",
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+            data={"prompt": "a blue square", "seed": "5", "guidance_scale": "3.0", "steps": "4"},
+            files={
+                "image": ("i.png", png_bytes(Image.fromarray(source)), "image/png"),
+                "mask": ("m.png", png_bytes(mask), "image/png"),
+            },
+        )
         assert same_image(out, decode(direct.json()["data"][0]["b64_json"]))  # extra_body reached the form
         with pytest.raises(openai.UnprocessableEntityError, match="stepz is not a known field"):
-            client.images.edit(image=("image.png", png_bytes(Image.fromarray(source)), "image/png"),
-                               prompt="x", extra_body={"stepz": 4})
+            client.images.edit(
+                image=("image.png", png_bytes(Image.fromarray(source)), "image/png"),
+                prompt="x",
+                extra_body={"stepz": 4},
+            )
 
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong-key", max_retries=0).images.generate(prompt="x")
+            openai.OpenAI(base_url=f"{url}/v1", api_key="sk-wrong-key", max_retries=0).images.generate(
+                prompt="x"
+            )
         with pytest.raises(openai.BadRequestError, match="response_format"):
             client.images.generate(prompt="x", response_format="url")
 
@@ -74,12 +100,22 @@ def test_openai_fields_presets_usage_aliases_and_errors(pipe, monkeypatch):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=2, timeout=60)
         native = {}
         for steps in (4, 8, 12):
-            r = httpx.post(f"{url}/v1/generate", json={"prompt": "a blue square", "seed": 7, "steps": steps},
-                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
+            r = httpx.post(
+                f"{url}/v1/generate",
+                json={"prompt": "a blue square", "seed": 7, "steps": steps},
+                headers={"Authorization": f"Bearer {KEY}"},
+                timeout=60,
+            ).json()
             native[steps] = decode(r["images"][0]["b64_json"])
         for quality, steps in (("low", 4), ("medium", 8), ("high", 12), ("auto", 12)):
-            result = client.images.generate(model="gpt-image-1", prompt="a blue square", quality=quality,
-                                            moderation="low", user="user-42", extra_body={"seed": 7})
+            result = client.images.generate(
+                model="gpt-image-1",
+                prompt="a blue square",
+                quality=quality,
+                moderation="low",
+                user="user-42",
+                extra_body={"seed": 7},
+            )
             assert result.quality == ("high" if quality == "auto" else quality)
             extra = result.to_dict()
             assert extra["parameters"]["steps"] == steps and extra["data"][0]["seed"] == 7
@@ -91,8 +127,12 @@ def test_openai_fields_presets_usage_aliases_and_errors(pipe, monkeypatch):
             assert usage.input_tokens == usage.input_tokens_details.text_tokens > 0
             assert usage.input_tokens_details.image_tokens == 0
             assert usage.total_tokens == usage.input_tokens + usage.output_tokens
-        explicit = client.images.generate(prompt="a blue square", quality="low", extra_body={"seed": 7, "steps": 12})
-        assert same_image(decode(explicit.data[0].b64_json), native[12])  # an explicit knob wins over the preset
+        explicit = client.images.generate(
+            prompt="a blue square", quality="low", extra_body={"seed": 7, "steps": 12}
+        )
+        assert same_image(
+            decode(explicit.data[0].b64_json), native[12]
+        )  # an explicit knob wins over the preset
 
         with pytest.raises(openai.UnprocessableEntityError) as caught:  # a typo in extra_body
             client.images.generate(prompt="x", extra_body={"step": 4})
@@ -101,9 +141,15 @@ def test_openai_fields_presets_usage_aliases_and_errors(pipe, monkeypatch):
         with pytest.raises(openai.UnprocessableEntityError, match="quality"):
             client.images.generate(prompt="x", extra_body={"quality": "ultra"})
 
-        refused = {"background": {"background": "transparent"}, "output_format": {"output_format": "gif"},
-                   "style": {"style": "vivid"}, "quality": {"quality": "hd"}, "n": {"n": 0},
-                   "response_format": {"response_format": "url"}, "model": {"model": "dall-e-3"}}
+        refused = {
+            "background": {"background": "transparent"},
+            "output_format": {"output_format": "gif"},
+            "style": {"style": "vivid"},
+            "quality": {"quality": "hd"},
+            "n": {"n": 0},
+            "response_format": {"response_format": "url"},
+            "model": {"model": "dall-e-3"},
+        }
         for param, fields in refused.items():
             with pytest.raises(openai.BadRequestError) as caught:
                 client.images.generate(prompt="x", **fields)

@@ -21,18 +21,32 @@ KEY = "sk-stream-test-key"
 
 def native_previews(url: str, request: dict) -> dict[int, np.ndarray]:
     """step -> the native SSE preview of image 0 (full size: the tests serve with preview_size=128)."""
-    r = httpx.post(f"{url}/v1/generate", json={**request, "stream": True, "preview": True},
-                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    return {d["step"]: decode(d["preview"]) for k, d in parse_sse(r.text) if k == "progress" and d["index"] == 0}
+    r = httpx.post(
+        f"{url}/v1/generate",
+        json={**request, "stream": True, "preview": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    return {
+        d["step"]: decode(d["preview"]) for k, d in parse_sse(r.text) if k == "progress" and d["index"] == 0
+    }
 
 
 def test_generate_streams_partial_images_at_evenly_spaced_steps(pipe):
     with live_server(pipe, api_keys=KEY, preview_size=128) as (url, app):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-        stream = client.images.generate(prompt="a red circle", stream=True, partial_images=2, size="128x128",
-                                        quality="high", extra_body={"seed": 11, "steps": 12})
+        stream = client.images.generate(
+            prompt="a red circle",
+            stream=True,
+            partial_images=2,
+            size="128x128",
+            quality="high",
+            extra_body={"seed": 11, "steps": 12},
+        )
         events = list(stream)
-        assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+        assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + [
+            "image_generation.completed"
+        ]
         partials, done = events[:2], events[2]
         assert all(isinstance(e, ImageGenPartialImageEvent) for e in partials)
         assert isinstance(done, ImageGenCompletedEvent)
@@ -49,7 +63,9 @@ def test_generate_streams_partial_images_at_evenly_spaced_steps(pipe):
             assert same_image(image, previews[step])
             assert not same_image(image, previews[step + 1])  # a different step would not match
 
-        plain = client.images.generate(prompt="a red circle", size="128x128", extra_body={"seed": 11, "steps": 12})
+        plain = client.images.generate(
+            prompt="a red circle", size="128x128", extra_body={"seed": 11, "steps": 12}
+        )
         assert same_image(decode(done.b64_json), decode(plain.data[0].b64_json))
         assert done.usage.output_tokens == 16 and done.usage.input_tokens == plain.usage.input_tokens > 0
         assert done.usage.total_tokens == done.usage.input_tokens + 16
@@ -59,15 +75,26 @@ def test_stream_options_several_images_formats_and_errors(pipe, monkeypatch):
     with live_server(pipe, api_keys=KEY, preview_size=128) as (url, app):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
         # partial_images=0: one completed event per image, nothing else
-        events = list(client.images.generate(prompt="two", n=2, stream=True, partial_images=0,
-                                              extra_body={"seed": 3, "steps": 4}))
+        events = list(
+            client.images.generate(
+                prompt="two", n=2, stream=True, partial_images=0, extra_body={"seed": 3, "steps": 4}
+            )
+        )
         assert [e.type for e in events] == ["image_generation.completed"] * 2
         assert not same_image(decode(events[0].b64_json), decode(events[1].b64_json))  # seeds 3 and 4
 
         # n=2, 3 partial images of 6 steps (at steps 2, 3 and 5): each index for image 0, then image 1
-        events = list(client.images.generate(prompt="two", n=2, stream=True, partial_images=3,
-                                              output_format="jpeg", output_compression=80,
-                                              extra_body={"seed": 3, "steps": 6}))
+        events = list(
+            client.images.generate(
+                prompt="two",
+                n=2,
+                stream=True,
+                partial_images=3,
+                output_format="jpeg",
+                output_compression=80,
+                extra_body={"seed": 3, "steps": 6},
+            )
+        )
         kinds = [e.type for e in events]
         assert kinds == ["image_generation.partial_image"] * 6 + ["image_generation.completed"] * 2
         assert [e.partial_image_index for e in events[:6]] == [0, 0, 1, 1, 2, 2]
@@ -82,8 +109,11 @@ def test_stream_options_several_images_formats_and_errors(pipe, monkeypatch):
 
         StepHook(pipe, monkeypatch, fail=explode)
         with pytest.raises(openai.APIError, match="broke at step 3") as caught:
-            list(client.images.generate(prompt="fragile", stream=True, partial_images=1,
-                                        extra_body={"steps": 6}))
+            list(
+                client.images.generate(
+                    prompt="fragile", stream=True, partial_images=1, extra_body={"steps": 6}
+                )
+            )
         assert caught.value.body["code"] == "internal_error" and caught.value.body["type"] == "server_error"
 
         with pytest.raises(openai.BadRequestError, match="partial_images") as caught:
@@ -100,9 +130,16 @@ def test_edit_streams_image_edit_events(pipe):
     mask.paste((0, 0, 0, 0), (0, 0, 64, 64))  # transparent = regenerate
     with live_server(pipe, api_keys=KEY) as (url, app):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-        events = list(client.images.edit(image=("image.png", png_bytes(Image.fromarray(source)), "image/png"),
-                                         mask=("mask.png", png_bytes(mask), "image/png"), prompt="a blue square",
-                                         stream=True, partial_images=1, extra_body={"seed": 5, "steps": 4}))
+        events = list(
+            client.images.edit(
+                image=("image.png", png_bytes(Image.fromarray(source)), "image/png"),
+                mask=("mask.png", png_bytes(mask), "image/png"),
+                prompt="a blue square",
+                stream=True,
+                partial_images=1,
+                extra_body={"seed": 5, "steps": 4},
+            )
+        )
         assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
         assert isinstance(events[1], ImageEditCompletedEvent)
         out = decode(events[1].b64_json)

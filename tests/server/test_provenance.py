@@ -62,8 +62,12 @@ async def test_response_and_files_carry_parameters_digest_and_source_type(pipe):
         raw = await client.post("/v1/generate", json={**request, "n": 1}, headers={"Accept": "image/png"})
         assert Image.open(io.BytesIO(raw.content)).text["DigitalSourceType"] == TRAINED
 
-        openai = (await client.post("/v1/images/generations", json={"prompt": "a green star", "seed": 5,
-                                                                    "steps": 3, "guidance_scale": 2.5})).json()
+        openai = (
+            await client.post(
+                "/v1/images/generations",
+                json={"prompt": "a green star", "seed": 5, "steps": 3, "guidance_scale": 2.5},
+            )
+        ).json()
         assert openai["parameters"] == params and openai["weights_digest"] == digest
         png = Image.open(io.BytesIO(base64.b64decode(openai["data"][0]["b64_json"])))
         assert json.loads(png.text["dcar:parameters"]) == {**params, "seed": 5}
@@ -72,8 +76,12 @@ async def test_response_and_files_carry_parameters_digest_and_source_type(pipe):
 async def test_mark_output_off_leaves_files_bare(pipe):
     async with serve(pipe, mark_output=False) as client:
         for fmt in ("png", "jpeg", "webp"):
-            r = (await client.post("/v1/generate", json={"prompt": "plain", "seed": 1, "output_format": fmt})).json()
-            assert r["parameters"]["steps"] == 12 and r["weights_digest"].startswith("sha256:")  # still answered
+            r = (
+                await client.post("/v1/generate", json={"prompt": "plain", "seed": 1, "output_format": fmt})
+            ).json()
+            assert r["parameters"]["steps"] == 12 and r["weights_digest"].startswith(
+                "sha256:"
+            )  # still answered
             image = Image.open(io.BytesIO(base64.b64decode(r["images"][0]["b64_json"])))
             assert "xmp" not in image.info and "XML:com.adobe.xmp" not in image.info
             assert not getattr(image, "text", {})
@@ -81,13 +89,20 @@ async def test_mark_output_off_leaves_files_bare(pipe):
 
 async def test_weights_digest_of_a_directory_is_sha256sum_of_its_files(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "weights", name="saved-tiny")
-    by_hand = subprocess.run("find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs -d '\\n' sha256sum | sha256sum",
-                             shell=True, cwd=tmp_path / "weights", capture_output=True, text=True, check=True)
+    by_hand = subprocess.run(
+        "find . -type f -printf '%P\\n' | LC_ALL=C sort | xargs -d '\\n' sha256sum | sha256sum",
+        shell=True,
+        cwd=tmp_path / "weights",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     expected = "sha256:" + by_hand.stdout.split()[0]  # the recipe docs/api.md gives
     app = create_app(settings(weights=str(tmp_path / "weights"), warmup=False))
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://dcar.test",
-                                     timeout=60) as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://dcar.test", timeout=60
+        ) as client:
             await wait_ready(client)
             body = (await client.post("/v1/generate", json={"prompt": "x", "steps": 2})).json()
     assert body["model"] == "saved-tiny" and body["weights_digest"] == expected

@@ -39,7 +39,9 @@ def numbers(message: str, *labels: str) -> list[float]:
 
 async def test_a_deadline_that_cannot_be_met_gets_429_with_the_predicted_wait(pipe, monkeypatch):
     gate = slow_and_held(pipe, monkeypatch, delay=0.05)
-    async with serve(pipe, max_batch_size=1, max_queue=16, max_n=1, max_wait_ms=0, max_queue_delay_s=100) as client:
+    async with serve(
+        pipe, max_batch_size=1, max_queue=16, max_n=1, max_wait_ms=0, max_queue_delay_s=100
+    ) as client:
         accepted = [asyncio.create_task(client.post("/v1/generate", json={"prompt": "runs", "steps": 12}))]
         await until(client, "dcar_rows_running", 1)
         retry_afters = []
@@ -68,7 +70,9 @@ async def test_queue_full_only_counts_rows_that_find_no_free_slot(pipe, monkeypa
         await until(client, "dcar_rows_running", 1)
         # 3 free slots in the running batch + 1 queued row: all accepted while the engine is held mid-step.
         for i in range(4):
-            tasks.append(asyncio.create_task(client.post("/v1/generate", json={"prompt": f"joins {i}", "steps": 2})))
+            tasks.append(
+                asyncio.create_task(client.post("/v1/generate", json={"prompt": f"joins {i}", "steps": 2}))
+            )
             await until(client, "dcar_queue_size", i + 1)
         r = await client.post("/v1/generate", json={"prompt": "one too many", "steps": 2})
         assert r.status_code == 429, r.text
@@ -82,7 +86,10 @@ async def test_queue_full_only_counts_rows_that_find_no_free_slot(pipe, monkeypa
 async def test_the_backlog_is_bounded_in_seconds_and_nothing_accepted_expires(pipe, monkeypatch):
     slow_and_held(pipe, monkeypatch, delay=0.02).set()  # slowed, never held
     async with serve(pipe, max_batch_size=2, max_queue=64, max_wait_ms=0, max_queue_delay_s=0.5) as client:
-        burst = [client.post("/v1/generate", json={"prompt": f"burst {i}", "n": 2, "timeout": 20}) for i in range(12)]
+        burst = [
+            client.post("/v1/generate", json={"prompt": f"burst {i}", "n": 2, "timeout": 20})
+            for i in range(12)
+        ]
         responses = await asyncio.gather(*burst)
         codes = [r.status_code for r in responses]
         assert set(codes) <= {200, 429}, codes  # no 504: what was accepted finished in time

@@ -18,17 +18,27 @@ def announce(url: str, path: str, content_type: str, authorization: str | None):
     """Headers for a 32 MiB body, then only its first 64 kB; returns the socket."""
     s = connect(url)
     auth = f"Authorization: {authorization}\r\n" if authorization else ""
-    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {BIG}\r\n"
-              f"{auth}\r\n".encode() + b"[" * 65536)
+    s.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {BIG}\r\n"
+        f"{auth}\r\n".encode()
+        + b"[" * 65536
+    )
     return s
 
 
 def test_a_32_mib_body_without_a_key_is_refused_unread_on_every_route(pipe):
     with live_dcar(pipe, api_keys=KEY, max_body_bytes=BIG) as (url, app):
-        routes = [("/v1/generate", "application/json"), ("/v1/images/generations", "application/json"),
-                  ("/v1/edit", "multipart/form-data; boundary=x"), ("/v1/images/edits", "multipart/form-data; boundary=x")]
+        routes = [
+            ("/v1/generate", "application/json"),
+            ("/v1/images/generations", "application/json"),
+            ("/v1/edit", "multipart/form-data; boundary=x"),
+            ("/v1/images/edits", "multipart/form-data; boundary=x"),
+        ]
         for path, ctype in routes:
-            for authorization, code in ((None, "missing_api_key"), ("Bearer not-the-key-at-all", "invalid_api_key")):
+            for authorization, code in (
+                (None, "missing_api_key"),
+                ("Bearer not-the-key-at-all", "invalid_api_key"),
+            ):
                 response = read_until_closed(announce(url, path, ctype, authorization))
                 assert status_of(response) == 401, (path, response[:300])
                 head, body = response.split(b"\r\n\r\n", 1)
@@ -37,6 +47,10 @@ def test_a_32_mib_body_without_a_key_is_refused_unread_on_every_route(pipe):
         text = httpx.get(f"{url}/metrics").text
         assert metric(text, "dcar_rejections_total", reason="unauthorized") == 8
         assert metric(text, "dcar_rejections_total", reason="invalid") == 0  # no body was parsed
-        ok = httpx.post(f"{url}/v1/generate", json={"prompt": "a key", "steps": 2},
-                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        ok = httpx.post(
+            f"{url}/v1/generate",
+            json={"prompt": "a key", "steps": 2},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+        )
         assert ok.status_code == 200, ok.text

@@ -36,10 +36,14 @@ def test_slow_and_idle_connections_are_closed_while_a_normal_client_is_served(pi
         half_line = connect(url)
         half_line.sendall(b"POST /v1/gene")
         stalled_body = connect(url)
-        stalled_body.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: 1000\r\n\r\n{\"prompt\": ")
+        stalled_body.sendall(
+            b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"prompt": '
+        )
         stop = threading.Event()
-        header = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 400 + b"\r\n\r\n"  # 20 s of dripping
+        header = (
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 400 + b"\r\n\r\n"
+        )  # 20 s of dripping
         dripper = threading.Thread(target=drip, args=(slow_headers, header, stop), daemon=True)
         dripper.start()
 

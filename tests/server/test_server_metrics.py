@@ -21,10 +21,14 @@ async def test_metrics_after_traffic(pipe):
     mask.paste(255, (0, 0, 32, 32))
     async with serve(pipe) as client:
         assert (await client.post("/v1/generate", json={"prompt": "one", "steps": 3})).status_code == 200
-        assert (await client.post("/v1/generate", json={"prompt": "two", "n": 2, "steps": 3})).status_code == 200
-        r = await client.post("/v1/edit", data={"prompt": "three", "steps": "3"},
-                              files={"image": ("i.png", image, "image/png"),
-                                     "mask": ("m.png", png_bytes(mask), "image/png")})
+        assert (
+            await client.post("/v1/generate", json={"prompt": "two", "n": 2, "steps": 3})
+        ).status_code == 200
+        r = await client.post(
+            "/v1/edit",
+            data={"prompt": "three", "steps": "3"},
+            files={"image": ("i.png", image, "image/png"), "mask": ("m.png", png_bytes(mask), "image/png")},
+        )
         assert r.status_code == 200
         assert (await client.post("/v1/generate", json={"prompt": "x", "steps": 99})).status_code == 400
         # shorter than one image on an idle server: 400 timeout_too_short (no retry can help)
@@ -51,11 +55,25 @@ async def test_metrics_after_traffic(pipe):
     assert m("dcar_queue_size") == 0 and m("dcar_rows_running") == 0
     assert m("dcar_batch_size_limit") == 16
     assert m("dcar_ready") == 1
-    assert m("dcar_model_info", name="tiny-random", device="cpu", dtype="float32", native_size="128",
-             sizes="128x128") == 1
+    assert (
+        m(
+            "dcar_model_info",
+            name="tiny-random",
+            device="cpu",
+            dtype="float32",
+            native_size="128",
+            sizes="128x128",
+        )
+        == 1
+    )
     names = {name for name, _ in samples(text)}
-    for name in ("dcar_dropped_rows_total", "dcar_wasted_seconds_total", "dcar_failed_rows_total", "dcar_oom_total",
-                 "dcar_batch_splits_total"):
+    for name in (
+        "dcar_dropped_rows_total",
+        "dcar_wasted_seconds_total",
+        "dcar_failed_rows_total",
+        "dcar_oom_total",
+        "dcar_batch_splits_total",
+    ):
         assert name in names, name
     assert not any(n.startswith("dcar_gpu_memory") for n in names)  # CUDA only
     assert "prompt" not in text and "req-" not in text  # no unbounded labels
@@ -63,6 +81,9 @@ async def test_metrics_after_traffic(pipe):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool not found: install Debian's prometheus package (apt-get install -y prometheus)")
-    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
     assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", (
-        check.stdout + check.stderr)
+        check.stdout + check.stderr
+    )

@@ -27,15 +27,18 @@ def test_environment_lists_and_numbers(monkeypatch):
     assert s.max_batch_size == 32 and s.weights == "preset:tiny"
 
 
-@pytest.mark.parametrize("field,value,text", [
-    ("max_batch_size", 0, "max_batch_size"),
-    ("allowed_sizes", "512*512", "WIDTHxHEIGHT"),
-    ("api_keys", "short", "at least 8"),
-    ("weights", "preset:", "preset name"),
-    ("weights", "preset:nope", "unknown pipeline preset 'nope'"),
-    ("max_queue", 2, "max_queue=2 is below max_n=8"),
-    ("unknown_knob", 1, "unknown_knob"),
-])
+@pytest.mark.parametrize(
+    "field,value,text",
+    [
+        ("max_batch_size", 0, "max_batch_size"),
+        ("allowed_sizes", "512*512", "WIDTHxHEIGHT"),
+        ("api_keys", "short", "at least 8"),
+        ("weights", "preset:", "preset name"),
+        ("weights", "preset:nope", "unknown pipeline preset 'nope'"),
+        ("max_queue", 2, "max_queue=2 is below max_n=8"),
+        ("unknown_knob", 1, "unknown_knob"),
+    ],
+)
 def test_invalid_settings_name_the_field(field, value, text):
     with pytest.raises(ValidationError, match=text):
         Settings(**{field: value})

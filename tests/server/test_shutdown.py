@@ -35,11 +35,33 @@ def free_port() -> int:
 def test_serve_flags_override_settings():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--weights", "preset:tiny", "--port", "9001", "--max-batch-size", "3",
-                              "--allowed-sizes", "128x128,64x64", "--api-key", "key-a-12345", "--api-key",
-                              "key-b-12345", "--no-warmup", "--request-timeout", "9"])
+    args = parser.parse_args(
+        [
+            "--weights",
+            "preset:tiny",
+            "--port",
+            "9001",
+            "--max-batch-size",
+            "3",
+            "--allowed-sizes",
+            "128x128,64x64",
+            "--api-key",
+            "key-a-12345",
+            "--api-key",
+            "key-b-12345",
+            "--no-warmup",
+            "--request-timeout",
+            "9",
+        ]
+    )
     s = settings_from_args(args)
-    assert (s.weights, s.port, s.max_batch_size, s.warmup, s.request_timeout_s) == ("preset:tiny", 9001, 3, False, 9)
+    assert (s.weights, s.port, s.max_batch_size, s.warmup, s.request_timeout_s) == (
+        "preset:tiny",
+        9001,
+        3,
+        False,
+        9,
+    )
     assert s.allowed_sizes == ["128x128", "64x64"] and s.api_keys == ["key-a-12345", "key-b-12345"]
     assert settings_from_args(parser.parse_args([])).port == 8000
 
@@ -48,11 +70,36 @@ def test_sigterm_drains_in_flight_rows_then_exits(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # a long queue delay: all three requests are accepted however slow this machine is
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DCAR_DRAIN_TIMEOUT_S": "60", "DCAR_MAX_QUEUE_DELAY_S": "600"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DCAR_DRAIN_TIMEOUT_S": "60",
+        "DCAR_MAX_QUEUE_DELAY_S": "600",
+    }
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "dcar.server.serve", "--weights", "preset:tiny", "--port", str(port),
-                             "--allowed-sizes", "128x128,256x256", "--max-batch-size", "4", "--max-wait-ms", "0",
-                             "--log-level", "info"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dcar.server.serve",
+            "--weights",
+            "preset:tiny",
+            "--port",
+            str(port),
+            "--allowed-sizes",
+            "128x128,256x256",
+            "--max-batch-size",
+            "4",
+            "--max-wait-ms",
+            "0",
+            "--log-level",
+            "info",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -68,8 +115,10 @@ def test_sigterm_drains_in_flight_rows_then_exits(tmp_path):
 
         work = {"prompt": "drain me", "n": 4, "size": "256x256", "steps": 20}
         with ThreadPoolExecutor(3) as pool:
-            inflight = [pool.submit(httpx.post, f"{url}/v1/generate", json={**work, "seed": 10 * i}, timeout=120)
-                        for i in range(3)]
+            inflight = [
+                pool.submit(httpx.post, f"{url}/v1/generate", json={**work, "seed": 10 * i}, timeout=120)
+                for i in range(3)
+            ]
             while True:  # all three accepted (12 rows queued, running or done): they are in flight
                 text = httpx.get(f"{url}/metrics").text
                 accepted = sum(metric(text, name) for name in ("dcar_queue_size", "dcar_rows_running"))
@@ -99,7 +148,9 @@ def test_sigterm_drains_in_flight_rows_then_exits(tmp_path):
 
 
 @pytest.mark.anyio
-async def test_the_drain_timeout_is_waited_once_and_client_outcomes_log_below_error(pipe, monkeypatch, caplog):
+async def test_the_drain_timeout_is_waited_once_and_client_outcomes_log_below_error(
+    pipe, monkeypatch, caplog
+):
     gate = threading.Event()
 
     def hold(state):
@@ -126,4 +177,5 @@ async def test_the_drain_timeout_is_waited_once_and_client_outcomes_log_below_er
         gate.set()
     shutdown = [rec for rec in caplog.records if "shut" in rec.getMessage() and rec.name.startswith("dcar")]
     assert shutdown and all(rec.levelno < logging.ERROR for rec in shutdown), [
-        (rec.levelname, rec.getMessage()) for rec in shutdown]
+        (rec.levelname, rec.getMessage()) for rec in shutdown
+    ]

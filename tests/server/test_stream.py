@@ -76,8 +76,9 @@ def test_leaving_a_stream_drops_the_rows(pipe, monkeypatch):
     hook = StepHook(pipe, monkeypatch)
     with live_server(pipe, max_wait_ms=0) as (url, app):
         hook.delay, hook.calls = 0.05, []
-        with httpx.stream("POST", f"{url}/v1/generate", json={"prompt": "bye", "steps": 30, "stream": True},
-                          timeout=30) as r:
+        with httpx.stream(
+            "POST", f"{url}/v1/generate", json={"prompt": "bye", "steps": 30, "stream": True}, timeout=30
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("event: progress"):
                     break  # leave after the first step
@@ -104,7 +105,11 @@ async def test_a_queued_stream_sends_its_place_and_keep_alive_comments(pipe, mon
         assert kinds[0] == "queued" and kinds[-1] == "images", kinds
         queued = json.loads(blocks[0].split("data: ", 1)[1])
         assert queued == {"position": 1, "queued_rows": 1}  # next in line, behind the running row
-        waiting = kinds[1:kinds.index("progress")]
+        waiting = kinds[1 : kinds.index("progress")]
         assert waiting.count("comment") >= 5 and set(waiting) == {"comment"}  # the queue took ~1 s
-        assert [k for k in kinds[kinds.index("progress"):] if k != "comment"] == ["progress", "progress", "images"]
+        assert [k for k in kinds[kinds.index("progress") :] if k != "comment"] == [
+            "progress",
+            "progress",
+            "images",
+        ]
         assert (await first).status_code == 200

@@ -44,8 +44,11 @@ def children(spans, parent) -> dict[str, object]:
 async def test_request_span_continues_traceparent_with_queue_steps_encode(pipe, exporter):
     async with serve(pipe, otel_endpoint="http://127.0.0.1:9") as client:  # the host's provider wins
         exporter.clear()
-        r = await client.post("/v1/generate", json={"prompt": "traced", "n": 2, "steps": 3},
-                              headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+        r = await client.post(
+            "/v1/generate",
+            json={"prompt": "traced", "n": 2, "steps": 3},
+            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+        )
         assert r.status_code == 200
         spans = exporter.get_finished_spans()
         [request] = [s for s in spans if s.name == "POST /v1/generate"]
@@ -104,10 +107,28 @@ def test_dcar_serve_exports_spans_over_otlp_http(tmp_path):
     threading.Thread(target=collector.serve_forever, daemon=True).start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DCAR_OTEL_ENDPOINT": f"http://127.0.0.1:{collector.server_port}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DCAR_OTEL_ENDPOINT": f"http://127.0.0.1:{collector.server_port}",
+    }
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "dcar.server.serve", "--weights", "preset:tiny", "--port",
-                             str(port), "--no-warmup"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dcar.server.serve",
+            "--weights",
+            "preset:tiny",
+            "--port",
+            str(port),
+            "--no-warmup",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -118,8 +139,12 @@ def test_dcar_serve_exports_spans_over_otlp_http(tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
-        r = httpx.post(f"{url}/v1/generate", json={"prompt": "exported", "steps": 2}, timeout=60,
-                       headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+        r = httpx.post(
+            f"{url}/v1/generate",
+            json={"prompt": "exported", "steps": 2},
+            timeout=60,
+            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+        )
         assert r.status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)  # the batch processor flushes at shutdown

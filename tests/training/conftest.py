@@ -58,7 +58,9 @@ def ci_weights(tmp_path_factory, ci_preset, ci_tokenizer_run, ci_generator_run) 
     """The ci generator run exported to a weights directory."""
     from dcar.training.export import export
 
-    return export(ci_preset, ci_tokenizer_run, ci_generator_run, tmp_path_factory.mktemp("weights") / "dcar-ci")
+    return export(
+        ci_preset, ci_tokenizer_run, ci_generator_run, tmp_path_factory.mktemp("weights") / "dcar-ci"
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

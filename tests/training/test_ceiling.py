@@ -62,16 +62,34 @@ def test_measuring_leaves_the_training_mode_alone(untrained):
 
 def test_eval_command_on_a_run_and_merged_into_the_card(ci_tokenizer_run, ci_weights, tmp_path):
     out = tmp_path / "run.json"
-    assert dcar(["eval", str(ci_tokenizer_run), "--tokenizer-ceiling", "--size", "128", "--seeds", "0",
-                 "--json", str(out)]) == 0
+    assert (
+        dcar(
+            [
+                "eval",
+                str(ci_tokenizer_run),
+                "--tokenizer-ceiling",
+                "--size",
+                "128",
+                "--seeds",
+                "0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     run = json.loads(out.read_text())
     assert run["source"].startswith("stage 3") and run["paths"]["truth"]["overall"] == 1.0
     # a tokenizer run has no model card
     assert dcar(["eval", str(ci_tokenizer_run), "--tokenizer-ceiling", "--write-card"]) == 2
 
     (ci_weights / "eval.json").write_text(json.dumps({"card_notes": ["History: a note kept."], "size": 128}))
-    assert dcar(["eval", str(ci_weights), "--tokenizer-ceiling", "--size", "128", "--seeds", "0",
-                 "--write-card"]) == 0
+    assert (
+        dcar(
+            ["eval", str(ci_weights), "--tokenizer-ceiling", "--size", "128", "--seeds", "0", "--write-card"]
+        )
+        == 0
+    )
     merged = json.loads((ci_weights / "eval.json").read_text())
     assert merged["card_notes"] == ["History: a note kept."] and merged["size"] == 128
     # the same tokenizer weights, the same scenes: the same numbers as from the run directory

@@ -18,7 +18,9 @@ def test_ssim_and_psnr_reference_values():
     assert torch.allclose(ssim(x, x), torch.ones(2))
     noisy = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     assert (ssim(noisy, x) < 0.95).all()
-    assert psnr01(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.1)).item() == pytest.approx(20.0, abs=1e-4)
+    assert psnr01(torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.1)).item() == pytest.approx(
+        20.0, abs=1e-4
+    )
 
 
 def test_exported_directory_loads(ci_weights, ci_preset):
@@ -32,13 +34,32 @@ def test_exported_directory_loads(ci_weights, ci_preset):
 
 def test_export_command_stores_sampling_defaults(ci_preset, ci_tokenizer_run, ci_generator_run, tmp_path):
     out = tmp_path / "tuned"
-    code = dcar(["train", "export", "--preset", "ci", "--tokenizer", str(ci_tokenizer_run), "--generator",
-                 str(ci_generator_run), "--out", str(out), "--guidance-scale", "2.5", "--randomize-temperature", "0.5"])
+    code = dcar(
+        [
+            "train",
+            "export",
+            "--preset",
+            "ci",
+            "--tokenizer",
+            str(ci_tokenizer_run),
+            "--generator",
+            str(ci_generator_run),
+            "--out",
+            str(out),
+            "--guidance-scale",
+            "2.5",
+            "--randomize-temperature",
+            "0.5",
+        ]
+    )
     assert code == 0
     sampling = Pipeline.from_pretrained(out).config.sampling
     assert (sampling.guidance_scale, sampling.randomize_temperature) == (2.5, 0.5)
     assert sampling.steps == ci_preset.pipeline.sampling.steps  # the rest keeps the preset's defaults
-    assert ci_preset.pipeline.sampling.randomize_temperature != 0.5 or ci_preset.pipeline.sampling.guidance_scale != 2.5
+    assert (
+        ci_preset.pipeline.sampling.randomize_temperature != 0.5
+        or ci_preset.pipeline.sampling.guidance_scale != 2.5
+    )
 
 
 def test_reconstruction_and_hybrid_measures(ci_weights, tmp_path):
@@ -54,17 +75,49 @@ def test_reconstruction_and_hybrid_measures(ci_weights, tmp_path):
 
 def test_eval_command_writes_the_model_card(ci_weights, tmp_path):
     out = tmp_path / "results.json"
-    code = dcar(["eval", str(ci_weights), "--size", "128", "--seeds", "0", "--num-eval", "2",
-                 "--eval-split", str(tmp_path / "split"), "--recon-sizes", "128", "--skip", "discrete",
-                 "--json", str(out), "--write-card"])
+    code = dcar(
+        [
+            "eval",
+            str(ci_weights),
+            "--size",
+            "128",
+            "--seeds",
+            "0",
+            "--num-eval",
+            "2",
+            "--eval-split",
+            str(tmp_path / "split"),
+            "--recon-sizes",
+            "128",
+            "--skip",
+            "discrete",
+            "--json",
+            str(out),
+            "--write-card",
+        ]
+    )
     assert code == 0
     results = json.loads(out.read_text())
     assert set(results["shapes_eval"]["categories"]) == {
-        "single_object", "two_object", "counting", "colors", "position", "color_attr"}
+        "single_object",
+        "two_object",
+        "counting",
+        "colors",
+        "position",
+        "color_attr",
+    }
     card = (ci_weights / "README.md").read_text()
     assert results["tokenizer_ceiling"]["paths"]["truth"]["overall"] == 1.0
-    for needle in ("## ShapesEval", "| **overall** |", "## Tokenizer ceiling", "## Tokenizer reconstruction", "| continuous |",
-                   "## Hybrid vs discrete-only", "## Targets", "## Training"):
+    for needle in (
+        "## ShapesEval",
+        "| **overall** |",
+        "## Tokenizer ceiling",
+        "## Tokenizer reconstruction",
+        "| continuous |",
+        "## Hybrid vs discrete-only",
+        "## Targets",
+        "## Training",
+    ):
         assert needle in card
     gain = results["hybrid_vs_discrete"]["hybrid"]["psnr"] - results["hybrid_vs_discrete"]["discrete"]["psnr"]
     row = next(line for line in card.splitlines() if line.startswith("| hybrid beats discrete-only"))
@@ -91,6 +144,7 @@ def test_target_rows_mark_met_and_missed():
     assert rows["continuous PSNR at 512 px within 1.5 dB of 256 px"] == ("-2.00 dB", False)
     assert rows["discrete PSNR at 512 px within 1.5 dB of 256 px"] == ("-0.50 dB", True)
     assert rows["hybrid beats discrete-only (PSNR vs the rendered scene)"][1]
+
     def ceiling(truth, cont, disc, size=256):
         paths = {"truth": truth, "continuous": cont, "hybrid": cont, "discrete": disc}
         return {"size": size, "paths": {p: {"overall": v} for p, v in paths.items()}}
@@ -99,9 +153,13 @@ def test_target_rows_mark_met_and_missed():
     assert rows["tokenizer ceiling, truth path >= 1.00"] == ("1.000", True)
     assert rows["tokenizer ceiling, continuous path >= 0.97"] == ("0.970", True)
     assert rows["tokenizer ceiling, discrete path >= 0.92"] == ("0.900", False)
-    assert not any(t.startswith("tokenizer ceiling")
-                   for t, _, _ in target_rows({**results, "tokenizer_ceiling": ceiling(1, 1, 1, size=128)}))
+    assert not any(
+        t.startswith("tokenizer ceiling")
+        for t, _, _ in target_rows({**results, "tokenizer_ceiling": ceiling(1, 1, 1, size=128)})
+    )
     # ShapesEval targets only count on ShapesEval's prompts at 256 px and 12 steps
     for other in ({"prompts": "tuning"}, {"size": 128}, {"steps": 8}):
-        assert not any(t.startswith("ShapesEval") or t.startswith("no ShapesEval")
-                       for t, _, _ in target_rows({**results, **other}))
+        assert not any(
+            t.startswith("ShapesEval") or t.startswith("no ShapesEval")
+            for t, _, _ in target_rows({**results, **other})
+        )

@@ -45,7 +45,10 @@ def test_v2_changes_the_tokenizer_recipe_only_where_it_says():
     assert v2.pipeline.tokenizer.codebook_size == v2.pipeline.generator.codebook_size > 1024
     assert v2.tokenizer.ceiling_seeds
     # the discrete stage sees more images than v1 (v1: 4 crops of 128 px = one 256 px image)
-    assert v2.tokenizer.stage_steps[1] * v2.tokenizer.batch > v1.tokenizer.stage_steps[1] * v1.tokenizer.batch // 4
+    assert (
+        v2.tokenizer.stage_steps[1] * v2.tokenizer.batch
+        > v1.tokenizer.stage_steps[1] * v1.tokenizer.batch // 4
+    )
     assert v2.generator == v1.generator
     assert v2.pipeline.text_encoder == v1.pipeline.text_encoder
     assert replace(v2.pipeline.tokenizer, codebook_size=1024) == v1.pipeline.tokenizer
@@ -53,8 +56,10 @@ def test_v2_changes_the_tokenizer_recipe_only_where_it_says():
 
 def test_v2_weights_fit_the_40_mb_budget():
     p = TINY_SHAPES_V2.pipeline
-    n = sum(sum(x.numel() for x in m.parameters())
-            for m in (DCHT(p.tokenizer), DCARTransformer(p.generator), TextEncoder.from_config(p.text_encoder)))
+    n = sum(
+        sum(x.numel() for x in m.parameters())
+        for m in (DCHT(p.tokenizer), DCARTransformer(p.generator), TextEncoder.from_config(p.text_encoder))
+    )
     assert n * 4 <= 40e6, n  # stored float32
 
 
@@ -63,9 +68,22 @@ def _rows(path):
 
 
 def test_v2_recipe_at_toy_size_resumes_step_for_step(tmp_path):
-    toy = replace(CI, name="ci-v2", tokenizer=replace(
-        TINY_SHAPES_V2.tokenizer, render_size=64, crop=64, batch=2, stage_steps=(2, 3, 3), warmup=1,
-        restart_every=2, disc_start=0.5, val_images=1, ceiling_seeds=(0,)))
+    toy = replace(
+        CI,
+        name="ci-v2",
+        tokenizer=replace(
+            TINY_SHAPES_V2.tokenizer,
+            render_size=64,
+            crop=64,
+            batch=2,
+            stage_steps=(2, 3, 3),
+            warmup=1,
+            restart_every=2,
+            disc_start=0.5,
+            val_images=1,
+            ceiling_seeds=(0,),
+        ),
+    )
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train_tokenizer(toy, straight, SINGLE, ci_options())
     for stop in (1, 4, 7):  # inside each stage
@@ -81,8 +99,13 @@ def test_v2_recipe_at_toy_size_resumes_step_for_step(tmp_path):
 
 
 def test_make_train_tiny_trains_v2_into_the_embedded_weights():
-    out = subprocess.run(["make", "-n", "--no-print-directory", "train-tiny"], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.replace("\\\n", " ")
+    out = subprocess.run(
+        ["make", "-n", "--no-print-directory", "train-tiny"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
     commands = [shlex.split(line) for line in out.splitlines() if " train " in line or " eval " in line]
     kinds = [c[c.index("train") + 1] if "train" in c else "eval" for c in commands]
     assert kinds == ["tokenizer", "generator", "export", "eval"]
@@ -92,4 +115,6 @@ def test_make_train_tiny_trains_v2_into_the_embedded_weights():
     assert export[export.index("--out") + 1] == "weights/dcar-tiny-shapes"
     assert export[export.index("--name") + 1] == "dcar-tiny-shapes"
     runs = {c[c.index(flag) + 1] for c in commands for flag in ("--out", "--tokenizer") if flag in c}
-    assert "runs/tiny-shapes-v2/tokenizer" in runs and not any(r.startswith("runs/tiny-shapes/") for r in runs)
+    assert "runs/tiny-shapes-v2/tokenizer" in runs and not any(
+        r.startswith("runs/tiny-shapes/") for r in runs
+    )

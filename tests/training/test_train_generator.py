@@ -55,11 +55,16 @@ def test_caption_variants_stay_true_to_the_scene():
             text = caption_variant(scene, rng)
             parsed = parse_caption(text)  # raises on anything outside the templates
             assert sorted((p.shape, p.color, p.count) for p in parsed.phrases) == sorted(
-                (p.shape, p.color, p.count) for p in d.phrases)
+                (p.shape, p.color, p.count) for p in d.phrases
+            )
             first = (parsed.phrases[0].shape, parsed.phrases[0].color)
             if d.relation is not None and first != (d.phrases[0].shape, d.phrases[0].color):
-                mirror = {"above": "below", "below": "above", "to the left of": "to the right of",
-                          "to the right of": "to the left of"}
+                mirror = {
+                    "above": "below",
+                    "below": "above",
+                    "to the left of": "to the right of",
+                    "to the right of": "to the left of",
+                }
                 assert parsed.relation == mirror[d.relation]
 
 
@@ -107,8 +112,9 @@ def test_a_few_steps_reduce_the_loss(tmp_path, ci_preset, ci_tokenizer_run, ci_d
 def test_resume_repeats_the_uninterrupted_run(tmp_path, ci_preset, ci_tokenizer_run, ci_data):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train_generator(ci_preset, ci_tokenizer_run, ci_data, straight, SINGLE, ci_options())
-    assert train_generator(ci_preset, ci_tokenizer_run, ci_data, broken, SINGLE,
-                           ci_options(stop_at=3)) == {"stopped_at": 3}
+    assert train_generator(ci_preset, ci_tokenizer_run, ci_data, broken, SINGLE, ci_options(stop_at=3)) == {
+        "stopped_at": 3
+    }
     train_generator(ci_preset, ci_tokenizer_run, ci_data, broken, SINGLE, ci_options())
     a = list(csv.DictReader((straight / "losses.csv").open()))
     b = list(csv.DictReader((broken / "losses.csv").open()))

@@ -65,7 +65,9 @@ def test_stage3_freezes_encoder_and_codebook(tmp_path, ci_preset):
     for key, value in before["model"].items():
         if key.startswith(("encoder.", "quantize.")):
             assert torch.equal(value, after[key]), key
-    changed = [k for k, v in before["model"].items() if k.startswith("decoder.") and not torch.equal(v, after[k])]
+    changed = [
+        k for k, v in before["model"].items() if k.startswith("decoder.") and not torch.equal(v, after[k])
+    ]
     assert len(changed) > 10
 
 

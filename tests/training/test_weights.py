@@ -15,8 +15,14 @@ MAX_BYTES = 40 * 1024 * 1024
 def test_directory_is_small_and_complete():
     files = [p for p in DEFAULT_WEIGHTS.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < MAX_BYTES
-    for name in ("model_index.json", "README.md", "samples.png", "tokenizer/model.safetensors",
-                 "generator/model.safetensors", "text_encoder/config.json"):
+    for name in (
+        "model_index.json",
+        "README.md",
+        "samples.png",
+        "tokenizer/model.safetensors",
+        "generator/model.safetensors",
+        "text_encoder/config.json",
+    ):
         assert (DEFAULT_WEIGHTS / name).is_file(), name
 
 

@@ -49,7 +49,9 @@ def test_generate_streams_progress_then_the_final_image(desktop, server, ui_pipe
     page.locator("#prompt").press("Control+Enter")
     page.wait_for_function("() => Number(document.getElementById('gen-viewer').dataset.progressEvents) >= 3")
     assert page.locator("#gen-viewer").get_attribute("data-state") == "running"
-    assert re.match(r"Step \d+ of 12 · \d+ of \d+ tokens revealed", page.locator("#gen-viewer .v-caption").inner_text())
+    assert re.match(
+        r"Step \d+ of 12 · \d+ of \d+ tokens revealed", page.locator("#gen-viewer .v-caption").inner_text()
+    )
     assert page.locator("#gen-viewer .v-preview").get_attribute("src").startswith("data:image/png;base64,")
     page.screenshot(path=tmp_path / "2-progress.png", full_page=True)
     step_hook.delay = 0.0
@@ -77,7 +79,9 @@ def test_generate_streams_progress_then_the_final_image(desktop, server, ui_pipe
     download = card.get_by_role("link", name=re.compile("^Download"))
     assert download.get_attribute("download") == f"dcar-generate-{seed}.png"
     assert image_of_data_url(download.get_attribute("href")).size == (native, native)
-    page.wait_for_function("() => Number(document.getElementById('st-rate').textContent) > 0")  # images/s, last minute
+    page.wait_for_function(
+        "() => Number(document.getElementById('st-rate').textContent) > 0"
+    )  # images/s, last minute
     card.get_by_role("button", name=re.compile("^Use as edit input")).click()
     page.wait_for_selector("#paint[data-loaded]")
     assert page.locator("#tab-edit").get_attribute("aria-selected") == "true"
@@ -162,10 +166,12 @@ def test_edit_keeps_the_unmasked_half(desktop, ui_pipe, tmp_path):
     result = np.asarray(image_of_data_url(page.locator("#edit-result").get_attribute("src")).convert("RGB"))
     assert result.shape == pixels.shape
     assert np.array_equal(result[:, : w // 2], pixels[:, : w // 2])  # unmasked half: the input's own pixels
-    assert not np.array_equal(result[:, w // 2:], pixels[:, w // 2:])  # masked half: regenerated
+    assert not np.array_equal(result[:, w // 2 :], pixels[:, w // 2 :])  # masked half: regenerated
     # The result sits beside the input.
     paint, shown = page.locator("#paint").bounding_box(), page.locator("#edit-result").bounding_box()
-    assert shown["x"] >= paint["x"] + paint["width"] - 1 and abs(shown["y"] - paint["y"]) < paint["height"] / 2
+    assert (
+        shown["x"] >= paint["x"] + paint["width"] - 1 and abs(shown["y"] - paint["y"]) < paint["height"] / 2
+    )
     assert page.locator("#gallery .card").first.locator(".card-params").inner_text().startswith("edit")
 
 
@@ -175,8 +181,14 @@ def test_api_errors_are_shown_in_the_apis_words(desktop, server, tmp_path):
     page.fill("#steps", "80")
     page.click("#run")
     page.wait_for_selector("#error:not([hidden])")
-    api = httpx.post(f"{server}/v1/generate", json={"prompt": "a green triangle", "steps": 80}).json()["error"]
-    assert page.locator("#error-message").inner_text() == api["message"] == "steps must be between 1 and 50, got 80"
+    api = httpx.post(f"{server}/v1/generate", json={"prompt": "a green triangle", "steps": 80}).json()[
+        "error"
+    ]
+    assert (
+        page.locator("#error-message").inner_text()
+        == api["message"]
+        == "steps must be between 1 and 50, got 80"
+    )
     assert "HTTP 400 · invalid_value · field: steps" in page.locator("#error-detail").inner_text()
     assert page.locator("#steps").get_attribute("aria-invalid") == "true"
     assert page.locator("#retry").is_hidden()  # nothing to retry: the input must change
@@ -187,7 +199,9 @@ def test_api_errors_are_shown_in_the_apis_words(desktop, server, tmp_path):
     page.fill("#steps", "2")
     page.fill("#prompt", long_prompt)
     page.click("#run")
-    page.wait_for_function("() => document.getElementById('error-message').textContent.startsWith('prompt is')")
+    page.wait_for_function(
+        "() => document.getElementById('error-message').textContent.startsWith('prompt is')"
+    )
     api = httpx.post(f"{server}/v1/generate", json={"prompt": long_prompt, "steps": 2}).json()["error"]
     assert page.locator("#error-message").inner_text() == api["message"]
     assert "prompts are never truncated" in api["message"]
@@ -259,7 +273,9 @@ def test_a_server_with_api_keys_asks_for_the_key(browser, ui_pipe, hook, tmp_pat
             page.goto(url + "/")
             page.wait_for_selector("#error:not([hidden])")
             assert page.locator("#error-message").inner_text() == "Authorization: Bearer <key> is required"
-            page.wait_for_function("() => document.getElementById('st-state').textContent === 'API key needed'")
+            page.wait_for_function(
+                "() => document.getElementById('st-state').textContent === 'API key needed'"
+            )
             page.screenshot(path=tmp_path / "1-key-needed.png", full_page=True)
             assert page.locator("details.connection").get_attribute("open") is not None  # opened for the key
             assert page.locator("#api-key").get_attribute("aria-invalid") == "true"

@@ -32,15 +32,19 @@ def test_a_full_queue_shows_retry_after_and_the_user_can_try_again(browser, ui_p
         if state.rows[0].params.prompt != "warm-up":
             gate.wait(30)
 
-    with live_server(ui_pipe, max_batch_size=1, max_queue=1, max_n=1, max_wait_ms=0) as (url, app), \
-            ThreadPoolExecutor(2) as pool:
+    with (
+        live_server(ui_pipe, max_batch_size=1, max_queue=1, max_n=1, max_wait_ms=0) as (url, app),
+        ThreadPoolExecutor(2) as pool,
+    ):
         page, watch = open_page(browser, url)
         try:
             step_hook.fail = hold
             body = {"prompt": "runs", "steps": 2}
             running = pool.submit(httpx.post, f"{url}/v1/generate", json=body, timeout=60)
             wait_until(lambda: status(url)["rows_running"] == 1)
-            queued = pool.submit(httpx.post, f"{url}/v1/generate", json={**body, "prompt": "waits"}, timeout=60)
+            queued = pool.submit(
+                httpx.post, f"{url}/v1/generate", json={**body, "prompt": "waits"}, timeout=60
+            )
             wait_until(lambda: status(url)["queue_size"] == 1)
 
             page.fill("#prompt", "one too many")
@@ -54,7 +58,9 @@ def test_a_full_queue_shows_retry_after_and_the_user_can_try_again(browser, ui_p
             assert note.startswith("Retry-After: ") and int(note.split()[1]) >= 1
             assert page.locator("#run").is_enabled()  # not stuck in a busy state
             assert page.locator("#retry").is_visible()
-            page.wait_for_function("() => document.getElementById('st-queue').textContent.startsWith('1 waiting')")
+            page.wait_for_function(
+                "() => document.getElementById('st-queue').textContent.startsWith('1 waiting')"
+            )
             page.screenshot(path=tmp_path / "1-queue-full.png", full_page=True)
 
             gate.set()
@@ -69,7 +75,8 @@ def test_a_full_queue_shows_retry_after_and_the_user_can_try_again(browser, ui_p
             page.click("#run")
             page.wait_for_selector("#error:not([hidden])")
             assert page.locator("#error-message").inner_text() == (
-                "the server is shutting down and accepts no new requests")
+                "the server is shutting down and accepts no new requests"
+            )
             assert page.locator("#error-detail").inner_text().startswith("HTTP 503 · shutting_down")
             assert page.locator("#retry").is_visible() and page.locator("#run").is_enabled()
             assert page.locator("#gen-viewer").get_attribute("data-state") == "done"  # the last image stays

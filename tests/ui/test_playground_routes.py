@@ -45,8 +45,14 @@ def test_every_static_file_is_listed_and_packaged():
 def test_no_script_turns_text_into_markup():
     for path in STATIC_DIR.glob("*.js"):
         code = path.read_text()
-        for sink in (r"\.innerHTML\b", r"\.outerHTML\b", r"insertAdjacentHTML\(", r"document\.write",
-                     r"\beval\(", r"new Function\("):
+        for sink in (
+            r"\.innerHTML\b",
+            r"\.outerHTML\b",
+            r"insertAdjacentHTML\(",
+            r"document\.write",
+            r"\beval\(",
+            r"new Function\(",
+        ):
             assert not re.search(sink, code), f"{path.name} uses {sink}"
 
 
@@ -58,9 +64,11 @@ def test_status_reports_model_queue_and_images_per_second(ui_pipe, hook):
         assert before["queue_size"] == 0 and before["rows_running"] == 0 and before["window_s"] == 60
         assert before["images_per_second"] == 0  # the warm-up is not a delivered image
         native = ui_pipe.config.sampling.size
-        assert before["defaults"] == {"steps": ui_pipe.config.sampling.steps,
-                                      "guidance_scale": ui_pipe.config.sampling.guidance_scale,
-                                      "size": f"{native}x{native}"}
+        assert before["defaults"] == {
+            "steps": ui_pipe.config.sampling.steps,
+            "guidance_scale": ui_pipe.config.sampling.guidance_scale,
+            "size": f"{native}x{native}",
+        }
         assert before["limits"]["max_steps"] == 50 and before["limits"]["sizes"] == [f"{native}x{native}"]
         r = client.post("/v1/generate", json={"prompt": "two", "n": 2, "steps": 2})
         assert r.status_code == 200

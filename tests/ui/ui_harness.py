@@ -14,8 +14,16 @@ from dcar.model.pipeline import INDEX
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "dcar-tiny-shapes"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
@@ -40,7 +48,9 @@ class PageWatch:
         page.on("request", lambda r: self.requests.append(r.url))
 
 
-def open_page(browser: Browser, url: str, viewport: dict = DESKTOP, **context_options) -> tuple[Page, PageWatch]:
+def open_page(
+    browser: Browser, url: str, viewport: dict = DESKTOP, **context_options
+) -> tuple[Page, PageWatch]:
     """The playground in a fresh context (own localStorage), once the status strip says ready and the sizes
     arrived from /v1/models."""
     context = browser.new_context(viewport=viewport, **context_options)
