@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from contextlib import contextmanager
 
-import httpx
 import uvicorn
-from server_harness import settings
+from server_harness import settings, wait_until_ready
 
 from dcar.model.pipeline import Pipeline
 from dcar.server.app import create_app
@@ -30,16 +28,7 @@ def live_dcar(pipe: Pipeline, **overrides):
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300  # a loaded machine warms up slowly
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise AssertionError("live server did not become ready")
+        wait_until_ready(url, timeout=300)  # a loaded machine warms up slowly
         yield url, app
     finally:
         server.should_exit = True

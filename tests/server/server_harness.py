@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -68,16 +72,7 @@ def live_server(pipe: Pipeline, **overrides):
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise AssertionError("live server did not become ready")
+        wait_until_ready(url, timeout=60)
         yield url, app
     finally:
         server.should_exit = True
@@ -143,3 +138,55 @@ class StepHook:
         if self.delay:
             time.sleep(self.delay)
         return self.original(state)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url``/readyz until 200; fails early if ``proc`` (the server process) exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc is None or proc.poll() is None, "the server exited during startup"
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not become ready within {timeout:.0f} s")
+
+
+def start_dcar_serve(
+    log_path: Path, *args: str, env: dict | None = None
+) -> tuple[str, subprocess.Popen, object]:
+    """A real ``dcar serve`` process (``preset:tiny`` unless ``--weights`` is given) on a free port, ready.
+
+    Returns (base URL, process, log file open for reading and writing); the caller stops the process.
+    """
+    port = free_port()
+    weights = [] if "--weights" in args else ["--weights", "preset:tiny"]
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcar.server.serve", *weights, "--port", str(port), *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, proc=proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        log.seek(0)
+        print(log.read())
+        raise
+    return url, proc, log

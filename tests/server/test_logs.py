@@ -7,54 +7,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from server_harness import serve
-from test_shutdown import REPO, free_port
+from server_harness import serve, start_dcar_serve
 
 KEY = "sk-log-test-key-123"
 
 
 def test_json_logs_one_record_per_finished_request(tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DCAR_LOG_FORMAT": "json"}
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dcar.server.serve",
-            "--weights",
-            "preset:tiny",
-            "--port",
-            str(port),
-            "--no-warmup",
-            "--api-key",
-            KEY,
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    url, proc, log = start_dcar_serve(
+        tmp_path / "serve.log", "--no-warmup", "--api-key", KEY, env={"DCAR_LOG_FORMAT": "json"}
     )
     auth = {"Authorization": f"Bearer {KEY}"}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
         ok = httpx.post(
             f"{url}/v1/generate",
             json={"prompt": "secret prompt", "n": 2, "steps": 2},

@@ -4,12 +4,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
@@ -19,8 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from server_harness import serve
-from test_shutdown import REPO, free_port
+from server_harness import serve, start_dcar_serve
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -105,40 +100,12 @@ class Collector(BaseHTTPRequestHandler):
 def test_dcar_serve_exports_spans_over_otlp_http(tmp_path):
     collector = HTTPServer(("127.0.0.1", 0), Collector)
     threading.Thread(target=collector.serve_forever, daemon=True).start()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "DCAR_OTEL_ENDPOINT": f"http://127.0.0.1:{collector.server_port}",
-    }
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dcar.server.serve",
-            "--weights",
-            "preset:tiny",
-            "--port",
-            str(port),
-            "--no-warmup",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    url, proc, log = start_dcar_serve(
+        tmp_path / "serve.log",
+        "--no-warmup",
+        env={"DCAR_OTEL_ENDPOINT": f"http://127.0.0.1:{collector.server_port}"},
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.1)
         r = httpx.post(
             f"{url}/v1/generate",
             json={"prompt": "exported", "steps": 2},
