@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,17 +29,13 @@ from pathlib import Path
 import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
+from server_process import benchmark_env, free_port  # benchmarks/ is on sys.path when a script runs
+from server_process import start_server as serve_child
 
 from dcar.server.runtime import load_pipeline
 from dcar.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -109,18 +104,8 @@ async def level(url: str, concurrency: int, requests: int, steps: int | None) ->
 
 
 def child_env(args) -> dict[str, str]:
-    """Environment of the measured processes (server and direct baseline): the same for both.
-
-    OpenMP's default active spin-wait makes a 2-thread CPU run up to ~100x slower while another process
-    keeps a core busy (seen on shared 2-core hosts); ``--omp-wait-policy PASSIVE`` (the default) avoids it.
-    """
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    if args.omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    return env
+    """Environment of the measured processes (server and direct baseline): the same for both."""
+    return benchmark_env(args.omp_wait_policy)
 
 
 def measure_direct(args, levels: list[int]) -> tuple[float, dict[int, float]]:
@@ -148,16 +133,11 @@ def measure_direct(args, levels: list[int]) -> tuple[float, dict[int, float]]:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "dcar.server.serve",
+    serve_args = [
         "--weights",
         args.weights,
         "--device",
         args.device,
-        "--port",
-        str(port),
         "--max-batch-size",
         str(args.max_batch_size),
         "--max-wait-ms",
@@ -166,22 +146,8 @@ def start_server(args, port: int) -> subprocess.Popen:
         str(max(256, 4 * args.max_batch_size)),
         "--log-level",
         "warning",
-    ]
-    if args.dtype:
-        cmd += ["--dtype", args.dtype]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(args))
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} during startup")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready in 600 s")
+    ] + (["--dtype", args.dtype] if args.dtype else [])
+    return serve_child(port, serve_args, child_env(args), timeout=600)
 
 
 def main() -> None:

@@ -16,13 +16,12 @@ import argparse
 import asyncio
 import os
 import sys
-from types import SimpleNamespace
 
 import httpx
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from soak import free_port, start_server  # noqa: E402  (a sibling script)
+from server_process import benchmark_env, free_port, start_server  # noqa: E402  (a sibling module)
 
 
 async def bursts(url: str, shapes: list[int], rounds: int, steps: int, server: psutil.Process) -> list[float]:
@@ -72,11 +71,9 @@ def main() -> None:
             ("max_queue_delay_s", "600"),
             ("max_wait_ms", "200"),
         ]  # a burst starts as one batch
-        server_args = SimpleNamespace(
-            weights=args.weights, device=args.device, set=settings, log_level="warning"
-        )
         port = free_port()
-        proc = start_server(server_args, port)
+        serve_args = ["--weights", args.weights, "--device", args.device, "--log-level", "warning"]
+        proc = start_server(port, serve_args, benchmark_env(**dict(settings)))
         try:
             runs[trim] = asyncio.run(
                 bursts(f"http://127.0.0.1:{port}", shapes, args.rounds, args.steps, psutil.Process(proc.pid))

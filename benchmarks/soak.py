@@ -23,22 +23,20 @@ import asyncio
 import math
 import os
 import random
-import socket
 import statistics
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
+from server_process import benchmark_env, free_port  # benchmarks/ is on sys.path when a script runs
+from server_process import start_server as serve_child
 
 from dcar.server.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "a red circle",
     "a blue square on the left",
@@ -60,10 +58,12 @@ class Outcome:
     queue_wait: float | None = None  # the server's timings.queue_wait: from admission to a batch slot
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(args, port: int) -> subprocess.Popen:
+    return serve_child(
+        port,
+        ["--weights", args.weights, "--device", args.device, "--log-level", args.log_level],
+        benchmark_env(**dict(args.set)),
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -78,42 +78,6 @@ def gauges(text: str) -> dict[str, float]:
             if not s.labels:
                 out[s.name] = s.value
     return out
-
-
-def start_server(args, port: int) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "OMP_WAIT_POLICY": "PASSIVE",
-    }  # see benchmarks/load.py: an active spin-wait starves a shared CPU
-    for name, value in args.set:
-        env[f"DCAR_{name.upper()}"] = value
-    cmd = [
-        sys.executable,
-        "-m",
-        "dcar.server.serve",
-        "--weights",
-        args.weights,
-        "--device",
-        args.device,
-        "--port",
-        str(port),
-        "--log-level",
-        args.log_level,
-    ]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} during startup")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready in 900 s")
 
 
 async def post(client: httpx.AsyncClient, i: int, args, t0: float) -> Outcome:
