@@ -52,7 +52,11 @@ def test_a_full_queue_shows_retry_after_and_the_user_can_try_again(browser, ui_p
             page.click("#run")
             page.wait_for_selector("#error:not([hidden])")
             message = page.locator("#error-message").inner_text()
-            assert message.startswith("the queue holds 1 of max_queue=1 rows and cannot take n=1 more")
+            # the API's own words, shown verbatim
+            assert message.startswith(
+                "1 rows wait for a slot and the running batch has 0 free; n=1 more would exceed"
+            )
+            assert "max_queue=1" in message
             assert page.locator("#error-detail").inner_text().startswith("HTTP 429 · queue_full")
             note = page.locator("#error-retry").inner_text()
             assert note.startswith("Retry-After: ") and int(note.split()[1]) >= 1
