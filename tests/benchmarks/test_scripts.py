@@ -43,23 +43,28 @@ def table_rows(out: str, first_cell: str) -> list[list[str]]:
 def test_gpu_script_on_cpu_with_the_tiny_preset(tmp_path):
     plot = tmp_path / "gpu.png"
     out = run_script(
-        "gpu", "--tiny", "--device", "cpu", "--batches", "1,2", "--repeat", "1", "--plot", str(plot)
-    )
+        "gpu",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--batches",
+        "1,2",
+        "--modes",
+        "eager",
+        "--repeat",
+        "1",
+        "--plot",
+        str(plot),
+    )  # the compiled modes run at toy size in the device-check test
     assert re.search(r"matmul ceiling \(256\^3, float32\): [0-9.]+ TFLOP/s", out)
     assert re.search(r"FLOPs per image: unmask [0-9.]+ G, head [0-9.]+ G, decode [0-9.]+ G", out)
-    rows = table_rows(out, "eager") + table_rows(out, "compiled")
-    assert [(r[0], r[1]) for r in rows] == [
-        ("eager", "1"),
-        ("eager", "2"),
-        ("compiled", "1"),
-        ("compiled", "2"),
-    ]
+    rows = table_rows(out, "eager")
+    assert [(r[0], r[1]) for r in rows] == [("eager", "1"), ("eager", "2")]
     for r in rows:
         assert r[-1] == "yes"  # every output finite
         values = [float(v) for v in r[2:-1]]
         assert all(v >= 0 and v == v for v in values)
         assert float(r[3]) > 0  # images/s
-    assert "compiled / eager latency" in out
     assert plot.stat().st_size > 1000
 
 
