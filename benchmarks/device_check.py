@@ -238,16 +238,7 @@ def main() -> int:
     say("|---|---|---|---|---|---|---|---|")
     speed = []
     for mode in args.modes.split(","):
-        pipe = Pipeline(
-            base.config,
-            base.tokenizer,
-            base.generator,
-            base.text_encoder,
-            name=mode,
-            device=device,
-            dtype=dtype,
-            options=MODES[mode],
-        )
+        pipe = base.with_options(MODES[mode], name=mode)
         for b in batches:
             if time.monotonic() - t_start > args.budget_s:
                 say(f"| {mode} | {b} | skipped (time budget) | | | | | |")

@@ -128,16 +128,7 @@ def main() -> None:
     base = Pipeline.from_config(cfg, device=device, dtype=dtype, name="random")
     for mode in modes:
         options = SamplerOptions(compile=(mode == "compiled"))
-        pipe = Pipeline(
-            base.config,
-            base.tokenizer,
-            base.generator,
-            base.text_encoder,
-            name=mode,
-            device=device,
-            dtype=dtype,
-            options=options,
-        )
+        pipe = base.with_options(options, name=mode)
         for b in batches:
             rows.append((mode, b, run_case(pipe, size, b, args.repeat)))
 

@@ -231,6 +231,19 @@ class Pipeline:
         }
         (path / INDEX).write_text(json.dumps(index, indent=1))
 
+    def with_options(self, options: SamplerOptions, name: str | None = None) -> Pipeline:
+        """The same modules (shared, not copied) with another ``SamplerOptions``, e.g. eager vs compiled."""
+        return Pipeline(
+            self.config,
+            self.tokenizer,
+            self.generator,
+            self.text_encoder,
+            name=name or self.name,
+            device=self.device,
+            dtype=self.dtype,
+            options=options,
+        )
+
     # --- use ---------------------------------------------------------------------------------------
 
     def params(self, prompt: str, **overrides) -> SamplingParams:

@@ -3,27 +3,9 @@ table is printed and its numbers add up. They assert nothing about speed."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run_script(name: str, *args: str) -> str:
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+from tests.benchmarks.test_scripts import run_script
 
 
 def test_soak_prints_outcomes_latency_rss_and_recovery():
