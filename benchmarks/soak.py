@@ -149,6 +149,7 @@ async def sample(
                 proc.memory_info().rss / 2**20,
                 g.get("dcar_queue_size", float("nan")),
                 g.get("dcar_rows_running", float("nan")),
+                g.get("dcar_admission_margin_seconds", float("nan")),
             )
         )
         try:
@@ -205,7 +206,7 @@ async def soak(url: str, args, server: psutil.Process) -> None:
         stop_sampling.set()
         await sampler
         info = gauges((await client.get("/metrics")).text)
-    report(args, outcomes, skipped, probe, idle_after, samples, full_latency, info)
+    report(args, outcomes, skipped, probe, idle_after, samples, (rate_cap, full_latency), info)
 
 
 def report(
@@ -215,9 +216,10 @@ def report(
     probe: tuple,
     idle_after: float,
     samples: list,
-    full_latency: float,
+    measured: tuple[float, float],
     info: dict,
 ) -> None:
+    rate_cap, full_latency = measured
     kinds = Counter()
     for o in outcomes:
         if o.status == 200:
@@ -241,6 +243,11 @@ def report(
 
     ok = [o for o in outcomes if o.status == 200]
     refused = [o for o in outcomes if o.status == 429]
+    served = len(ok) / args.duration
+    print(
+        f"\nserved {len(ok)} images for {args.duration:g} s of load: {served:.2f} images/s, "
+        f"{served / rate_cap:.0%} of the measured capacity"
+    )
     delay = float(dict(args.set).get("max_queue_delay_s", Settings.model_fields["max_queue_delay_s"].default))
     print("\n| successes, seconds | p50 | p90 | p99 | max |\n|---|---|---|---|---|")
     parts = [
@@ -273,10 +280,14 @@ def report(
             f"Retry-After p50 {percentile(ra, 50):g} s, max {max(ra):g} s, {len(set(ra))} distinct values"
         )
 
-    print("\n| t (s) | server RSS (MiB) | rows queued | rows running |\n|---|---|---|---|")
+    print(
+        "\n| t (s) | server RSS (MiB) | rows queued | rows running | admission margin (s) |\n|---|---|---|---|---|"
+    )
     step = max(1, len(samples) // 12)
-    for t, rss, queued, running in samples[::step] + ([samples[-1]] if len(samples) % step != 1 else []):
-        print(f"| {t:.0f} | {rss:.0f} | {queued:.0f} | {running:.0f} |")
+    for t, rss, queued, running, margin in samples[::step] + (
+        [samples[-1]] if len(samples) % step != 1 else []
+    ):
+        print(f"| {t:.0f} | {rss:.0f} | {queued:.0f} | {running:.0f} | {margin:.2f} |")
     rss = [s[1] for s in samples]
     print(f"\nRSS: min {min(rss):.0f} MiB, max {max(rss):.0f} MiB, last {rss[-1]:.0f} MiB")
     seconds, attempts, last = probe

@@ -7,10 +7,12 @@ waiting) and its measured costs (server/forecast.py). In order:
    ``max_queue`` rows; rows that fit the running batch never count as queued.
 2. ``timeout_too_short`` (400) when the request could not finish in its timeout even on an idle engine:
    retrying cannot help.
-3. ``queue_full`` (429) when the request's last row would wait longer than ``max_queue_delay_s`` for a slot:
-   this bounds the backlog in seconds, so the latency of accepted work stays bounded under any load and
-   recovers within about that much once the load stops.
-4. ``deadline_unmeetable`` (429) when it would finish after its deadline.
+3. ``queue_full`` (429) when the request's last row would wait longer than ``max_queue_delay_s`` for a slot,
+   counting the forecast's margin (``Limits.margin_s``, server/forecast.py ``Lateness``): the wait plus the
+   margin must fit. So an accepted request takes at most about ``max_queue_delay_s`` plus its own time in the
+   batch, with the margin's quantile as the confidence; the backlog is bounded in seconds, and latency
+   recovers within about that much once the load stops. A request that fits a free slot now always passes.
+4. ``deadline_unmeetable`` (429) when it would finish after its deadline, margin included.
 
 Every 429 carries ``Retry-After``: the predicted seconds until the same request would pass (the queue has
 shrunk below the limit, or the backlog has shrunk enough for the deadline), rounded up, at least 1.
@@ -32,6 +34,9 @@ class Limits:
     cap: int
     max_queue: int
     max_queue_delay_s: float
+    margin_s: float = (
+        0.0  # seconds added to the forecast: how late recent requests finished (a high quantile)
+    )
 
 
 @dataclass(frozen=True)
@@ -97,26 +102,28 @@ def admit_or_refuse(
             reason="invalid",
         )
     delay = fc.admitted[-1]
-    if delay > limits.max_queue_delay_s:
+    allowed = max(0.0, limits.max_queue_delay_s - limits.margin_s)
+    if delay > allowed:
         raise ApiError(
             429,
             "queue_full",
-            f"the work ahead of this request would keep it waiting {delay:.1f} s for "
-            f"a slot; the limit is max_queue_delay_s={limits.max_queue_delay_s:g}; retry after "
-            f"{max(1, math.ceil(delay - limits.max_queue_delay_s))} s",
-            headers=retry_after(delay - limits.max_queue_delay_s),
+            f"the work ahead of this request would keep it waiting {delay:.1f} s for a slot; the limit is "
+            f"max_queue_delay_s={limits.max_queue_delay_s:g} less the forecast's margin of "
+            f"{limits.margin_s:.1f} s; retry after {max(1, math.ceil(delay - allowed))} s",
+            headers=retry_after(delay - allowed),
             reason="queue_full",
         )
     done = max(fc.finished[-req.rows :])
-    if done > req.remaining:
+    late = done + limits.margin_s
+    if late > req.remaining:
         raise ApiError(
             429,
             "deadline_unmeetable",
-            f"predicted completion in {done:.2f} s exceeds timeout="
+            f"predicted completion in {done:.2f} s (+{limits.margin_s:.2f} s margin) exceeds timeout="
             f"{req.timeout:g} s ({req.remaining:.2f} s left); retry after "
-            f"{max(1, math.ceil(done - req.remaining))} s or allow more time",
+            f"{max(1, math.ceil(late - req.remaining))} s or allow more time",
             param="timeout",
-            headers=retry_after(done - req.remaining),
+            headers=retry_after(late - req.remaining),
             reason="deadline",
         )
     return done

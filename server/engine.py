@@ -39,7 +39,7 @@ from dcar.server.admission import Limits, Request, admit_or_refuse, retry_after
 from dcar.server.batching import BatchPolicy
 from dcar.server.errors import ApiError
 from dcar.server.failures import failure_error, failure_reason
-from dcar.server.forecast import CostModel, forecast
+from dcar.server.forecast import CostModel, Lateness, forecast
 from dcar.server.jobs import Job, Progress, RowSpec, Ticket
 from dcar.server.memory import HeapTrimmer
 from dcar.server.worker import ModelWorker, Outcome, Plan
@@ -65,6 +65,7 @@ class Engine:
         max_queue: int,
         metrics,
         max_queue_delay_s: float = 2.0,
+        admission_quantile: float = 0.99,
         trim_heap: bool = True,
         preview_size: int = 64,
         probe_size: tuple[int, int] | None = None,
@@ -72,6 +73,7 @@ class Engine:
         self.pipe = pipe
         self.policy = BatchPolicy(max_batch_size, max_wait_s)
         self.costs = CostModel()
+        self.lateness = Lateness(admission_quantile)
         self.max_queue = max_queue
         self.max_queue_delay_s = max_queue_delay_s
         self.metrics = metrics
@@ -281,7 +283,13 @@ class Engine:
         n, p = len(job.params), job.params[0]
         grid = self.pipe.sampler.grid_for(p.height, p.width)
         now = time.monotonic()
-        limits = Limits(self.policy.max_batch_size, self.policy.cap, self.max_queue, self.max_queue_delay_s)
+        limits = Limits(
+            self.policy.max_batch_size,
+            self.policy.cap,
+            self.max_queue,
+            self.max_queue_delay_s,
+            self.lateness.margin_s,
+        )
         running = [(t.grid, t.steps_left, t.params.steps) for t in self._running.values()]
         predicted = admit_or_refuse(
             Request(grid, n, p.steps, job.timeout, job.deadline - now),
@@ -334,12 +342,10 @@ class Engine:
         else:
             job.future.set_result(results)
             if job.predicted_s is not None and job.enqueued is not None:
-                log.debug(
-                    "request %s: done in %.3f s, predicted %.3f s",
-                    job.id,
-                    time.monotonic() - job.enqueued,
-                    job.predicted_s,
-                )
+                actual = time.monotonic() - job.enqueued
+                self.lateness.observe(job.predicted_s, actual)
+                self.metrics.admission_margin.set(self.lateness.margin_s)
+                log.debug("request %s: done in %.3f s, predicted %.3f s", job.id, actual, job.predicted_s)
         if job.events is not None:
             job.events.put_nowait(None)
 

@@ -15,11 +15,16 @@ reach their last step pay the finish, freed slots take the next waiting rows (FI
 ``max_batch_size`` in flight, forwards of at most ``cap`` rows). It gives, for each waiting row, when it is
 admitted and when it is done, which is what admission needs: the queue delay of a new request (its last
 row's admission), its completion time (its last row's finish), and how long until either fits a limit.
+``Lateness`` closes the loop: the forecast is a median, so about half of the requests finish after it and
+a few by much more (an image's time in the batch spreads with the batch's composition and the machine's
+other work). It keeps how late each recent request finished against its forecast, and its ``margin_s`` (a
+high quantile of that) is what admission adds before comparing with a limit.
 Pure: no torch, no asyncio.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter, deque
 from collections.abc import Hashable, Sequence
@@ -91,6 +96,28 @@ class CostModel:
         """The fitted seconds at some batch sizes (for logs and benchmarks); empty before a measurement."""
         line = self._lines.get((kind, grid))
         return {n: line(n) for n in sizes} if line is not None else {}
+
+
+class Lateness:
+    """Seconds by which recent requests finished after their forecast, and the margin that covers most of them.
+
+    ``margin_s`` is the ``quantile`` of the last ``window`` errors (actual - predicted, early ones negative),
+    never below 0, and 0 until ``least`` requests have finished: a handful of requests says nothing about a
+    tail. Only successes count: an expired or cancelled request's actual time is unknown.
+    """
+
+    def __init__(self, quantile: float = 0.99, window: int = 256, least: int = 20):
+        if not 0 < quantile < 1:
+            raise ValueError(f"quantile must be between 0 and 1, got {quantile}")
+        self.quantile, self.least = quantile, least
+        self._errors: deque[float] = deque(maxlen=window)
+        self.margin_s = 0.0
+
+    def observe(self, predicted: float, actual: float) -> None:
+        self._errors.append(actual - predicted)
+        if len(self._errors) >= self.least:
+            errors = sorted(self._errors)
+            self.margin_s = max(0.0, errors[min(len(errors) - 1, math.ceil(self.quantile * len(errors)) - 1)])
 
 
 @dataclass(frozen=True)

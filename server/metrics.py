@@ -143,6 +143,12 @@ class Metrics:
             "Current cap on rows per forward batch (lowered after out-of-memory).",
             registry=r,
         )
+        self.admission_margin = Gauge(
+            "dcar_admission_margin_seconds",
+            "Seconds admission adds to its forecasts: the admission_quantile of how late recent requests "
+            "finished against their forecast.",
+            registry=r,
+        )
         self.stage_duration = Histogram(
             "dcar_stage_duration_seconds",
             "Time one image spent in each stage (the stage's batch wall time).",

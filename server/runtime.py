@@ -141,6 +141,7 @@ class Runtime:
                 max_wait_s=s.max_wait_ms / 1000,
                 max_queue=s.max_queue,
                 max_queue_delay_s=s.max_queue_delay_s,
+                admission_quantile=s.admission_quantile,
                 trim_heap=s.trim_heap,
                 metrics=self.metrics,
                 preview_size=s.preview_size,

@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     max_queue_delay_s: float = Field(
         2.0, ge=0, description="429 when a request's rows would wait longer for a slot"
     )
+    # The forecast behind admission is a median: about half of the requests finish after it. Admission adds
+    # the margin that covered this share of the recent requests (server/forecast.py Lateness), so the
+    # latency bound above holds at about this percentile.
+    admission_quantile: float = Field(
+        0.99,
+        gt=0,
+        lt=1,
+        description="share of recent requests the forecast's margin covers (max_queue_delay_s, timeouts)",
+    )
     trim_heap: bool = Field(
         True,
         description="on CPU, return freed heap memory to the OS after new batch shapes "

@@ -36,7 +36,13 @@ def test_soak_prints_outcomes_latency_rss_and_recovery():
     assert re.search(
         r"bound: max_queue_delay_s \+ one image .* = 0.5 \+ [0-9.]+ = [0-9.]+ s; p99 latency", out
     )
-    assert len(re.findall(r"^\| \d+ \| \d+ \| \d+ \| \d+ \|$", out, re.M)) >= 3  # RSS and queue over time
+    over_time = re.findall(r"^\| \d+ \| \d+ \| \d+ \| \d+ \| (\d+\.\d\d) \|$", out, re.M)
+    assert len(over_time) >= 3  # RSS, queue and the admission margin over time
+    served = re.search(
+        r"served (\d+) images for 6 s of load: ([0-9.]+) images/s, (\d+)% of the measured", out
+    )
+    assert int(served.group(1)) == counts["accepted, 200"]
+    assert float(served.group(2)) == round(counts["accepted, 200"] / 6, 2)
     assert re.search(
         r"recovery: the first request after the load stopped had its image \(200\) [0-9.]+ s later", out
     )

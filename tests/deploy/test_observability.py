@@ -306,8 +306,10 @@ def test_dashboard_has_the_panels_and_alerts_the_deployment_promises():
                 t["expr"],
             )
     assert "process_resident_memory_bytes" in titles["Process memory"]["targets"][0]["expr"]
-    for title in ("Request latency", "Queue wait"):
-        assert [t["legendFormat"] for t in titles[title]["targets"]] == ["p50", "p95", "p99"]
+    assert [t["legendFormat"] for t in titles["Request latency"]["targets"]] == ["p50", "p95", "p99"]
+    wait = titles["Queue wait"]["targets"]
+    assert [t["legendFormat"] for t in wait] == ["p50", "p95", "p99", "admission margin (max)"]
+    assert "dcar_admission_margin_seconds" in wait[3]["expr"]  # what admission adds to the wait it forecasts
     assert len(titles) == len(panels(dash)), "two panels share a title"
     assert {p["datasource"]["uid"] for p in panels(dash)} == {"${datasource}"}
     assert {name.removeprefix("rule ") for name, _ in alert_queries()} >= {
