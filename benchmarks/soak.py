@@ -127,8 +127,11 @@ async def capacity(client: httpx.AsyncClient, args, clients: int) -> tuple[float
     async def loop(k: int) -> None:
         i = k
         while time.monotonic() < stop:
-            done.append(await post(client, 10_000 + i, args, t0))
+            o = await post(client, 10_000 + i, args, t0)
+            done.append(o)
             i += clients
+            if o.status == 429:  # a well-behaved client: no hot loop of refusals
+                await asyncio.sleep(o.retry_after or 1.0)
 
     await asyncio.gather(*(loop(k) for k in range(clients)))
     ok = [o for o in done if o.status == 200]

@@ -11,7 +11,8 @@ waiting) and its measured costs (server/forecast.py). In order:
    counting the forecast's margin (``Limits.margin_s``, server/forecast.py ``Lateness``): the wait plus the
    margin must fit. So an accepted request takes at most about ``max_queue_delay_s`` plus its own time in the
    batch, with the margin's quantile as the confidence; the backlog is bounded in seconds, and latency
-   recovers within about that much once the load stops. A request that fits a free slot now always passes.
+   recovers within about that much once the load stops. A request that fits the running batch's free slots
+   together with the rows already waiting (they all join at the next step boundary) always passes.
 4. ``deadline_unmeetable`` (429) when it would finish after its deadline, margin included.
 
 Every 429 carries ``Retry-After``: the predicted seconds until the same request would pass (the queue has
@@ -103,7 +104,8 @@ def admit_or_refuse(
         )
     delay = fc.admitted[-1]
     allowed = max(0.0, limits.max_queue_delay_s - limits.margin_s)
-    if delay > allowed:
+    fits_now = queued + req.rows <= free  # all join at the next step boundary: no backlog to bound
+    if delay > allowed and not fits_now:
         raise ApiError(
             429,
             "queue_full",

@@ -99,6 +99,8 @@ class Engine:
         self._worker = ModelWorker(pipe, self._attention, preview_size)
         self._trimmer = HeapTrimmer(enabled=trim_heap and pipe.device.type == "cpu")
         metrics.set_batch_limit(self.policy.cap)
+        # Read when scraped (on the loop, like every use of it): the margin also shrinks as errors age out.
+        metrics.admission_margin.set_function(lambda: self.lateness.margin(time.monotonic()))
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -288,7 +290,7 @@ class Engine:
             self.policy.cap,
             self.max_queue,
             self.max_queue_delay_s,
-            self.lateness.margin_s,
+            self.lateness.margin(now),
         )
         running = [(t.grid, t.steps_left, t.params.steps) for t in self._running.values()]
         predicted = admit_or_refuse(
@@ -342,9 +344,9 @@ class Engine:
         else:
             job.future.set_result(results)
             if job.predicted_s is not None and job.enqueued is not None:
-                actual = time.monotonic() - job.enqueued
-                self.lateness.observe(job.predicted_s, actual)
-                self.metrics.admission_margin.set(self.lateness.margin_s)
+                now = time.monotonic()
+                actual = now - job.enqueued
+                self.lateness.observe(job.predicted_s, actual, now)
                 log.debug("request %s: done in %.3f s, predicted %.3f s", job.id, actual, job.predicted_s)
         if job.events is not None:
             job.events.put_nowait(None)

@@ -11,14 +11,16 @@ last ``window`` measurements: on a shared CPU single forwards can take ten times
 such outlier must not move a prediction. One batch size only: proportional to the rows.
 
 ``forecast`` replays the engine on those costs: running rows advance one step per iteration, rows that
-reach their last step pay the finish, freed slots take the next waiting rows (FIFO, at most
-``max_batch_size`` in flight, forwards of at most ``cap`` rows). It gives, for each waiting row, when it is
+reach their last step pay the finish, free slots take the next waiting rows at the next step boundary
+(FIFO, at most ``max_batch_size`` in flight, forwards of at most ``cap`` rows). It gives, for each waiting row, when it is
 admitted and when it is done, which is what admission needs: the queue delay of a new request (its last
 row's admission), its completion time (its last row's finish), and how long until either fits a limit.
+
 ``Lateness`` closes the loop: the forecast is a median, so about half of the requests finish after it and
 a few by much more (an image's time in the batch spreads with the batch's composition and the machine's
-other work). It keeps how late each recent request finished against its forecast, and its ``margin_s`` (a
-high quantile of that) is what admission adds before comparing with a limit.
+other work). It keeps how late each recent request finished against its forecast, and its margin (a high
+quantile of that) is what admission adds before comparing with a limit.
+
 Pure: no torch, no asyncio.
 """
 
@@ -101,23 +103,34 @@ class CostModel:
 class Lateness:
     """Seconds by which recent requests finished after their forecast, and the margin that covers most of them.
 
-    ``margin_s`` is the ``quantile`` of the last ``window`` errors (actual - predicted, early ones negative),
-    never below 0, and 0 until ``least`` requests have finished: a handful of requests says nothing about a
-    tail. Only successes count: an expired or cancelled request's actual time is unknown.
+    ``margin(now)`` is the ``quantile`` of the errors (actual - predicted, early ones negative) of the last
+    ``window`` requests that finished within ``max_age_s`` of ``now``, never below 0, and 0 while fewer than
+    ``least`` such requests are known: a handful of requests says nothing about a tail. The age limit matters
+    after a burst that found the engine idle: its rows were slowed by the rows that arrived after them, which
+    no forecast of the present can know, and their errors must not hold the limits tight for long after.
+    Only successes count: an expired or cancelled request's actual time is unknown.
     """
 
-    def __init__(self, quantile: float = 0.99, window: int = 256, least: int = 20):
+    def __init__(self, quantile: float = 0.99, window: int = 256, least: int = 20, max_age_s: float = 60.0):
         if not 0 < quantile < 1:
             raise ValueError(f"quantile must be between 0 and 1, got {quantile}")
-        self.quantile, self.least = quantile, least
-        self._errors: deque[float] = deque(maxlen=window)
-        self.margin_s = 0.0
+        self.quantile, self.least, self.max_age_s = quantile, least, max_age_s
+        self._errors: deque[tuple[float, float]] = deque(maxlen=window)  # (when it finished, error)
+        self._margin: float | None = 0.0  # None: to compute again
 
-    def observe(self, predicted: float, actual: float) -> None:
-        self._errors.append(actual - predicted)
-        if len(self._errors) >= self.least:
-            errors = sorted(self._errors)
-            self.margin_s = max(0.0, errors[min(len(errors) - 1, math.ceil(self.quantile * len(errors)) - 1)])
+    def observe(self, predicted: float, actual: float, now: float) -> None:
+        self._errors.append((now, actual - predicted))
+        self._margin = None
+
+    def margin(self, now: float) -> float:
+        while self._errors and self._errors[0][0] < now - self.max_age_s:
+            self._errors.popleft()
+            self._margin = None
+        if self._margin is None:
+            errors = sorted(e for _, e in self._errors)
+            n = len(errors)
+            self._margin = max(0.0, errors[math.ceil(self.quantile * n) - 1]) if n >= self.least else 0.0
+        return self._margin
 
 
 @dataclass(frozen=True)
@@ -140,9 +153,10 @@ def forecast(
     """Replay the engine from the state it was in ``elapsed`` seconds ago.
 
     ``running``: (grid, steps left, steps) of each row in flight; ``waiting``: (grid, steps) of each queued row
-    in FIFO order. With ``refill``, the load is taken to go on as it is: a slot freed after the queue ran dry
-    is taken by a later arrival (of the grid and steps of the row that left) as long as the batch holds fewer
-    rows of that grid than running and waiting rows hold now. Without it a busy batch would seem to drain
+    in FIFO order. Rows join a busy engine only at a step boundary after now: the step in progress (started
+    at the snapshot, or later) has no room for them. With ``refill``, the load is taken to go on as it is:
+    once the queue has run dry, free slots are taken by later arrivals (of the grid and steps of the last row
+    that left) as long as the batch holds fewer rows of that grid than running and waiting rows hold now. Without it a busy batch would seem to drain
     under the waiting rows, which on a CPU (cost ~ rows) makes them look up to twice as fast as under a
     steady load. Returns None when a grid involved has no measured step or finish cost yet.
     """
@@ -156,9 +170,13 @@ def forecast(
     active = [(g, max(1, left), steps, -1) for g, left, steps in running]
     queue = deque(enumerate(waiting))
     t, remaining = 0.0, len(waiting)
+    left_with: dict[Hashable, int] = {}  # per grid, the steps of the last row that left
     while remaining:
+        # A busy engine takes rows in only at a step boundary, and the one in progress has passed: free slots
+        # are taken at the first boundary from now on (waiting for it is ~half a step on average).
+        can_join = not active or t > elapsed
         joined: Counter = Counter()
-        while queue and len(active) < max_batch_size:
+        while can_join and queue and len(active) < max_batch_size:
             i, (grid, steps) = queue.popleft()
             admitted[i] = t
             active.append((grid, max(1, steps), steps, i))
@@ -166,7 +184,7 @@ def forecast(
         t += sum(costs.cost("start", g, n, cap) for g, n in joined.items())
         per_grid = Counter(a[0] for a in active)
         iteration = costs.overhead_s + sum(costs.cost("step", g, n, cap) for g, n in per_grid.items())
-        m = min(a[1] for a in active)
+        m = 1 if queue and len(active) < max_batch_size else min(a[1] for a in active)
         t += m * iteration
         done = [a for a in active if a[1] == m]
         t += sum(costs.cost("finish", g, n, cap) for g, n in Counter(a[0] for a in done).items())
@@ -175,10 +193,11 @@ def forecast(
                 finished[a[3]] = t
                 remaining -= 1
         active = [(g, left - m, steps, i) for g, left, steps, i in active if left > m]
-        if not queue:  # later arrivals take the freed slots, up to the present load
+        left_with.update({g: steps for g, _, steps, _ in done})
+        if not queue:  # later arrivals take the freed slots (of the rows that left), up to the present load
             have = Counter(a[0] for a in active)
-            for g, _, steps, _ in done:
-                if have[g] < level[g] and len(active) < max_batch_size:
+            for g, steps in left_with.items():
+                while have[g] < level[g] and len(active) < max_batch_size:
                     have[g] += 1
                     active.append((g, max(1, steps), steps, -1))
                     t += costs.cost("start", g, 1, cap)

@@ -18,18 +18,30 @@ A = (4, 4)
 
 
 def test_the_margin_is_zero_until_enough_requests_then_the_quantile_of_their_lateness():
-    late = Lateness(quantile=0.9, window=100, least=20)
+    late = Lateness(quantile=0.9, window=100, least=20, max_age_s=60)
     for i in range(19):
-        late.observe(predicted=1.0, actual=1.0 + i / 100)
-    assert late.margin_s == 0.0  # 19 requests say nothing about a tail
-    late.observe(predicted=1.0, actual=1.19)
+        late.observe(predicted=1.0, actual=1.0 + i / 100, now=i)
+    assert late.margin(now=19) == 0.0  # 19 requests say nothing about a tail
+    late.observe(predicted=1.0, actual=1.19, now=19)
     # errors 0.00 .. 0.19: the 90th percentile of 20 is the 18th smallest
-    assert late.margin_s == pytest.approx(0.17)
-    for _ in range(100):  # the window moves on: every recent request finished early
-        late.observe(predicted=2.0, actual=1.5)
-    assert late.margin_s == 0.0  # never negative: early finishes do not loosen the limits
+    assert late.margin(now=19) == pytest.approx(0.17)
+    for i in range(100):  # the window moves on: every recent request finished early
+        late.observe(predicted=2.0, actual=1.5, now=20 + i / 10)
+    assert late.margin(now=30) == 0.0  # never negative: early finishes do not loosen the limits
     with pytest.raises(ValueError, match="quantile"):
         Lateness(quantile=1.0)
+
+
+def test_the_margin_forgets_requests_older_than_its_age_limit():
+    late = Lateness(quantile=0.5, window=100, least=20, max_age_s=60)
+    for i in range(30):  # a burst that found the engine idle: its rows were slowed by later arrivals
+        late.observe(predicted=1.0, actual=6.0, now=100 + i)
+    assert late.margin(now=130) == pytest.approx(5.0)
+    assert late.margin(now=170) == pytest.approx(5.0)  # 20 of them are within the last minute
+    assert late.margin(now=171) == 0.0  # 19 are: too few to say anything
+    for i in range(20):  # later requests as forecast
+        late.observe(predicted=1.0, actual=1.2, now=200 + i)
+    assert late.margin(now=220) == pytest.approx(0.2)  # the burst has aged out even without a scrape
 
 
 def busy() -> tuple[CostModel, list, list]:
@@ -66,9 +78,20 @@ def test_the_queue_delay_limit_counts_the_margin():
         admit(margin=3.0, queue_delay=1.0)  # a margin beyond the limit: only a free slot now passes
     assert refused.value.headers["Retry-After"] == "3"
     free = admit(margin=9.0, queue_delay=1.0, running=[(A, 3, 12)], waiting=[])
-    # A free slot now: admitted whatever the margin. 3 steps of two rows, the other finishes (1 s) and a later
-    # arrival takes its slot, 1 more step of two rows, then its own finish.
-    assert free == pytest.approx(3 * 0.2 + 1.0 + 0.2 + 1.0)
+    # A free slot now, nobody waiting: admitted whatever the margin. In after the step in progress (one row,
+    # 0.1 s), 2 steps of two rows, the other finishes (1 s) and a later arrival takes its slot, 2 more steps of
+    # two rows, then its own finish.
+    assert free == pytest.approx(0.1 + 2 * 0.2 + 1.0 + 2 * 0.2 + 1.0)
+
+
+def test_rows_that_all_fit_the_free_slots_at_the_next_boundary_pass_whatever_the_margin():
+    model, _, _ = busy()
+    limits = Limits(max_batch_size=4, cap=4, max_queue=16, max_queue_delay_s=1.0, margin_s=5.0)
+    running, waiting = [(A, 3, 12)], [(A, 4)]  # 3 free slots, one row already waiting for the boundary
+    assert admit_or_refuse(Request(A, 2, 4, 60, 60), running, waiting, model, limits) is not None
+    with pytest.raises(ApiError) as refused:  # 1 + 3 rows for 3 slots: one would wait for a finish
+        admit_or_refuse(Request(A, 3, 4, 60, 60), running, waiting, model, limits)
+    assert refused.value.code == "queue_full"
 
 
 def test_the_deadline_counts_the_margin():

@@ -142,7 +142,21 @@ def test_forecast_under_a_steady_load_keeps_the_batch_as_full_as_it_is():
     running, waiting = [(A, 1, 4), (A, 2, 4)], [(A, 4)]  # three rows of demand now
     draining = forecast(running, waiting, model, max_batch_size=3, cap=3, refill=False)
     steady = forecast(running, waiting, model, max_batch_size=3, cap=3)
-    assert draining.admitted == steady.admitted == [0.0]  # a free slot: in at once either way
-    # draining: 0.3 (3 rows), 0.2 (2 rows), then 2 steps alone 0.2 -> 0.7;
-    # steady: the rows that leave are replaced by later arrivals, every step costs 3 rows -> 1.2
-    assert draining.finished == [pytest.approx(0.7)] and steady.finished == [pytest.approx(1.2)]
+    # A free slot, but the step in progress has no room: in at the next boundary (one step of 2 rows) either way
+    assert draining.admitted == steady.admitted == [pytest.approx(0.2)]
+    # then one step of 2 rows, after which the other running row has left too;
+    # draining: 3 more steps alone (0.3) -> 0.7; steady: later arrivals take both freed slots -> 3 x 0.3 -> 1.3
+    assert draining.finished == [pytest.approx(0.7)] and steady.finished == [pytest.approx(1.3)]
+
+
+def test_forecast_joins_a_busy_engine_at_the_first_step_boundary_from_now():
+    model = costs_of({1: 0.1, 2: 0.2}, {1: 0.0, 2: 0.0})
+    running = [(A, 10, 12)]
+    fresh = forecast(running, [(A, 4)], model, max_batch_size=2, cap=2, refill=False)
+    assert fresh.admitted == [pytest.approx(0.1)]  # the step that started at the snapshot comes first
+    # 0.25 s after the snapshot the third step (0.2 to 0.3) is under way: in at 0.3, 0.05 s from now
+    later = forecast(running, [(A, 4)], model, max_batch_size=2, cap=2, elapsed=0.25, refill=False)
+    assert later.admitted == [pytest.approx(0.05)]
+    assert later.finished == [pytest.approx(0.3 + 4 * 0.2 - 0.25)]
+    idle = forecast([], [(A, 4)], model, max_batch_size=2, cap=2)
+    assert idle.admitted == [0.0]  # an idle engine starts at once
