@@ -25,23 +25,14 @@ from PIL import Image
 
 from dcar.model.params import SamplingParams
 from dcar.model.pipeline import Pipeline
+from dcar.server.bodies import decode_edit, read_form, take_file, validate
 from dcar.server.engine import Engine
 from dcar.server.errors import ApiError, error_body, invalid
 from dcar.server.imaging import encode_image
 from dcar.server.jobs import Job
 from dcar.server.logs import note
 from dcar.server.provenance import parameters
-from dcar.server.routes import (
-    Authorized,
-    RuntimeDep,
-    decode_edit,
-    encode_all,
-    read_form,
-    request_id,
-    take_file,
-    validate,
-    wait_for,
-)
+from dcar.server.routes import Authorized, RuntimeDep, encode_all, request_id, wait_for
 from dcar.server.runtime import Runtime
 from dcar.server.schemas import Limits, check_range, check_size, check_timeout, to_params
 from dcar.server.schemas_openai import (
