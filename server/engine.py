@@ -239,6 +239,16 @@ class Engine:
         fc = forecast([], rows, self.costs, self.policy.max_batch_size, self.policy.cap, refill=False)
         return max(fc.finished, default=0.0) if fc is not None else 0.0
 
+    def admission_state(self) -> dict[str, float]:
+        """The admission's limits and what it currently adds and sees (for /v1/status)."""
+        return {
+            "max_queue": self.max_queue,
+            "max_queue_delay_s": self.max_queue_delay_s,
+            "quantile": self.lateness.quantile,
+            "margin_s": round(self.lateness.margin(time.monotonic()), 4),
+            "backlog_s": round(self.backlog_s(), 4),
+        }
+
     def _publish(self) -> None:
         self.metrics.occupancy(len(self._waiting), self.running_rows)
         if self._idle is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
+from dcar.model.knobs import knob_values
 from dcar.server.errors import ApiError
 from dcar.server.routes import Authorized, RuntimeDep
 
@@ -72,17 +73,21 @@ async def status(runtime: RuntimeDep, _: Authorized) -> dict:
     if runtime.pipeline is not None and runtime.limits is not None:
         info = runtime.pipeline.info()
         body.update(model=info["name"], device=info["device"], dtype=info["dtype"], compute=info["compute"])
-        lim, d = runtime.limits, runtime.pipeline.config.sampling
+        lim = runtime.limits
         body["defaults"] = {
-            "steps": d.steps,
-            "guidance_scale": d.guidance_scale,
+            **knob_values(runtime.pipeline.config.sampling),
             "size": f"{lim.native[0]}x{lim.native[1]}",
         }
         body["limits"] = {
             "sizes": [f"{w}x{h}" for w, h in lim.sizes],
+            "max_n": lim.max_n,
             "max_steps": lim.max_steps,
+            "max_residual_steps": lim.max_residual_steps,
             "max_guidance_scale": lim.max_guidance_scale,
             "max_prompt_chars": lim.max_prompt_chars,
             "max_prompt_tokens": lim.max_prompt_tokens,
+            "request_timeout_s": lim.request_timeout_s,
         }
+    if runtime.engine is not None:
+        body["admission"] = runtime.engine.admission_state()
     return body

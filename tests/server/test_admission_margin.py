@@ -123,6 +123,8 @@ async def test_a_served_model_learns_its_margin_from_requests_that_finish_late(p
             took.append(r.json()["timings"]["total"])
         margin = metric(await metrics_text(client), "dcar_admission_margin_seconds")
         assert 0.25 <= margin <= 2.0, margin  # about 12 x 30 ms late, measured on a noisy machine
+        state = (await client.get("/v1/status")).json()["admission"]
+        assert state["quantile"] == 0.9 and state["margin_s"] == pytest.approx(margin, abs=1e-3)
         # A timeout that the forecast alone would meet but the forecast plus the margin would not.
         fast = sorted(took)[len(took) // 2]
         r = await client.post(

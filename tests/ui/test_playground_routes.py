@@ -10,6 +10,7 @@ import httpx
 import pytest
 from ui_harness import REPO_ROOT
 
+from dcar.model.knobs import KNOB_NAMES, knob_values
 from dcar.server.metrics import RecentRate
 from dcar.server.routes_ui import STATIC, STATIC_DIR
 from tests.server.server_harness import live_server
@@ -64,12 +65,18 @@ def test_status_reports_model_queue_and_images_per_second(ui_pipe, hook):
         assert before["queue_size"] == 0 and before["rows_running"] == 0 and before["window_s"] == 60
         assert before["images_per_second"] == 0  # the warm-up is not a delivered image
         native = ui_pipe.config.sampling.size
-        assert before["defaults"] == {
-            "steps": ui_pipe.config.sampling.steps,
-            "guidance_scale": ui_pipe.config.sampling.guidance_scale,
-            "size": f"{native}x{native}",
-        }
+        # every sampling knob's default, the same names as the request fields
+        assert before["defaults"] == {**knob_values(ui_pipe.config.sampling), "size": f"{native}x{native}"}
+        assert set(before["defaults"]) == {*KNOB_NAMES, "size"}
         assert before["limits"]["max_steps"] == 50 and before["limits"]["sizes"] == [f"{native}x{native}"]
+        assert before["limits"]["max_residual_steps"] > 0 and before["limits"]["request_timeout_s"] == 120
+        assert before["admission"] == {
+            "max_queue": 256,
+            "max_queue_delay_s": 2.0,
+            "quantile": 0.99,
+            "margin_s": 0.0,  # no request has finished yet
+            "backlog_s": 0.0,  # idle
+        }
         r = client.post("/v1/generate", json={"prompt": "two", "n": 2, "steps": 2})
         assert r.status_code == 200
         after = client.get("/v1/status").json()
