@@ -35,9 +35,8 @@ class Limits:
     cap: int
     max_queue: int
     max_queue_delay_s: float
-    margin_s: float = (
-        0.0  # seconds added to the forecast: how late recent requests finished (a high quantile)
-    )
+    # Seconds added to the forecast: how late recent requests finished (a high quantile, forecast.Lateness).
+    margin_s: float = 0.0
 
 
 @dataclass(frozen=True)

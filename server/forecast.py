@@ -12,9 +12,10 @@ such outlier must not move a prediction. One batch size only: proportional to th
 
 ``forecast`` replays the engine on those costs: running rows advance one step per iteration, rows that
 reach their last step pay the finish, free slots take the next waiting rows at the next step boundary
-(FIFO, at most ``max_batch_size`` in flight, forwards of at most ``cap`` rows). It gives, for each waiting row, when it is
-admitted and when it is done, which is what admission needs: the queue delay of a new request (its last
-row's admission), its completion time (its last row's finish), and how long until either fits a limit.
+(FIFO, at most ``max_batch_size`` in flight, forwards of at most ``cap`` rows). It gives, for each waiting
+row, when it is admitted and when it is done, which is what admission needs: the queue delay of a new
+request (its last row's admission), its completion time (its last row's finish), and how long until either
+fits a limit.
 
 ``Lateness`` closes the loop: the forecast is a median, so about half of the requests finish after it and
 a few by much more (an image's time in the batch spreads with the batch's composition and the machine's
@@ -156,9 +157,9 @@ def forecast(
     in FIFO order. Rows join a busy engine only at a step boundary after now: the step in progress (started
     at the snapshot, or later) has no room for them. With ``refill``, the load is taken to go on as it is:
     once the queue has run dry, free slots are taken by later arrivals (of the grid and steps of the last row
-    that left) as long as the batch holds fewer rows of that grid than running and waiting rows hold now. Without it a busy batch would seem to drain
-    under the waiting rows, which on a CPU (cost ~ rows) makes them look up to twice as fast as under a
-    steady load. Returns None when a grid involved has no measured step or finish cost yet.
+    that left) as long as the batch holds fewer rows of that grid than running and waiting rows hold now.
+    Without it a busy batch would seem to drain under the waiting rows, which on a CPU (cost ~ rows) makes
+    them look up to twice as fast as under a steady load. Returns None when a grid involved has no measured step or finish cost yet.
     """
     grids = {g for g, _, _ in running} | {g for g, _ in waiting}
     if not all(costs.known(g) for g in grids):
