@@ -159,7 +159,8 @@ def forecast(
     once the queue has run dry, free slots are taken by later arrivals (of the grid and steps of the last row
     that left) as long as the batch holds fewer rows of that grid than running and waiting rows hold now.
     Without it a busy batch would seem to drain under the waiting rows, which on a CPU (cost ~ rows) makes
-    them look up to twice as fast as under a steady load. Returns None when a grid involved has no measured step or finish cost yet.
+    them look up to twice as fast as under a steady load. Returns None when a grid involved has no measured
+    step or finish cost yet.
     """
     grids = {g for g, _, _ in running} | {g for g, _ in waiting}
     if not all(costs.known(g) for g in grids):

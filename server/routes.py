@@ -1,8 +1,9 @@
 """The native API (/v1/generate, /v1/edit), the operational endpoints, and the helpers the OpenAI routes share.
 
 Routes only parse (bodies through server/bodies.py), validate, submit and translate: the engine on
-``app.state.runtime`` does the work. A request becomes a ``Job`` of n rows; the route waits for it while watching the client, so a
-client that disconnects has its rows dropped from the running batch at the next step.
+``app.state.runtime`` does the work. A request becomes a ``Job`` of n rows; the route waits for it while
+watching the client, so a client that disconnects has its rows dropped from the running batch at the next
+step.
 """
 
 from __future__ import annotations
