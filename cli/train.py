@@ -62,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--crop", type=int, default=None, help="training crop size in pixels (default: the preset's)"
     )
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    t.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="start from this tokenizer run or weights directory (required by tiny-shapes-v2, which refines "
+        "a trained tokenizer's decoder)",
+    )
 
     g = sub.add_parser("generator", help="DC-AR + T5: masked-token CE + residual diffusion loss")
     _common(g)
@@ -80,7 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = sub.add_parser("export", help="write a weights directory (Pipeline.save_pretrained layout)")
     e.add_argument("--preset", default="tiny-shapes", help="training preset the runs used")
     e.add_argument("--tokenizer", required=True, help="tokenizer run directory")
-    e.add_argument("--generator", required=True, help="generator run directory")
+    e.add_argument(
+        "--generator",
+        required=True,
+        help="generator run directory, or a weights directory whose generator and text encoder are kept "
+        "(a refined decoder's re-export: the tokenizer's encoder and codebook must be that model's)",
+    )
     e.add_argument("--out", required=True, help="weights directory to write")
     e.add_argument("--name", default=None, help="model name stored in the config (default: the preset's)")
     e.add_argument("--guidance-scale", type=float, default=None, help="sampling default to store")
@@ -115,19 +127,35 @@ def run(args: argparse.Namespace) -> int:
     from dcar.training.presets import train_preset, with_overrides
 
     if args.what == "export":
-        from dcar.training.export import export
+        from dcar.model.loading import LoadError
+        from dcar.training.export import ExportError, export
 
-        path = export(
-            train_preset(args.preset),
-            args.tokenizer,
-            args.generator,
-            args.out,
-            name=args.name,
-            guidance_scale=args.guidance_scale,
-            randomize_temperature=args.randomize_temperature,
-        )
+        try:
+            path = export(
+                train_preset(args.preset),
+                args.tokenizer,
+                args.generator,
+                args.out,
+                name=args.name,
+                guidance_scale=args.guidance_scale,
+                randomize_temperature=args.randomize_temperature,
+            )
+        except (ExportError, LoadError, FileNotFoundError) as e:
+            print(f"dcar train export: error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {path}")
         return 0
+
+    preset = train_preset(args.preset)
+    if args.what == "tokenizer" and not (args.init_from or preset.tokenizer.init_from):
+        steps = args.stage_steps or preset.tokenizer.stage_steps
+        if not any(steps[:2]):
+            print(
+                f"dcar train tokenizer: error: --preset {args.preset} (stage steps {','.join(map(str, steps))}) "
+                "refines a trained tokenizer's decoder: give it one with --init-from RUN_OR_WEIGHTS_DIR",
+                file=sys.stderr,
+            )
+            return 2
 
     d = distributed.setup(args.device, args.threads)
     try:
@@ -141,7 +169,13 @@ def run(args: argparse.Namespace) -> int:
 
             preset = with_overrides(
                 train_preset(args.preset),
-                tokenizer=dict(stage_steps=args.stage_steps, batch=args.batch, crop=args.crop, lr=args.lr),
+                tokenizer=dict(
+                    stage_steps=args.stage_steps,
+                    batch=args.batch,
+                    crop=args.crop,
+                    lr=args.lr,
+                    init_from=args.init_from,
+                ),
             )
             summary = train_tokenizer(preset, out, d, _opts(args, d))
         else:

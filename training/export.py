@@ -3,6 +3,11 @@
 The directory is the dcar layout (model_index.json, tokenizer/, generator/, text_encoder/) that
 ``Pipeline.from_pretrained`` loads; ``training.json`` records how it was made (recipe, wall times,
 hardware) for the model card that ``dcar eval --write-card`` writes beside it.
+
+The generator may come from a weights directory instead of a run: that re-exports a model with a refined
+tokenizer decoder (``tiny-shapes-v2``), allowed only when the tokenizer's encoder and codebook are the ones
+the generator was trained with. Exporting over an evaluated model keeps its card, results, samples and
+training record in ``previous/``, so the new card shows old and new side by side.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,12 @@ from dcar.training.train_generator import load_trained_generator
 from dcar.training.train_tokenizer import load_trained_tokenizer
 
 TRAINING_JSON = "training.json"
+PREVIOUS = "previous"  # the replaced model's card files (model_card.py compares against them)
+CARD_FILES = ("README.md", "eval.json", "samples.png", TRAINING_JSON)
+
+
+class ExportError(ValueError):
+    """The runs cannot make a consistent weights directory (the message says why)."""
 
 
 def hardware() -> dict[str, Any]:
@@ -68,8 +80,22 @@ def export(
     """
     tokenizer_dir, generator_dir, out = Path(tokenizer_dir), Path(generator_dir), Path(out)
     tok = load_trained_tokenizer(tokenizer_dir, preset)
-    gen, text, gcfg = load_trained_generator(generator_dir, preset)
-    sampling = preset.pipeline.sampling
+    base: Pipeline | None = None
+    base_record: dict[str, Any] = {}
+    if (generator_dir / "model_index.json").is_file():  # a weights directory: keep its generator
+        base = Pipeline.from_pretrained(generator_dir, dtype=torch.float32)
+        check_same_tokens(base.tokenizer, tok, generator_dir)
+        gen, text, gcfg, sampling = (
+            base.generator,
+            base.text_encoder,
+            base.config.generator,
+            base.config.sampling,
+        )
+        base_path = generator_dir / TRAINING_JSON
+        base_record = json.loads(base_path.read_text()) if base_path.is_file() else {}
+    else:
+        gen, text, gcfg = load_trained_generator(generator_dir, preset)
+        sampling = preset.pipeline.sampling
     if guidance_scale is not None:
         sampling = replace(sampling, guidance_scale=guidance_scale)
     if randomize_temperature is not None:
@@ -78,6 +104,7 @@ def export(
     name = name or f"dcar-{preset.name}"
     pipe = Pipeline(config, tok, gen, text, name=name, device="cpu", dtype=torch.float32)
     out.mkdir(parents=True, exist_ok=True)
+    keep_previous(out)
     pipe.save_pretrained(out, name)
     tok_done, gen_done = _done(tokenizer_dir), _done(generator_dir)
     meta_path = generator_dir / "data_meta.json"
@@ -96,5 +123,43 @@ def export(
         },
         "hardware": hardware(),
     }
+    if base is not None:  # the generator's training happened in the base model's runs
+        refine = record["tokenizer_seconds"] or 0.0
+        record.update(
+            tokenizer_seconds=(base_record.get("tokenizer_seconds") or 0.0) + refine,
+            tokenizer_refine_seconds=refine,
+            generator_seconds=base_record.get("generator_seconds"),
+            pretokenize_seconds=base_record.get("pretokenize_seconds"),
+            base={"name": base.name, "preset": base_record.get("preset")},
+        )
     (out / TRAINING_JSON).write_text(json.dumps(record, indent=1) + "\n")
     return out
+
+
+def check_same_tokens(base: torch.nn.Module, tok: torch.nn.Module, source: Path) -> None:
+    """Raise ExportError unless ``tok`` differs from ``base`` in its decoder only: the generator predicts
+    token ids and residuals of ``base``'s encoder and codebook."""
+    a, b = base.state_dict(), tok.state_dict()
+    if a.keys() != b.keys():
+        raise ExportError(f"the tokenizer's architecture differs from {source}'s")
+    changed = sorted(
+        k for k in a if not k.startswith("decoder.") and not torch.equal(a[k].float(), b[k].float())
+    )
+    if changed:
+        raise ExportError(
+            f"the tokenizer's encoder or codebook differ from those {source}'s generator was trained with "
+            f"({len(changed)} tensors, e.g. {changed[0]}): its token ids would mean other codewords; refine the "
+            "decoder only (stage_steps 0,0,N) or train a generator for this tokenizer"
+        )
+
+
+def keep_previous(out: Path) -> None:
+    """Move an evaluated model's card files to ``out/previous`` (replacing older ones) before overwriting."""
+    if not (out / "eval.json").is_file():
+        return
+    prev = out / PREVIOUS
+    shutil.rmtree(prev, ignore_errors=True)
+    prev.mkdir()
+    for name in CARD_FILES:
+        if (out / name).is_file():
+            shutil.move(str(out / name), str(prev / name))

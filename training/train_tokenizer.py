@@ -7,7 +7,9 @@
    probability ``continuous_prob`` and on the codewords otherwise, with a PatchGAN (hinge) added in the
    second part of the stage.
 
-Every stage uses L1 + L2 pixel losses on random crops (``SceneCrops``). Each stage has its own AdamW
+Every stage uses L1 + L2 pixel losses on random crops (``SceneCrops``), optionally weighted up around shape
+outlines (``outline_weight``). A run may start from a trained tokenizer (``init_from``) and skip stages
+with 0 steps: ``tiny-shapes-v2`` refines v1's decoder that way. Each stage has its own AdamW
 and warm-up + cosine schedule; the checkpoint records the stage and step, so an interrupted run resumes
 inside the stage it was in.
 """
@@ -31,7 +33,14 @@ from dcar.training import distributed as dist_utils
 from dcar.training.captions import caption
 from dcar.training.dataset import EVAL_STREAM, image_to_tensor, stream_rng
 from dcar.training.distributed import Dist
-from dcar.training.losses import PatchDiscriminator, hinge_d_loss, hinge_g_loss, psnr, reconstruction_loss
+from dcar.training.losses import (
+    PatchDiscriminator,
+    hinge_d_loss,
+    hinge_g_loss,
+    outline_weights,
+    psnr,
+    reconstruction_loss,
+)
 from dcar.training.presets import TrainPreset
 from dcar.training.render import render
 from dcar.training.runlog import (
@@ -141,6 +150,11 @@ class TokenizerTrainer:
         self.tok.to(d.device, memory_format=torch.channels_last)
         self.disc.to(d.device)
         r = self.recipe
+        if not r.init_from and not any(r.stage_steps[:2]):
+            raise ValueError(
+                "stage_steps: stages 1 and 2 have no steps, so the encoder and codebook would stay random; "
+                "start from a trained tokenizer with init_from (--init-from RUN_OR_WEIGHTS_DIR)"
+            )
         self.data = SceneCrops(opts.seed, d.rank, r.render_size, r.crop, r.crops_per_image)
         self.gen = torch.Generator().manual_seed(opts.seed * 1000 + d.rank)
         self.stage, self.step = 0, 0  # step within the stage
@@ -250,7 +264,10 @@ class TokenizerTrainer:
         if ckpt is not None:
             self.load_state_dict(ckpt)
         elif self.opt is None:
-            self.opt = self._make_optimizer(0)
+            if r.init_from:
+                self._init_from(Path(r.init_from))
+            self.stage = self._next_stage(0)
+            self.opt = self._make_optimizer(self.stage)
         log = (
             CsvLog(self.run_dir / "losses.csv", COLUMNS, self.global_step if ckpt else None)
             if d.main
@@ -298,15 +315,16 @@ class TokenizerTrainer:
                     self.save()
                     timer.reset()
             self._ceiling()
-            self.stage, self.step = self.stage + 1, 0
+            last = self.stage
+            self.stage, self.step = self._next_stage(self.stage + 1), 0
             if self.stage < len(STAGES):
                 self.opt = self._make_optimizer(self.stage)
-                if self.stage == 1:  # codebook from encoder latents, not the official uniform +-1/N
+                if self.stage == 1 and not r.init_from:  # codebook from encoder latents, not uniform +-1/N
                     per_batch = r.batch * (r.crop // self.tok.compression) ** 2
                     latents = self._latents(-(-self.tok.cfg.codebook_size // per_batch) + 1)
                     self._seed_codes(torch.arange(self.tok.cfg.codebook_size, device=d.device), latents)
             else:
-                self.stage, self.step = len(STAGES) - 1, steps  # the final checkpoint is "stage 3 done"
+                self.stage, self.step = last, steps  # the final checkpoint is "last stage done"
                 self.save()
                 break
             self.save()
@@ -320,6 +338,33 @@ class TokenizerTrainer:
         if d.main:
             mark_done(self.run_dir, summary)
         return summary
+
+    def _next_stage(self, stage: int) -> int:
+        """The first stage from ``stage`` on that has steps (len(STAGES) when none has)."""
+        while stage < len(STAGES) and self.recipe.stage_steps[stage] == 0:
+            stage += 1
+        return stage
+
+    def _init_from(self, path: Path) -> None:
+        """Start from a tokenizer run's checkpoint or a weights directory's tokenizer (keys and shapes checked)."""
+        from dcar.model.loading import LoadError, check_keys, find_weights, read_state_dict, state_dict_shapes
+
+        ckpt = load_checkpoint(path) if path.is_dir() else None
+        if ckpt is not None:
+            state = ckpt["model"]
+        elif (path / "model_index.json").is_file():
+            index = json.loads((path / "model_index.json").read_text())
+            state = read_state_dict(find_weights(path / index["tokenizer"]))
+        else:
+            raise LoadError(
+                f"init_from {path}: neither a tokenizer run (checkpoint.pt) nor a weights directory"
+            )
+        check_keys(state_dict_shapes(self.tok), state, path)
+        self.tok.load_state_dict(state)
+
+    def _gan_on(self) -> bool:
+        r = self.recipe
+        return self.stage == 2 and r.disc_weight > 0 and self.step >= r.disc_start * r.stage_steps[2]
 
     def _wrap(self) -> nn.Module:
         if self.stage < 2:
@@ -356,9 +401,10 @@ class TokenizerTrainer:
                 latent = q.normalized if continuous else q.codewords
             with autocast(d.device, self.opts.precision):
                 rec = model(latent.contiguous(memory_format=torch.channels_last)).float()
-            loss, parts = reconstruction_loss(rec, x, r.l1_weight, r.l2_weight)
+            weight = outline_weights(x, r.outline_weight, r.outline_band) if r.outline_weight else None
+            loss, parts = reconstruction_loss(rec, x, r.l1_weight, r.l2_weight, weight)
             row["path"] = 0.0 if continuous else 1.0
-            if self.step >= r.disc_start * r.stage_steps[2]:
+            if self._gan_on():
                 self.disc.requires_grad_(False)
                 g_loss = hinge_g_loss(self._disc(rec))
                 loss = loss + r.disc_weight * g_loss
@@ -370,7 +416,7 @@ class TokenizerTrainer:
         self.opt.step()
         if ids is not None:
             self._track_usage(ids, row)  # after the step: a restart rewrites codebook rows in place
-        if stage == 2 and self.step >= r.disc_start * r.stage_steps[2]:
+        if self._gan_on():
             row["d_loss"] = self._disc_step(x, rec.detach())
         row.update(loss=loss.item(), psnr=psnr(rec.detach(), x).mean().item(), **parts)
         return dist_utils.mean_scalars(row, d.device)

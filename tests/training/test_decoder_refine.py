@@ -1,0 +1,176 @@
+"""v2's tokenizer recipe: refine a trained tokenizer's decoder (``--init-from``, stages 1-2 skipped) with an
+outline-weighted pixel loss, then re-export a weights directory with its generator kept, which is allowed
+only while the token ids keep their meaning (encoder and codebook unchanged)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import replace
+
+import torch
+from safetensors.torch import load_file
+
+from dcar.cli.main import main as dcar
+from dcar.training.losses import outline_weights, reconstruction_loss
+from dcar.training.presets import CI, TINY_SHAPES_V2
+from dcar.training.train_tokenizer import train_tokenizer
+from tests.training.conftest import SINGLE, ci_options
+
+
+def _square(size: int = 32, lo: int = 10, hi: int = 22) -> torch.Tensor:
+    """A white square on black, in [-1, 1], (1, 3, size, size)."""
+    x = -torch.ones(1, 3, size, size)
+    x[:, :, lo:hi, lo:hi] = 1.0
+    return x
+
+
+def test_outline_weights_mark_a_band_around_edges_only():
+    w = outline_weights(_square(), weight=10.0, band=5)
+    assert w.shape == (1, 1, 32, 32)
+    assert set(w.unique().tolist()) == {1.0, 11.0}
+    assert w[0, 0, 10, 16] == 11.0 and w[0, 0, 21, 16] == 11.0  # on the top and bottom edges
+    assert w[0, 0, 16, 16] == 1.0  # the square's flat middle
+    assert w[0, 0, 0, 0] == 1.0 and w[0, 0, 31, 31] == 1.0  # far background
+    # band 5 reaches 2 px beyond the Sobel response (itself 1 px either side of the step)
+    assert w[0, 0, 6, 16] == 1.0 and w[0, 0, 7, 16] == 11.0
+    assert torch.equal(outline_weights(torch.zeros(2, 3, 16, 16), weight=10.0), torch.ones(2, 1, 16, 16))
+
+
+def test_weighted_reconstruction_loss_is_a_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    x, rec = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    plain, parts = reconstruction_loss(rec, x)
+    same, _ = reconstruction_loss(rec, x, pixel_weight=torch.full((2, 1, 8, 8), 3.0))
+    assert torch.allclose(plain, same)
+    w = torch.ones(2, 1, 8, 8)
+    w[0, 0, 0, 0] = 101.0
+    weighted, parts_w = reconstruction_loss(rec, x, l1=1.0, l2=0.0, pixel_weight=w)
+    err = (rec - x).abs()
+    expected = (err * w).sum() / (w.sum() * 3)
+    assert torch.allclose(weighted, expected)
+    assert parts_w == parts  # the logged terms stay unweighted, comparable across recipes
+
+
+def test_v2_is_v1_plus_a_decoder_refinement():
+    r = TINY_SHAPES_V2.tokenizer
+    assert r.stage_steps[:2] == (0, 0) and r.stage_steps[2] > 0
+    assert r.outline_weight > 0 and r.disc_weight == 0.0
+    assert r.crop == r.render_size == 256 and r.ceiling_seeds
+
+
+def _tensors(path):
+    return torch.load(path / "checkpoint.pt", weights_only=False)["model"]
+
+
+def test_refine_from_a_run_changes_only_the_decoder_and_resumes_step_for_step(
+    tmp_path, ci_preset, ci_tokenizer_run
+):
+    preset = replace(
+        ci_preset,
+        tokenizer=replace(
+            ci_preset.tokenizer,
+            stage_steps=(0, 0, 4),
+            init_from=str(ci_tokenizer_run),
+            outline_weight=10.0,
+            disc_weight=0.0,
+            ceiling_seeds=(0,),
+            render_size=128,
+        ),
+    )
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train_tokenizer(preset, straight, SINGLE, ci_options())
+    assert train_tokenizer(preset, broken, SINGLE, ci_options(stop_at=2)) == {"stopped_at": 2}
+    train_tokenizer(preset, broken, SINGLE, ci_options())
+    rows = [
+        {k: v for k, v in r.items() if k != "sec"} for r in csv.DictReader((straight / "losses.csv").open())
+    ]
+    assert [r["stage"] for r in rows] == ["3"] * 4
+    assert all(r["d_loss"] == "" for r in rows)  # no GAN at disc_weight 0
+    again = [
+        {k: v for k, v in r.items() if k != "sec"} for r in csv.DictReader((broken / "losses.csv").open())
+    ]
+    assert rows == again
+    before, after = _tensors(ci_tokenizer_run), _tensors(straight)
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"decoder"}
+    assert all(torch.equal(after[k], _tensors(broken)[k]) for k in after)
+    # only the stage that ran measured its ceiling
+    assert [p.name for p in straight.glob("ceiling-stage*.json")] == ["ceiling-stage3.json"]
+
+
+def test_cli_refuses_a_refinement_without_init_from(tmp_path, capsys):
+    code = dcar(
+        ["train", "tokenizer", "--preset", "ci", "--stage-steps", "0,0,3", "--out", str(tmp_path / "r")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--init-from" in err[0]
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_cli_refines_from_weights_and_reexports_them_keeping_the_generator(tmp_path, ci_weights, capsys):
+    weights = tmp_path / "w"
+    shutil.copytree(ci_weights, weights)
+    (weights / "eval.json").write_text(json.dumps({"shapes_eval": {"overall": 0.25}}))
+    (weights / "README.md").write_text("old card\n")
+    run = tmp_path / "refined"
+    assert (
+        dcar(
+            [
+                "train",
+                "tokenizer",
+                "--preset",
+                "ci",
+                "--stage-steps",
+                "0,0,3",
+                "--no-progress",
+                "--init-from",
+                str(weights),
+                "--out",
+                str(run),
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    old_gen = load_file(str(weights / "generator" / "model.safetensors"))
+    old_tok = load_file(str(weights / "tokenizer" / "model.safetensors"))
+    export = ["train", "export", "--preset", "ci", "--tokenizer", str(run), "--out", str(weights)]
+    assert dcar([*export, "--generator", str(weights)]) == 0
+    new_gen = load_file(str(weights / "generator" / "model.safetensors"))
+    new_tok = load_file(str(weights / "tokenizer" / "model.safetensors"))
+    assert all(torch.equal(old_gen[k], new_gen[k]) for k in old_gen)
+    changed = {k.split(".")[0] for k in old_tok if not torch.equal(old_tok[k], new_tok[k])}
+    assert changed == {"decoder"}
+    record = json.loads((weights / "training.json").read_text())
+    assert record["tokenizer_refine_seconds"] > 0 and record["base"]["name"] == "dcar-ci"
+    # the replaced model's card files are kept for the old-vs-new card
+    assert json.loads((weights / "previous" / "eval.json").read_text())["shapes_eval"]["overall"] == 0.25
+    assert (weights / "previous" / "README.md").read_text() == "old card\n"
+    assert not (weights / "eval.json").exists()
+    capsys.readouterr()
+
+    # a tokenizer with another encoder and codebook would silently change what the generator's ids mean
+    other = tmp_path / "other"
+    train_tokenizer(
+        replace(CI, tokenizer=replace(CI.tokenizer, stage_steps=(2, 2, 0))), other, SINGLE, ci_options(seed=1)
+    )
+    assert (
+        dcar(
+            [
+                *export[:4],
+                "--tokenizer",
+                str(other),
+                "--out",
+                str(tmp_path / "bad"),
+                "--generator",
+                str(weights),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "encoder or codebook" in err[0]
+    assert not (tmp_path / "bad").exists()
