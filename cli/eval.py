@@ -173,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         weights = Path(args.weights)
+        if (weights / RESULTS).is_file():  # hand-written card notes (a run's history) survive re-evaluation
+            notes = json.loads((weights / RESULTS).read_text()).get("card_notes")
+            if notes:
+                results["card_notes"] = notes
         sample_grid(pipe, CARD_PROMPTS, seeds=(0, 1), size=args.size).save(weights / SAMPLES)
         (weights / RESULTS).write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {write_card(weights, results)}", file=sys.stderr)

@@ -24,13 +24,13 @@ import torch
 
 from dcar.model.config import PipelineConfig
 from dcar.model.pipeline import Pipeline
+from dcar.training.card_compare import PREVIOUS  # the replaced model's card files
 from dcar.training.presets import TrainPreset
 from dcar.training.runlog import DONE
 from dcar.training.train_generator import load_trained_generator
 from dcar.training.train_tokenizer import load_trained_tokenizer
 
 TRAINING_JSON = "training.json"
-PREVIOUS = "previous"  # the replaced model's card files (model_card.py compares against them)
 CARD_FILES = ("README.md", "eval.json", "samples.png", TRAINING_JSON)
 
 

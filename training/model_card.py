@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from dcar.training.card_compare import comparison_lines
 from dcar.training.ceiling import format_ceiling
 from dcar.training.export import TRAINING_JSON
 from dcar.training.shapes_eval import format_results
@@ -84,6 +85,29 @@ def target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
+def _crops(train: dict[str, Any]) -> str:
+    """What the tokenizer was trained on, for the reconstruction table's caption."""
+    crop = train.get("preset", {}).get("tokenizer", {}).get("crop")
+    base = ((train.get("base") or {}).get("preset") or {}).get("tokenizer", {}).get("crop")
+    if base:
+        return f"{base} px crops, the decoder refined on {crop} px scenes"
+    return f"{crop} px crops only" if crop else "small crops only"
+
+
+def _recipe_lines(preset: str, train: dict[str, Any]) -> list[str]:
+    base = ((train.get("base") or {}).get("preset") or {}).get("name")
+    if base:
+        return [
+            f"- Recipe: training/presets.py `{base}` (tokenizer and generator), then `{preset}` (the decoder",
+            "  refinement: encoder, codebook and generator kept), by the `dcar train` commands of docs/training.md",
+            "  (`make train-tiny` runs them all).",
+        ]
+    return [
+        f"- Recipe: training/presets.py `{preset}`, trained by the `dcar train` commands of docs/training.md with",
+        f"  `--preset {preset}` (`make train-tiny` runs them for the newest tiny preset).",
+    ]
+
+
 def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
     """README.md in ``weights`` from the results of ``training.cli_eval`` (and training.json when present)."""
     weights = Path(weights)
@@ -125,6 +149,9 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
         f"- Sampling defaults: {s.get('size')} px, {s.get('steps')} steps, guidance {s.get('guidance_scale')}, "
         f"Gumbel temperature {s.get('randomize_temperature')}, {s.get('residual_steps')} residual steps.",
         "",
+    ]
+    lines += comparison_lines(weights, results, SAMPLES)
+    lines += [
         "## ShapesEval (GenEval's categories on the scene vocabulary)",
         "",
     ]
@@ -151,14 +178,13 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
             "",
         ]
     recon = results.get("reconstruction")
-    crop = train.get("preset", {}).get("tokenizer", {}).get("crop")
-    crop = f"{crop} px" if crop else "small"
+    crop = _crops(train)
     if recon:
         n = results.get("eval_images")
         lines += [
             "## Tokenizer reconstruction",
             "",
-            f"On {n} evaluation-split scenes, rendered at each size (trained on {crop} crops only).",
+            f"On {n} evaluation-split scenes, rendered at each size (trained on {crop}).",
             "The hybrid path with the true residuals is the continuous latent again (codeword + residual).",
             "",
             *_recon_table(recon),
@@ -199,15 +225,20 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
         f"- Hardware: {hw.get('cpu', 'n/a')}, {hw.get('cpu_count', '?')} cores"
         + (f", {hw['gpu']}" if hw.get("gpu") else "")
         + f"; torch {hw.get('torch', '?')}.",
-        f"- Wall time: tokenizer {_hours(train.get('tokenizer_seconds'))}, pre-tokenizing "
+        f"- Wall time: tokenizer {_hours(train.get('tokenizer_seconds'))}"
+        + (
+            f" (of which the decoder refinement {_hours(train['tokenizer_refine_seconds'])})"
+            if train.get("tokenizer_refine_seconds")
+            else ""
+        )
+        + ", pre-tokenizing "
         f"{_hours(train.get('pretokenize_seconds'))}, generator {_hours(train.get('generator_seconds'))}.",
         # card_notes: what the numbers cannot say (a run's history); eval.json keeps them across rewrites
         *[
             textwrap.fill(f"- {note}", width=110, subsequent_indent="  ")
             for note in results.get("card_notes", [])
         ],
-        f"- Recipe: training/presets.py `{preset}`, trained by the `dcar train` commands of docs/training.md with",
-        f"  `--preset {preset}` (`make train-tiny` runs them for the newest tiny preset).",
+        *_recipe_lines(preset, train),
         "",
         "## Limitations",
         "",

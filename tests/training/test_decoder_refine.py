@@ -174,3 +174,50 @@ def test_cli_refines_from_weights_and_reexports_them_keeping_the_generator(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "encoder or codebook" in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+def _results(overall: float, seeds: list[int]) -> dict:
+    cats = {
+        c: overall for c in ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+    }
+    ceiling_path = {"categories": cats, "overall": overall}
+    return {
+        "size": 256,
+        "steps": 12,
+        "seeds": seeds,
+        "prompts": "shapes-eval",
+        "guidance_scale": None,
+        "shapes_eval": {
+            "categories": cats,
+            "overall": overall,
+            "seeds": seeds,
+            "num_images": 60 * len(seeds),
+            "size": 256,
+        },
+        "tokenizer_ceiling": {
+            "size": 256,
+            "seeds": seeds,
+            "num_images": 60 * len(seeds),
+            "paths": {p: ceiling_path for p in ("truth", "continuous", "hybrid", "discrete")},
+        },
+    }
+
+
+def test_card_compares_with_the_replaced_model_only_where_measured_alike(tmp_path, ci_weights):
+    from dcar.training.model_card import write_card
+
+    weights = tmp_path / "w"
+    shutil.copytree(ci_weights, weights)
+    (weights / "previous").mkdir()
+    (weights / "previous" / "eval.json").write_text(json.dumps(_results(0.25, [0, 1, 2, 3])))
+    (weights / "previous" / "samples.png").write_bytes(b"png")
+    card = write_card(weights, _results(0.5, [0, 1, 2, 3])).read_text()
+    assert "## This model vs the one it replaced" in card
+    assert "| **overall** | **0.250** | **0.500** | **+0.250** |" in card
+    assert "| continuous | previous |" in card and "| discrete | this model |" in card
+    assert "![previous samples](previous/samples.png)" in card
+    # measured on other seeds: no side-by-side rows that would mix protocols
+    card = write_card(weights, _results(0.5, [0, 1])).read_text()
+    assert "**+0.250**" not in card and "| continuous | previous |" not in card
+    (weights / "previous" / "eval.json").unlink()
+    assert "vs the one it replaced" not in write_card(weights, _results(0.5, [0])).read_text()

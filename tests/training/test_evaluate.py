@@ -75,6 +75,7 @@ def test_reconstruction_and_hybrid_measures(ci_weights, tmp_path):
 
 def test_eval_command_writes_the_model_card(ci_weights, tmp_path):
     out = tmp_path / "results.json"
+    (ci_weights / "eval.json").write_text(json.dumps({"card_notes": ["History: kept on re-evaluation."]}))
     code = dcar(
         [
             "eval",
@@ -124,6 +125,10 @@ def test_eval_command_writes_the_model_card(ci_weights, tmp_path):
     assert f"{gain:+.2f} dB" in row and row.endswith("| met |" if gain > 0 else "| **missed** |")
     assert "| ShapesEval overall" not in card  # evaluated at 128 px: the 256 px target does not apply
     assert (ci_weights / "samples.png").is_file() and (ci_weights / "eval.json").is_file()
+    assert "- History: kept on re-evaluation." in card
+    assert json.loads((ci_weights / "eval.json").read_text())["card_notes"] == [
+        "History: kept on re-evaluation."
+    ]
 
 
 def test_target_rows_mark_met_and_missed():
