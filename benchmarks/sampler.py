@@ -1,9 +1,12 @@
 """Per-stage time and images/s of the sampler (direct Pipeline calls, no HTTP).
 
 Rows: the tiny preset at 256 and 512 px, batch 1 and 8, and the full-size dc-ar-512 preset with random
-weights at 512 px, batch 1 (skip with --no-full). Medians over --repeat runs after one warm-up run.
+weights at 512 px, batch 1 (skip with --no-full). ``--weights [LABEL=]DIR`` (repeatable) adds rows for
+trained weights at their default size and sampling settings, batch 1 and 8 (``--batches``): old and new
+weights side by side in one run (``--no-presets`` leaves only those). Medians over --repeat runs after one warm-up run.
 
     python benchmarks/sampler.py [--device cuda] [--dtype float16] [--repeat 3] [--no-full]
+    python benchmarks/sampler.py --no-presets --weights old=/tmp/old-weights --weights new=weights/dcar-tiny-shapes
 """
 
 from __future__ import annotations
@@ -43,6 +46,11 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-full", action="store_true", help="skip the full-size dc-ar-512 row")
+    ap.add_argument(
+        "--weights", action="append", default=[], metavar="[LABEL=]DIR", help="trained weights rows"
+    )
+    ap.add_argument("--no-presets", action="store_true", help="only the --weights rows")
+    ap.add_argument("--batches", default="1,8", help="batch sizes of the --weights rows")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
 
@@ -50,8 +58,19 @@ def main() -> None:
     cases = [("tiny", s, b, False) for s in (256, 512) for b in (1, 8)] + [("tiny", 512, 8, True)]
     if not args.no_full:
         cases.append(("dc-ar-512", 512, 1, False))
+    if args.no_presets:
+        cases = []
     pipes: dict[str, Pipeline] = {}
     rows = []
+    for spec in args.weights:
+        label, _, path = spec.rpartition("=")
+        pipe = Pipeline.from_pretrained(path, device=args.device, dtype=args.dtype)
+        size = pipe.config.sampling.size
+        for batch in (
+            int(b) for b in args.batches.split(",")
+        ):  # the weights' own defaults (guidance, residual steps), as a server runs them
+            rows.append((label or pipe.name, size, batch, measure(pipe, size, batch, args.repeat)))
+        pipes.setdefault(label or pipe.name, pipe)
     for preset, size, batch, channels_last in cases:
         if preset not in pipes:
             cfg = PIPELINE_PRESETS[preset]
@@ -80,7 +99,8 @@ def main() -> None:
         f"threads={torch.get_num_threads()} torch={torch.__version__} cpu={platform.processor() or platform.machine()}"
     )
     print(
-        "# 12 unmasking steps, CFG 4.5; head steps = preset default (tiny 8, dc-ar-512 32); median of "
+        "# 12 unmasking steps; presets: CFG 4.5, head steps = preset default (tiny 8, dc-ar-512 32); weights: "
+        "their own defaults; median of "
         f"{args.repeat} runs; stage times are per batch (every row shares them); (CL) = channels-last decoder"
     )
     head = (

@@ -118,6 +118,31 @@ def test_sampler_script_prints_every_row():
         assert all(v > 0 for v in stages) and total >= max(stages) and rate > 0
 
 
+def test_sampler_script_measures_trained_weights_side_by_side():
+    weights = str(REPO / "weights" / "dcar-tiny-shapes")
+    out = run_script(
+        "sampler",
+        "--no-presets",
+        "--repeat",
+        "1",
+        "--batches",
+        "1,2",
+        "--weights",
+        f"old={weights}",
+        "--weights",
+        f"new={weights}",
+    )
+    rows = [r for r in table_rows(out, "") if r[0] in ("old", "new", "tiny")]
+    # the weights' default size (256 px), the batches asked for, labels as given, and no preset rows
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("old", "256", "1"),
+        ("old", "256", "2"),
+        ("new", "256", "1"),
+        ("new", "256", "2"),
+    ]
+    assert all(float(r[7]) > 0 and float(r[8]) > 0 for r in rows)
+
+
 def test_load_script_over_real_http():
     out = run_script(
         "load", "--concurrency", "1,2", "--requests", "4", "--steps", "2", "--direct-images", "4"
