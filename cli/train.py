@@ -83,6 +83,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--num-images", type=int, default=None, help="images to pre-tokenize (default: the preset's)"
     )
+    g.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="start from this weights directory's or generator run's generator and text encoder "
+        "(a further schedule on the same token ids)",
+    )
 
     e = sub.add_parser("export", help="write a weights directory (Pipeline.save_pretrained layout)")
     e.add_argument("--preset", default="tiny-shapes", help="training preset the runs used")
@@ -121,10 +128,9 @@ def _opts(args: argparse.Namespace, d):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from dcar.training import distributed
-    from dcar.training.presets import train_preset, with_overrides
+    from dcar.training.presets import train_preset
 
     if args.what == "export":
         from dcar.model.loading import LoadError
@@ -157,40 +163,61 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
 
+    from dcar.model.loading import LoadError
+    from dcar.training.export import ExportError
+
     d = distributed.setup(args.device, args.threads)
     try:
-        out = Path(args.out)
-        if args.fresh and d.main:
-            for name in ("checkpoint.pt", "done"):
-                (out / name).unlink(missing_ok=True)
-        distributed.barrier()
-        if args.what == "tokenizer":
-            from dcar.training.train_tokenizer import train_tokenizer
-
-            preset = with_overrides(
-                train_preset(args.preset),
-                tokenizer=dict(
-                    stage_steps=args.stage_steps,
-                    batch=args.batch,
-                    crop=args.crop,
-                    lr=args.lr,
-                    init_from=args.init_from,
-                ),
-            )
-            summary = train_tokenizer(preset, out, d, _opts(args, d))
-        else:
-            from dcar.training.train_generator import train_generator
-
-            preset = with_overrides(
-                train_preset(args.preset),
-                generator=dict(steps=args.steps, batch=args.batch, lr=args.lr, num_images=args.num_images),
-            )
-            summary = train_generator(preset, args.tokenizer, args.data, out, d, _opts(args, d))
-        if d.main:
-            print(json.dumps(summary), file=sys.stderr)
-        # Leave together: a rank that tears gloo down while its peer is still saving aborted at exit
-        # ("terminate called without an active exception") under CPU contention.
-        distributed.barrier()
+        return _train(args, d)
+    except (LoadError, ExportError) as e:  # a bad --init-from: one line, no traceback
+        print(f"dcar train {args.what}: error: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.cleanup()
+
+
+def _train(args: argparse.Namespace, d) -> int:
+    from pathlib import Path
+
+    from dcar.training import distributed
+    from dcar.training.presets import train_preset, with_overrides
+
+    out = Path(args.out)
+    if args.fresh and d.main:
+        for name in ("checkpoint.pt", "done"):
+            (out / name).unlink(missing_ok=True)
+    distributed.barrier()
+    if args.what == "tokenizer":
+        from dcar.training.train_tokenizer import train_tokenizer
+
+        preset = with_overrides(
+            train_preset(args.preset),
+            tokenizer=dict(
+                stage_steps=args.stage_steps,
+                batch=args.batch,
+                crop=args.crop,
+                lr=args.lr,
+                init_from=args.init_from,
+            ),
+        )
+        summary = train_tokenizer(preset, out, d, _opts(args, d))
+    else:
+        from dcar.training.train_generator import train_generator
+
+        preset = with_overrides(
+            train_preset(args.preset),
+            generator=dict(
+                steps=args.steps,
+                batch=args.batch,
+                lr=args.lr,
+                num_images=args.num_images,
+                init_from=args.init_from,
+            ),
+        )
+        summary = train_generator(preset, args.tokenizer, args.data, out, d, _opts(args, d))
+    if d.main:
+        print(json.dumps(summary), file=sys.stderr)
+    # Leave together: a rank that tears gloo down while its peer is still saving aborted at exit
+    # ("terminate called without an active exception") under CPU contention.
+    distributed.barrier()
     return 0

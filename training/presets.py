@@ -100,6 +100,9 @@ class GeneratorRecipe:
     text_dropout: float = 0.1
     diffusion_weight: float = 1.0
     ema_decay: float = 0.999  # 0 turns EMA off; the exported weights are the EMA ones when on
+    # A weights directory or generator run whose generator and text encoder start the run (a longer or
+    # second schedule on the same token ids; ``dcar train generator --init-from``). Empty: from scratch.
+    init_from: str = ""
     sample_prompts: tuple[str, ...] = (
         "a red circle",
         "a blue square on the left",

@@ -134,10 +134,16 @@ class GeneratorTrainer:
         self.grid = tuple(self.meta["grid"])
         self.data = TokenData(tokens, residuals, scenes, opts.seed, d.rank, d.world)
         self.cfg = generator_config(preset, self.meta["residual_std"])
+        init = _initial_weights(Path(r.init_from), self.tok, self.cfg) if r.init_from else None
+        if init is not None:
+            self.cfg = init[0]  # the head keeps the vae_scale it was trained with
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(opts.seed)
             self.gen = DCARTransformer(self.cfg)
             self.text = TextEncoder.from_config(preset.pipeline.text_encoder)
+        if init is not None:
+            self.gen.load_state_dict(init[1])
+            self.text.load_state_dict(init[2])
         self.gen.to(d.device).train()
         self.text.to(d.device).train()
         self.ema_gen = copy.deepcopy(self.gen).eval().requires_grad_(False) if r.ema_decay > 0 else None
@@ -327,6 +333,36 @@ def train_generator(
     if not is_done(Path(tokenizer_dir)):
         raise FileNotFoundError(f"{tokenizer_dir}: the tokenizer run has not finished (no 'done' file)")
     return GeneratorTrainer(preset, Path(tokenizer_dir), Path(data_dir), run_dir, d, opts).run()
+
+
+def _initial_weights(
+    path: Path, tok: DCHT, cfg: GeneratorConfig
+) -> tuple[GeneratorConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config, generator state, text-encoder state) of a weights directory or a generator run (EMA weights),
+    checked against the architecture being trained and, for a weights directory, against the tokenizer:
+    the generator learnt that tokenizer's ids, which must keep their meaning."""
+    from dcar.model.loading import LoadError
+    from dcar.model.pipeline import Pipeline
+    from dcar.training.export import check_same_tokens
+
+    if (path / "model_index.json").is_file():
+        pipe = Pipeline.from_pretrained(path, dtype=torch.float32)
+        check_same_tokens(pipe.tokenizer, tok, path)
+        init_cfg, gen, text = (
+            pipe.config.generator,
+            pipe.generator.state_dict(),
+            pipe.text_encoder.state_dict(),
+        )
+    else:
+        ckpt = load_checkpoint(path)
+        if ckpt is None or ckpt.get("kind") != "generator":
+            raise LoadError(f"init_from {path}: neither a weights directory nor a generator run")
+        init_cfg = GeneratorConfig.from_dict(ckpt["generator_config"])
+        ema = "ema_generator" in ckpt
+        gen, text = ckpt["ema_generator" if ema else "generator"], ckpt["ema_text" if ema else "text"]
+    if replace(init_cfg, head=replace(init_cfg.head, vae_scale=cfg.head.vae_scale)) != cfg:
+        raise LoadError(f"init_from {path}: its generator's architecture differs from the preset's")
+    return init_cfg, {k: v.clone() for k, v in gen.items()}, {k: v.clone() for k, v in text.items()}
 
 
 def load_trained_generator(

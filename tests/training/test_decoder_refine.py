@@ -221,3 +221,60 @@ def test_card_compares_with_the_replaced_model_only_where_measured_alike(tmp_pat
     assert "**+0.250**" not in card and "| continuous | previous |" not in card
     (weights / "previous" / "eval.json").unlink()
     assert "vs the one it replaced" not in write_card(weights, _results(0.5, [0])).read_text()
+
+
+def test_generator_continues_from_a_weights_directory_on_the_same_ids(
+    tmp_path, ci_preset, ci_tokenizer_run, ci_data, ci_weights, capsys
+):
+    from dcar.training.train_generator import train_generator
+
+    preset = replace(ci_preset, generator=replace(ci_preset.generator, init_from=str(ci_weights)))
+    run = tmp_path / "g"
+    assert train_generator(preset, ci_tokenizer_run, ci_data, run, SINGLE, ci_options(stop_at=0)) == {
+        "stopped_at": 0
+    }
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    shipped = load_file(str(ci_weights / "generator" / "model.safetensors"))
+    for key in ("generator", "ema_generator"):  # live and EMA weights both start from the shipped ones
+        assert all(torch.equal(ckpt[key][k], shipped[k]) for k in shipped), key
+    shipped_cfg = json.loads((ci_weights / "generator" / "config.json").read_text())
+    assert ckpt["generator_config"]["head"]["vae_scale"] == shipped_cfg["head"]["vae_scale"]
+    # then it trains on: two steps move the weights
+    train_generator(
+        replace(preset, generator=replace(preset.generator, steps=2)),
+        ci_tokenizer_run,
+        ci_data,
+        run,
+        SINGLE,
+        ci_options(),
+    )
+    after = torch.load(run / "checkpoint.pt", weights_only=False)["generator"]
+    assert any(not torch.equal(after[k], shipped[k]) for k in shipped)
+
+    # a tokenizer whose ids mean other codewords is refused, in one line
+    other = tmp_path / "other-tok"
+    train_tokenizer(
+        replace(CI, tokenizer=replace(CI.tokenizer, stage_steps=(2, 2, 0))), other, SINGLE, ci_options(seed=1)
+    )
+    capsys.readouterr()
+    code = dcar(
+        [
+            "train",
+            "generator",
+            "--preset",
+            "ci",
+            "--tokenizer",
+            str(other),
+            "--no-progress",
+            "--threads",
+            "1",
+            "--data",
+            str(tmp_path / "d2"),
+            "--out",
+            str(tmp_path / "g2"),
+            "--init-from",
+            str(ci_weights),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "encoder or codebook" in err[0], err
