@@ -86,18 +86,17 @@ $(TYPECHECK_LINKS):
 typecheck: $(VENV)/.installed-test $(TYPECHECK_LINKS)
 	$(BIN)/mypy -p dcar.model -p dcar.server
 
-# The whole training recipe from scratch into weights/dcar-tiny-shapes (about 6 hours on a 2-core CPU):
-# v1's three tokenizer stages (preset tiny-shapes), v2's outline-weighted decoder refinement of that run
-# (tiny-shapes-v2: encoder and codebook frozen, so the token ids are v1's), the generator, export, eval.
+# The committed weights' recipe from scratch into weights/dcar-tiny-shapes (about 5 hours on a 2-core CPU):
+# tokenizer, pre-tokenizing, generator, export, eval. tiny-shapes-v2 is not a from-scratch preset: it
+# refines a trained tokenizer's decoder (`dcar train tokenizer --init-from`, docs/training.md).
 # Each step resumes from its checkpoint under $(TINY_RUNS) and skips what is finished: rerun to continue.
-TINY_RUNS ?= runs/tiny-shapes-v2
+TINY_PRESET ?= tiny-shapes
+TINY_RUNS ?= runs/$(TINY_PRESET)
 train-tiny: $(VENV)/.installed
-	$(BIN)/dcar train tokenizer --preset tiny-shapes --threads 2 --out $(TINY_RUNS)/tokenizer-v1
-	$(BIN)/dcar train tokenizer --preset tiny-shapes-v2 --threads 2 \
-		--init-from $(TINY_RUNS)/tokenizer-v1 --out $(TINY_RUNS)/tokenizer
-	$(BIN)/dcar train generator --preset tiny-shapes-v2 --threads 2 \
+	$(BIN)/dcar train tokenizer --preset $(TINY_PRESET) --threads 2 --out $(TINY_RUNS)/tokenizer
+	$(BIN)/dcar train generator --preset $(TINY_PRESET) --threads 2 \
 		--tokenizer $(TINY_RUNS)/tokenizer --data $(TINY_RUNS)/tokens --out $(TINY_RUNS)/generator
-	$(BIN)/dcar train export --preset tiny-shapes-v2 --name dcar-tiny-shapes --tokenizer $(TINY_RUNS)/tokenizer \
+	$(BIN)/dcar train export --preset $(TINY_PRESET) --name dcar-tiny-shapes --tokenizer $(TINY_RUNS)/tokenizer \
 		--generator $(TINY_RUNS)/generator --out weights/dcar-tiny-shapes
 	$(BIN)/dcar eval weights/dcar-tiny-shapes --threads 2 \
 		--eval-split $(TINY_RUNS)/eval-split --write-card

@@ -5,7 +5,7 @@
 ~175 min for 12,000 steps. 4,000 generator steps fitted a two-hour budget but left the shapes too vague
 for the detector, so the generator trains three times longer. ``ci`` is the same recipe at toy sizes for tests. ``shapes-gpu``
 runs the same code at larger sizes under ``torchrun`` on GPUs. ``tiny-shapes-v2`` (issue 14) refines a
-trained v1 tokenizer's decoder to raise the tokenizer ceiling (see below); ``make train-tiny`` runs both.
+trained tokenizer's decoder to raise the tokenizer ceiling (``--init-from``; see below; not shipped).
 
 Recipe sources (the DC-AR paper and the codebases it builds on): the three tokenizer stages with HART's 50/50
 alternation in stage 3; LlamaGen-style VQ losses (codebook 1.0, commitment 0.25) and a late PatchGAN;
@@ -246,9 +246,11 @@ SHAPES_GPU = TrainPreset(
 # 4,800 steps (1.6 h) its ceiling was 0.23 / 0.23, and the whole run needed ~4 h of the 6 h budget.
 # What v1 loses are the corners of small shapes (all 21 continuous-path failures), so v2 refines v1's
 # decoder instead: stage 3 only (encoder and codebook frozen, so v1's generator and its token ids stay
-# valid), on whole 256 px scenes, with the pixel loss weighted 11x in a 5 px band around outlines. On the
-# continuous path alone that lever measured 0.825 -> 0.892 in 600 steps at lr 5e-5 (2e-4 was worse).
-# No GAN (not measured at this scale). ``make train-tiny`` trains v1's three stages, then this.
+# valid), on whole 256 px scenes, with the pixel loss weighted 11x in a 5 px band around outlines. No GAN
+# (not measured at this scale). Measured (docs/training.md): ceiling 0.821 -> 0.863 (continuous) and
+# 0.646 -> 0.708 (codewords), PSNR +2.1 / +1.5 dB, but ShapesEval unchanged (0.433 vs 0.442) and the
+# sampled residuals stopped helping (hybrid -0.02 dB vs codewords alone; v1 +0.21 dB), so it is not
+# shipped: the committed weights stay v1 and ``make train-tiny`` trains ``tiny-shapes``.
 TINY_SHAPES_V2 = TrainPreset(
     name="tiny-shapes-v2",
     pipeline=TINY_SHAPES.pipeline,
