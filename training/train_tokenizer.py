@@ -350,7 +350,7 @@ class TokenizerTrainer:
         from dcar.model.loading import LoadError, check_keys, find_weights, read_state_dict, state_dict_shapes
 
         ckpt = load_checkpoint(path) if path.is_dir() else None
-        if ckpt is not None:
+        if ckpt is not None and ckpt.get("kind") == "tokenizer":
             state = ckpt["model"]
         elif (path / "model_index.json").is_file():
             index = json.loads((path / "model_index.json").read_text())
