@@ -107,6 +107,27 @@ def test_cli_refuses_a_refinement_without_init_from(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--init-from" in err[0]
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+    # a directory that holds no tokenizer (here: an empty one) is named, in one line
+    (tmp_path / "empty").mkdir()
+    code = dcar(
+        [
+            "train",
+            "tokenizer",
+            "--preset",
+            "ci",
+            "--stage-steps",
+            "0,0,3",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--init-from",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "neither a tokenizer run" in err[0] and "empty" in err[0], err
 
 
 def test_cli_refines_from_weights_and_reexports_them_keeping_the_generator(tmp_path, ci_weights, capsys):
