@@ -49,6 +49,9 @@ def test_v2_refines_v1s_decoder_and_changes_nothing_else():
     assert t.stage_steps[:2] == (0, 0) and t.stage_steps[2] > 0  # stage 3 only: decoder trained
     assert t.crop == t.render_size == 256 and t.crops_per_image == 1  # whole scenes, not 128 px crops
     assert t.outline_weight > 0 and t.lr < v1.tokenizer.lr and t.ceiling_seeds
+    # the continuous path only: trained on bare codewords too, the decoder stopped profiting from the
+    # head's sampled residuals (docs/training.md, variant A)
+    assert t.continuous_prob == 1.0
 
 
 def test_v2_weights_fit_the_40_mb_budget():
