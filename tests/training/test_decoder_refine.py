@@ -100,6 +100,14 @@ def test_refine_from_a_run_changes_only_the_decoder_and_resumes_step_for_step(
     assert [p.name for p in straight.glob("ceiling-stage*.json")] == ["ceiling-stage3.json"]
 
 
+def _refine(init, out) -> int:
+    """``dcar train tokenizer``: a 3-step decoder refinement of the ci tokenizer in ``init``."""
+    return dcar(
+        ["train", "tokenizer", "--preset", "ci", "--stage-steps", "0,0,3", "--no-progress", "--threads", "1"]
+        + ["--init-from", str(init), "--out", str(out)]
+    )
+
+
 def test_cli_refuses_a_refinement_without_init_from(tmp_path, capsys):
     code = dcar(
         ["train", "tokenizer", "--preset", "ci", "--stage-steps", "0,0,3", "--out", str(tmp_path / "r")]
@@ -109,23 +117,7 @@ def test_cli_refuses_a_refinement_without_init_from(tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
     # a directory that holds no tokenizer (here: an empty one) is named, in one line
     (tmp_path / "empty").mkdir()
-    code = dcar(
-        [
-            "train",
-            "tokenizer",
-            "--preset",
-            "ci",
-            "--stage-steps",
-            "0,0,3",
-            "--no-progress",
-            "--threads",
-            "1",
-            "--init-from",
-            str(tmp_path / "empty"),
-            "--out",
-            str(tmp_path / "r"),
-        ]
-    )
+    code = _refine(tmp_path / "empty", tmp_path / "r")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "neither a tokenizer run" in err[0] and "empty" in err[0], err
 
@@ -136,26 +128,7 @@ def test_cli_refines_from_weights_and_reexports_them_keeping_the_generator(tmp_p
     (weights / "eval.json").write_text(json.dumps({"shapes_eval": {"overall": 0.25}}))
     (weights / "README.md").write_text("old card\n")
     run = tmp_path / "refined"
-    assert (
-        dcar(
-            [
-                "train",
-                "tokenizer",
-                "--preset",
-                "ci",
-                "--stage-steps",
-                "0,0,3",
-                "--no-progress",
-                "--init-from",
-                str(weights),
-                "--out",
-                str(run),
-                "--threads",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert _refine(weights, run) == 0
     old_gen = load_file(str(weights / "generator" / "model.safetensors"))
     old_tok = load_file(str(weights / "tokenizer" / "model.safetensors"))
     export = ["train", "export", "--preset", "ci", "--tokenizer", str(run), "--out", str(weights)]
