@@ -252,7 +252,7 @@ SHAPES_GPU = TrainPreset(
 #   (codewords), but the sampled residuals stopped helping (-0.02 dB vs codewords alone; v1 +0.21 dB)
 #   and ShapesEval did not move (0.433 vs 0.442);
 # * the continuous path only, 600 steps (this preset): 0.875 / 0.675, and the residuals still help
-#   (+0.22 dB); ShapesEval not measured yet.
+#   (+0.22 dB), but ShapesEval 0.421 (v1 0.442): no better either.
 # Neither is shipped: the committed weights stay v1 and ``make train-tiny`` trains ``tiny-shapes``.
 TINY_SHAPES_V2 = TrainPreset(
     name="tiny-shapes-v2",
