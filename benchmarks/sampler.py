@@ -62,15 +62,16 @@ def main() -> None:
         cases = []
     pipes: dict[str, Pipeline] = {}
     rows = []
-    for spec in args.weights:
+    batches = [int(b) for b in args.batches.split(",")]
+    for (
+        spec
+    ) in args.weights:  # at the weights' own defaults (guidance, residual steps), as a server runs them
         label, _, path = spec.rpartition("=")
         pipe = Pipeline.from_pretrained(path, device=args.device, dtype=args.dtype)
+        label = label or pipe.name
         size = pipe.config.sampling.size
-        for batch in (
-            int(b) for b in args.batches.split(",")
-        ):  # the weights' own defaults (guidance, residual steps), as a server runs them
-            rows.append((label or pipe.name, size, batch, measure(pipe, size, batch, args.repeat)))
-        pipes.setdefault(label or pipe.name, pipe)
+        rows += [(label, size, batch, measure(pipe, size, batch, args.repeat)) for batch in batches]
+        pipes.setdefault(label, pipe)
     for preset, size, batch, channels_last in cases:
         if preset not in pipes:
             cfg = PIPELINE_PRESETS[preset]

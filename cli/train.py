@@ -128,9 +128,8 @@ def _opts(args: argparse.Namespace, d):
 
 
 def run(args: argparse.Namespace) -> int:
-
     from dcar.training import distributed
-    from dcar.training.presets import train_preset
+    from dcar.training.presets import train_preset, with_overrides
 
     if args.what == "export":
         from dcar.model.loading import LoadError
@@ -152,44 +151,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
 
-    preset = train_preset(args.preset)
-    if args.what == "tokenizer" and not (args.init_from or preset.tokenizer.init_from):
-        steps = args.stage_steps or preset.tokenizer.stage_steps
-        if not any(steps[:2]):
-            print(
-                f"dcar train tokenizer: error: --preset {args.preset} (stage steps {','.join(map(str, steps))}) "
-                "refines a trained tokenizer's decoder: give it one with --init-from RUN_OR_WEIGHTS_DIR",
-                file=sys.stderr,
-            )
-            return 2
-
-    from dcar.model.loading import LoadError
-    from dcar.training.export import ExportError
-
-    d = distributed.setup(args.device, args.threads)
-    try:
-        return _train(args, d)
-    except (LoadError, ExportError) as e:  # a bad --init-from: one line, no traceback
-        print(f"dcar train {args.what}: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.cleanup()
-
-
-def _train(args: argparse.Namespace, d) -> int:
-    from pathlib import Path
-
-    from dcar.training import distributed
-    from dcar.training.presets import train_preset, with_overrides
-
-    out = Path(args.out)
-    if args.fresh and d.main:
-        for name in ("checkpoint.pt", "done"):
-            (out / name).unlink(missing_ok=True)
-    distributed.barrier()
     if args.what == "tokenizer":
-        from dcar.training.train_tokenizer import train_tokenizer
-
         preset = with_overrides(
             train_preset(args.preset),
             tokenizer=dict(
@@ -200,10 +162,15 @@ def _train(args: argparse.Namespace, d) -> int:
                 init_from=args.init_from,
             ),
         )
-        summary = train_tokenizer(preset, out, d, _opts(args, d))
+        if preset.tokenizer.needs_init:
+            steps = ",".join(map(str, preset.tokenizer.stage_steps))
+            print(
+                f"dcar train tokenizer: error: --preset {args.preset} (stage steps {steps}) "
+                "refines a trained tokenizer's decoder: give it one with --init-from RUN_OR_WEIGHTS_DIR",
+                file=sys.stderr,
+            )
+            return 2
     else:
-        from dcar.training.train_generator import train_generator
-
         preset = with_overrides(
             train_preset(args.preset),
             generator=dict(
@@ -214,6 +181,37 @@ def _train(args: argparse.Namespace, d) -> int:
                 init_from=args.init_from,
             ),
         )
+
+    from dcar.model.loading import LoadError
+    from dcar.training.export import ExportError
+
+    d = distributed.setup(args.device, args.threads)
+    try:
+        return _train(args, preset, d)
+    except (LoadError, ExportError) as e:  # a bad --init-from: one line, no traceback
+        print(f"dcar train {args.what}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup()
+
+
+def _train(args: argparse.Namespace, preset, d) -> int:
+    from pathlib import Path
+
+    from dcar.training import distributed
+
+    out = Path(args.out)
+    if args.fresh and d.main:
+        for name in ("checkpoint.pt", "done"):
+            (out / name).unlink(missing_ok=True)
+    distributed.barrier()
+    if args.what == "tokenizer":
+        from dcar.training.train_tokenizer import train_tokenizer
+
+        summary = train_tokenizer(preset, out, d, _opts(args, d))
+    else:
+        from dcar.training.train_generator import train_generator
+
         summary = train_generator(preset, args.tokenizer, args.data, out, d, _opts(args, d))
     if d.main:
         print(json.dumps(summary), file=sys.stderr)

@@ -14,7 +14,7 @@ from typing import Any
 
 from dcar.training.shapes_eval import CATEGORIES
 
-PREVIOUS = "previous"  # also training/export.py's; kept here so the card does not import the trainers
+PREVIOUS = "previous"  # export.py imports it from here: the card module does not import the trainers
 
 
 def _same_protocol(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> bool:

@@ -85,17 +85,22 @@ def target_rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
+def _base_preset(train: dict[str, Any]) -> dict[str, Any]:
+    """The recipe of the model whose generator a re-export kept (export.py's ``base``), or {}."""
+    return (train.get("base") or {}).get("preset") or {}
+
+
 def _crops(train: dict[str, Any]) -> str:
     """What the tokenizer was trained on, for the reconstruction table's caption."""
     crop = train.get("preset", {}).get("tokenizer", {}).get("crop")
-    base = ((train.get("base") or {}).get("preset") or {}).get("tokenizer", {}).get("crop")
+    base = _base_preset(train).get("tokenizer", {}).get("crop")
     if base:
         return f"{base} px crops, the decoder refined on {crop} px scenes"
     return f"{crop} px crops only" if crop else "small crops only"
 
 
 def _recipe_lines(preset: str, train: dict[str, Any]) -> list[str]:
-    base = ((train.get("base") or {}).get("preset") or {}).get("name")
+    base = _base_preset(train).get("name")
     if base:
         return [
             f"- Recipe: training/presets.py `{base}` (tokenizer and generator), then `{preset}` (the decoder",

@@ -78,6 +78,11 @@ class TokenizerRecipe:
     def total_steps(self) -> int:
         return sum(self.stage_steps)
 
+    @property
+    def needs_init(self) -> bool:
+        """Stages 1 and 2 have no steps and nothing to start from: the encoder and codebook would stay random."""
+        return not self.init_from and not any(self.stage_steps[:2])
+
 
 @dataclass(frozen=True)
 class GeneratorRecipe:

@@ -134,7 +134,7 @@ class GeneratorTrainer:
         self.grid = tuple(self.meta["grid"])
         self.data = TokenData(tokens, residuals, scenes, opts.seed, d.rank, d.world)
         self.cfg = generator_config(preset, self.meta["residual_std"])
-        init = _initial_weights(Path(r.init_from), self.tok, self.cfg) if r.init_from else None
+        init = _initial_weights(Path(r.init_from), self.tok, self.cfg, preset) if r.init_from else None
         if init is not None:
             self.cfg = init[0]  # the head keeps the vae_scale it was trained with
         with torch.random.fork_rng(devices=[]):
@@ -142,8 +142,8 @@ class GeneratorTrainer:
             self.gen = DCARTransformer(self.cfg)
             self.text = TextEncoder.from_config(preset.pipeline.text_encoder)
         if init is not None:
-            self.gen.load_state_dict(init[1])
-            self.text.load_state_dict(init[2])
+            self.gen.load_state_dict(init[1].state_dict())
+            self.text.load_state_dict(init[2].state_dict())
         self.gen.to(d.device).train()
         self.text.to(d.device).train()
         self.ema_gen = copy.deepcopy(self.gen).eval().requires_grad_(False) if r.ema_decay > 0 else None
@@ -336,11 +336,11 @@ def train_generator(
 
 
 def _initial_weights(
-    path: Path, tok: DCHT, cfg: GeneratorConfig
-) -> tuple[GeneratorConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(config, generator state, text-encoder state) of a weights directory or a generator run (EMA weights),
-    checked against the architecture being trained and, for a weights directory, against the tokenizer:
-    the generator learnt that tokenizer's ids, which must keep their meaning."""
+    path: Path, tok: DCHT, cfg: GeneratorConfig, preset: TrainPreset
+) -> tuple[GeneratorConfig, nn.Module, nn.Module]:
+    """(config, generator, text encoder) of a weights directory or a generator run (EMA weights), checked
+    against the architecture being trained and, for a weights directory, against the tokenizer: the
+    generator learnt that tokenizer's ids, which must keep their meaning."""
     from dcar.model.loading import LoadError
     from dcar.model.pipeline import Pipeline
     from dcar.training.export import check_same_tokens
@@ -348,21 +348,15 @@ def _initial_weights(
     if (path / "model_index.json").is_file():
         pipe = Pipeline.from_pretrained(path, dtype=torch.float32)
         check_same_tokens(pipe.tokenizer, tok, path)
-        init_cfg, gen, text = (
-            pipe.config.generator,
-            pipe.generator.state_dict(),
-            pipe.text_encoder.state_dict(),
-        )
+        init_cfg, gen, text = pipe.config.generator, pipe.generator, pipe.text_encoder
     else:
-        ckpt = load_checkpoint(path)
-        if ckpt is None or ckpt.get("kind") != "generator":
-            raise LoadError(f"init_from {path}: neither a weights directory nor a generator run")
-        init_cfg = GeneratorConfig.from_dict(ckpt["generator_config"])
-        ema = "ema_generator" in ckpt
-        gen, text = ckpt["ema_generator" if ema else "generator"], ckpt["ema_text" if ema else "text"]
+        try:
+            gen, text, init_cfg = load_trained_generator(path, preset)
+        except FileNotFoundError as e:
+            raise LoadError(f"init_from {path}: neither a weights directory nor a generator run ({e})") from e
     if replace(init_cfg, head=replace(init_cfg.head, vae_scale=cfg.head.vae_scale)) != cfg:
         raise LoadError(f"init_from {path}: its generator's architecture differs from the preset's")
-    return init_cfg, {k: v.clone() for k, v in gen.items()}, {k: v.clone() for k, v in text.items()}
+    return init_cfg, gen, text
 
 
 def load_trained_generator(
@@ -372,6 +366,8 @@ def load_trained_generator(
     ckpt = load_checkpoint(Path(run_dir))
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no generator checkpoint")
+    if ckpt.get("kind") != "generator":
+        raise FileNotFoundError(f"{run_dir}: not a generator run (a {ckpt.get('kind')} checkpoint)")
     cfg = GeneratorConfig.from_dict(ckpt["generator_config"])
     gen, text = DCARTransformer(cfg), TextEncoder.from_config(preset.pipeline.text_encoder)
     use_ema = ema and "ema_generator" in ckpt

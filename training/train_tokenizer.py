@@ -150,7 +150,7 @@ class TokenizerTrainer:
         self.tok.to(d.device, memory_format=torch.channels_last)
         self.disc.to(d.device)
         r = self.recipe
-        if not r.init_from and not any(r.stage_steps[:2]):
+        if r.needs_init:
             raise ValueError(
                 "stage_steps: stages 1 and 2 have no steps, so the encoder and codebook would stay random; "
                 "start from a trained tokenizer with init_from (--init-from RUN_OR_WEIGHTS_DIR)"
