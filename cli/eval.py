@@ -73,7 +73,7 @@ def _run_ceiling_only(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
     from dcar.training.model_card import RESULTS, write_card
     from dcar.training.presets import train_preset
     from dcar.training.runlog import load_checkpoint
-    from dcar.training.train_tokenizer import load_trained_tokenizer
+    from dcar.training.trained import load_trained_tokenizer
 
     path = Path(args.weights)
     device = resolve_device(args.device)

@@ -112,8 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _opts(args: argparse.Namespace, d):
-    from dcar.training.runlog import default_precision
-    from dcar.training.train_tokenizer import RunOptions
+    from dcar.training.runlog import RunOptions, default_precision
 
     precision = default_precision(d.device) if args.precision == "auto" else args.precision
     return RunOptions(

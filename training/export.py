@@ -27,8 +27,7 @@ from dcar.model.pipeline import Pipeline
 from dcar.training.card_compare import PREVIOUS  # the replaced model's card files
 from dcar.training.presets import TrainPreset
 from dcar.training.runlog import DONE
-from dcar.training.train_generator import load_trained_generator
-from dcar.training.train_tokenizer import load_trained_tokenizer
+from dcar.training.trained import load_trained_generator, load_trained_tokenizer
 
 TRAINING_JSON = "training.json"
 CARD_FILES = ("README.md", "eval.json", "samples.png", TRAINING_JSON)

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,19 @@ from tqdm import tqdm
 
 CHECKPOINT = "checkpoint.pt"
 DONE = "done"
+
+
+@dataclass
+class RunOptions:
+    """How to run (not what to train): precision, checkpoint cadence, an early stop for tests."""
+
+    seed: int = 0
+    precision: str = "bf16"
+    checkpoint_minutes: float = 5.0
+    checkpoint_every: int = 0  # also every this many steps (0: time only)
+    sample_minutes: float = 10.0
+    stop_at: int | None = None  # stop (with a checkpoint) once this global step is reached
+    progress_bar: bool = True
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float = 0.1) -> float:

@@ -41,6 +41,7 @@ from dcar.training.pretokenize import load_pretokenized, pretokenize
 from dcar.training.runlog import (
     CheckpointTimer,
     CsvLog,
+    RunOptions,
     autocast,
     is_done,
     load_checkpoint,
@@ -53,7 +54,7 @@ from dcar.training.runlog import (
 )
 from dcar.training.shapes_eval import PromptSpec, score
 from dcar.training.streams import TokenData
-from dcar.training.train_tokenizer import RunOptions, load_trained_tokenizer
+from dcar.training.trained import load_trained_generator, load_trained_tokenizer
 
 COLUMNS = ["step", "lr", "loss", "ce", "ce_masked", "acc_masked", "diffusion", "sec"]
 VAL_COLUMNS = ["step", "quick_eval"]
@@ -357,20 +358,3 @@ def _initial_weights(
     if replace(init_cfg, head=replace(init_cfg.head, vae_scale=cfg.head.vae_scale)) != cfg:
         raise LoadError(f"init_from {path}: its generator's architecture differs from the preset's")
     return init_cfg, gen, text
-
-
-def load_trained_generator(
-    run_dir: str | Path, preset: TrainPreset, ema: bool = True
-) -> tuple[DCARTransformer, TextEncoder, GeneratorConfig]:
-    """Generator and text encoder of a run (the EMA weights when the run kept them), eval mode, CPU."""
-    ckpt = load_checkpoint(Path(run_dir))
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no generator checkpoint")
-    if ckpt.get("kind") != "generator":
-        raise FileNotFoundError(f"{run_dir}: not a generator run (a {ckpt.get('kind')} checkpoint)")
-    cfg = GeneratorConfig.from_dict(ckpt["generator_config"])
-    gen, text = DCARTransformer(cfg), TextEncoder.from_config(preset.pipeline.text_encoder)
-    use_ema = ema and "ema_generator" in ckpt
-    gen.load_state_dict(ckpt["ema_generator" if use_ema else "generator"])
-    text.load_state_dict(ckpt["ema_text" if use_ema else "text"])
-    return gen.eval(), text.eval(), cfg

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from dcar.training.render import render
 from dcar.training.runlog import (
     CheckpointTimer,
     CsvLog,
+    RunOptions,
     autocast,
     is_done,
     load_checkpoint,
@@ -78,19 +78,6 @@ COLUMNS = [
     "sec",
 ]
 VAL_COLUMNS = ["step", "stage", "psnr_continuous", "psnr_discrete"]
-
-
-@dataclass
-class RunOptions:
-    """How to run (not what to train): precision, checkpoint cadence, an early stop for tests."""
-
-    seed: int = 0
-    precision: str = "bf16"
-    checkpoint_minutes: float = 5.0
-    checkpoint_every: int = 0  # also every this many steps (0: time only)
-    sample_minutes: float = 10.0
-    stop_at: int | None = None  # stop (with a checkpoint) once this global step is reached
-    progress_bar: bool = True
 
 
 class _Autoencode(nn.Module):
@@ -493,13 +480,3 @@ def train_tokenizer(preset: TrainPreset, run_dir: str | Path, d: Dist, opts: Run
     if is_done(run_dir):
         return {"skipped": "done"}
     return TokenizerTrainer(preset, run_dir, d, opts).run()
-
-
-def load_trained_tokenizer(run_dir: str | Path, preset: TrainPreset) -> DCHT:
-    """The tokenizer of a finished (or interrupted) run, in eval mode on the CPU."""
-    ckpt = load_checkpoint(Path(run_dir))
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no tokenizer checkpoint")
-    tok = DCHT(preset.pipeline.tokenizer)
-    tok.load_state_dict(ckpt["model"])
-    return tok.eval()

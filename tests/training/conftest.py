@@ -10,7 +10,7 @@ import torch
 
 from dcar.training.distributed import Dist
 from dcar.training.presets import CI, TrainPreset
-from dcar.training.train_tokenizer import RunOptions
+from dcar.training.runlog import RunOptions
 
 SINGLE = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
