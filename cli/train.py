@@ -161,14 +161,9 @@ def run(args: argparse.Namespace) -> int:
                 init_from=args.init_from,
             ),
         )
-        if preset.tokenizer.needs_init:
-            steps = ",".join(map(str, preset.tokenizer.stage_steps))
-            print(
-                f"dcar train tokenizer: error: --preset {args.preset} (stage steps {steps}) "
-                "refines a trained tokenizer's decoder: give it one with --init-from RUN_OR_WEIGHTS_DIR",
-                file=sys.stderr,
-            )
-            return 2
+        steps = ",".join(map(str, preset.tokenizer.stage_steps))
+        what = f"(stage steps {steps}) refines a trained tokenizer's decoder"
+        needs_init = preset.tokenizer.needs_init
     else:
         preset = with_overrides(
             train_preset(args.preset),
@@ -180,6 +175,16 @@ def run(args: argparse.Namespace) -> int:
                 init_from=args.init_from,
             ),
         )
+        g = preset.generator
+        what = f"({g.steps} steps, peak lr {g.lr:g}) is a further schedule for a trained generator"
+        needs_init = g.needs_init
+    if needs_init:
+        print(
+            f"dcar train {args.what}: error: --preset {args.preset} {what}: "
+            "give it one with --init-from RUN_OR_WEIGHTS_DIR",
+            file=sys.stderr,
+        )
+        return 2
 
     from dcar.model.loading import LoadError
     from dcar.training.export import ExportError

@@ -125,6 +125,11 @@ class GeneratorTrainer:
     ):
         self.preset, self.recipe, self.run_dir, self.d, self.opts = preset, preset.generator, run_dir, d, opts
         r = self.recipe
+        if r.needs_init:
+            raise ValueError(
+                "further: a further schedule for a trained generator has nothing to continue; "
+                "give it one with init_from (--init-from RUN_OR_WEIGHTS_DIR)"
+            )
         self.tok: DCHT = load_trained_tokenizer(tokenizer_dir, preset).to(
             d.device, memory_format=torch.channels_last
         )

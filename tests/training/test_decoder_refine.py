@@ -9,6 +9,7 @@ import json
 import shutil
 from dataclasses import replace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -120,6 +121,22 @@ def test_cli_refuses_a_refinement_without_init_from(tmp_path, capsys):
     code = _refine(tmp_path / "empty", tmp_path / "r")
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "neither a tokenizer run" in err[0] and "empty" in err[0], err
+
+
+def test_a_further_generator_schedule_refuses_to_start_from_scratch(
+    tmp_path, capsys, ci_preset, ci_tokenizer_run
+):
+    from dcar.training.train_generator import train_generator
+
+    run = ["--tokenizer", str(tmp_path / "t"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "g")]
+    assert dcar(["train", "generator", "--preset", "tiny-shapes-v2", *run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "further schedule" in err[0] and "--init-from" in err[0], err
+    assert not any(tmp_path.iterdir())  # refused before reading or writing anything
+    further = replace(ci_preset, generator=replace(ci_preset.generator, further=True))
+    with pytest.raises(ValueError, match="init_from"):  # the library refuses it too
+        train_generator(further, ci_tokenizer_run, tmp_path / "d", tmp_path / "g", SINGLE, ci_options())
+    assert not any(tmp_path.iterdir())  # nothing pre-tokenized either
 
 
 def test_cli_refines_from_weights_and_reexports_them_keeping_the_generator(tmp_path, ci_weights, capsys):

@@ -1,6 +1,6 @@
 """Training presets: v1 (`tiny-shapes`) keeps the recipe of the committed weights and is what
-`make train-tiny` runs; v2 (`tiny-shapes-v2`) refines a trained decoder and changes nothing else, fits the
-weights budget and trains resumably."""
+`make train-tiny` runs; v2 (`tiny-shapes-v2`) refines a trained decoder and continues a trained generator, changes
+nothing else, fits the weights budget and trains resumably."""
 
 from __future__ import annotations
 
@@ -44,7 +44,10 @@ def test_v2_refines_v1s_decoder_and_changes_nothing_else():
     v1, v2 = TINY_SHAPES, TINY_SHAPES_V2
     assert train_preset("tiny-shapes-v2") is v2
     assert v2.pipeline == v1.pipeline  # same architecture, codebook and sampling defaults
-    assert v2.generator == v1.generator
+    # the generator: a further, shorter schedule at a lower peak lr on v1's generator; nothing else changes
+    g = v2.generator
+    assert g.further and g.needs_init and g.steps < v1.generator.steps and g.lr < v1.generator.lr
+    assert replace(g, steps=v1.generator.steps, lr=v1.generator.lr, further=False) == v1.generator
     t = v2.tokenizer
     assert t.stage_steps[:2] == (0, 0) and t.stage_steps[2] > 0  # stage 3 only: decoder trained
     assert t.crop == t.render_size == 256 and t.crops_per_image == 1  # whole scenes, not 128 px crops
