@@ -50,6 +50,8 @@ def hardware() -> dict[str, Any]:
     info = {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        # the vector ISA torch's kernels use (AVX2, AVX512, ...): CPU step times differ ~3x between them
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }

@@ -227,7 +227,9 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
     lines += [
         "## Training",
         "",
-        f"- Hardware: {hw.get('cpu', 'n/a')}, {hw.get('cpu_count', '?')} cores"
+        f"- Hardware: {hw.get('cpu', 'n/a')}"
+        + (f" ({hw['cpu_capability']})" if hw.get("cpu_capability") else "")
+        + f", {hw.get('cpu_count', '?')} cores"
         + (f", {hw['gpu']}" if hw.get("gpu") else "")
         + f"; torch {hw.get('torch', '?')}.",
         f"- Wall time: tokenizer {_hours(train.get('tokenizer_seconds'))}"

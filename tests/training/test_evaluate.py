@@ -126,6 +126,9 @@ def test_eval_command_writes_the_model_card(ci_weights, tmp_path):
     assert "| ShapesEval overall" not in card  # evaluated at 128 px: the 256 px target does not apply
     assert (ci_weights / "samples.png").is_file() and (ci_weights / "eval.json").is_file()
     assert "- History: kept on re-evaluation." in card
+    # the card names the CPU's vector ISA beside the CPU (step times differ ~3x between AVX2 and AVX-512)
+    hardware = next(line for line in card.splitlines() if line.startswith("- Hardware:"))
+    assert f"({torch.backends.cpu.get_cpu_capability()})" in hardware, hardware
     assert json.loads((ci_weights / "eval.json").read_text())["card_notes"] == [
         "History: kept on re-evaluation."
     ]
