@@ -2,7 +2,8 @@
 
 The directory is the dcar layout (model_index.json, tokenizer/, generator/, text_encoder/) that
 ``Pipeline.from_pretrained`` loads; ``training.json`` records how it was made (recipe, wall times,
-hardware) for the model card that ``dcar eval --write-card`` writes beside it.
+hardware) for the model card that ``dcar eval --write-card`` writes beside it. Wall times cover the whole
+lineage: a run started from another (``init_from``) adds what that one cost.
 
 The generator may come from a weights directory instead of a run: that re-exports a model with a refined
 tokenizer decoder (``tiny-shapes-v2``), allowed only when the tokenizer's encoder and codebook are the ones
@@ -26,7 +27,7 @@ from dcar.model.config import PipelineConfig
 from dcar.model.pipeline import Pipeline
 from dcar.training.card_compare import PREVIOUS  # the replaced model's card files
 from dcar.training.presets import TrainPreset
-from dcar.training.runlog import DONE
+from dcar.training.runlog import DONE, load_checkpoint
 from dcar.training.trained import load_trained_generator, load_trained_tokenizer
 
 TRAINING_JSON = "training.json"
@@ -65,6 +66,44 @@ def _done(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _add(*seconds: float | None) -> float | None:
+    known = [s for s in seconds if s is not None]
+    return sum(known) if known else None
+
+
+def _data_meta(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "data_meta.json"
+    return [json.loads(path.read_text())] if path.is_file() else []
+
+
+def _pretokenize_seconds(metas: list[dict[str, Any]]) -> float | None:
+    """Pre-tokenizing seconds of these datasets, each counted once (runs of a lineage may share one)."""
+    unique = {json.dumps(m, sort_keys=True): m for m in metas}
+    return _add(*(m.get("seconds_last_session") for m in unique.values()))
+
+
+def _started_from(run_dir: Path, part: str) -> dict[str, Any] | None:
+    """What a run started from (its recipe's ``init_from``): its training seconds and pre-tokenized datasets
+    (a weights directory's training.json has the totals; a run is counted down to the first from-scratch
+    run). None for a run trained from scratch; seconds None when the source is gone or unfinished."""
+    ckpt = load_checkpoint(run_dir) or {}
+    source = ckpt.get("preset", {}).get(part, {}).get("init_from") or ""
+    if not source:
+        return None
+    src = Path(source)
+    if (src / TRAINING_JSON).is_file():
+        rec = json.loads((src / TRAINING_JSON).read_text())
+        data = [{"weights": str(src), "seconds_last_session": rec.get("pretokenize_seconds")}]
+        return {"seconds": rec.get(f"{part}_seconds"), "data": data}
+    if not (src / DONE).is_file():
+        return {"seconds": None, "data": []}
+    before = _started_from(src, part) or {"seconds": None, "data": []}
+    return {
+        "seconds": _add(_done(src).get("seconds"), before["seconds"]),
+        "data": _data_meta(src) + before["data"],
+    }
+
+
 def export(
     preset: TrainPreset,
     tokenizer_dir: str | Path,
@@ -81,6 +120,8 @@ def export(
     """
     tokenizer_dir, generator_dir, out = Path(tokenizer_dir), Path(generator_dir), Path(out)
     tok = load_trained_tokenizer(tokenizer_dir, preset)
+    # before keep_previous: a refinement of the model being overwritten finds its training.json there
+    tok_before = _started_from(tokenizer_dir, "tokenizer")
     base: Pipeline | None = None
     base_record: dict[str, Any] = {}
     if (generator_dir / "model_index.json").is_file():  # a weights directory: keep its generator
@@ -97,6 +138,7 @@ def export(
     else:
         gen, text, gcfg = load_trained_generator(generator_dir, preset)
         sampling = preset.pipeline.sampling
+    gen_before = _started_from(generator_dir, "generator") if base is None else None
     if guidance_scale is not None:
         sampling = replace(sampling, guidance_scale=guidance_scale)
     if randomize_temperature is not None:
@@ -107,15 +149,12 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     keep_previous(out)
     pipe.save_pretrained(out, name)
-    tok_done, gen_done = _done(tokenizer_dir), _done(generator_dir)
-    meta_path = generator_dir / "data_meta.json"
-    record = {
+    tok_own, gen_own = _done(tokenizer_dir).get("seconds"), _done(generator_dir).get("seconds")
+    record: dict[str, Any] = {
         "preset": preset.to_dict(),
-        "tokenizer_seconds": tok_done.get("seconds"),
-        "generator_seconds": gen_done.get("seconds"),
-        "pretokenize_seconds": json.loads(meta_path.read_text()).get("seconds_last_session")
-        if meta_path.is_file()
-        else None,
+        "tokenizer_seconds": tok_own,
+        "generator_seconds": gen_own,
+        "pretokenize_seconds": _pretokenize_seconds(_data_meta(generator_dir)),
         "vae_scale": gcfg.head.vae_scale,
         "parameters": {
             "tokenizer": sum(p.numel() for p in pipe.tokenizer.parameters()),
@@ -124,11 +163,20 @@ def export(
         },
         "hardware": hardware(),
     }
-    if base is not None:  # the generator's training happened in the base model's runs
-        refine = record["tokenizer_seconds"] or 0.0
+    # Wall times are totals over the whole lineage (what ``make train-tiny`` costs); a refinement or a
+    # further schedule also states its own part.
+    if tok_before is not None:
         record.update(
-            tokenizer_seconds=(base_record.get("tokenizer_seconds") or 0.0) + refine,
-            tokenizer_refine_seconds=refine,
+            tokenizer_seconds=_add(tok_before["seconds"], tok_own), tokenizer_refine_seconds=tok_own
+        )
+    if gen_before is not None:
+        record.update(
+            generator_seconds=_add(gen_before["seconds"], gen_own),
+            generator_further_seconds=gen_own,
+            pretokenize_seconds=_pretokenize_seconds(_data_meta(generator_dir) + gen_before["data"]),
+        )
+    if base is not None:  # the generator's training happened in the base model's runs
+        record.update(
             generator_seconds=base_record.get("generator_seconds"),
             pretokenize_seconds=base_record.get("pretokenize_seconds"),
             base={"name": base.name, "preset": base_record.get("preset")},

@@ -239,7 +239,13 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
             else ""
         )
         + ", pre-tokenizing "
-        f"{_hours(train.get('pretokenize_seconds'))}, generator {_hours(train.get('generator_seconds'))}.",
+        f"{_hours(train.get('pretokenize_seconds'))}, generator {_hours(train.get('generator_seconds'))}"
+        + (
+            f" (of which the further schedule {_hours(train['generator_further_seconds'])})"
+            if train.get("generator_further_seconds")
+            else ""
+        )
+        + ".",
         # card_notes: what the numbers cannot say (a run's history); eval.json keeps them across rewrites
         *[
             textwrap.fill(f"- {note}", width=110, subsequent_indent="  ")

@@ -289,3 +289,39 @@ def test_generator_continues_from_a_weights_directory_on_the_same_ids(
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "encoder or codebook" in err[0], err
+
+
+def _seconds(run, name="done"):
+    return json.loads((run / name).read_text())["seconds" if name == "done" else "seconds_last_session"]
+
+
+def test_export_of_a_refined_further_lineage_counts_every_run_once(
+    tmp_path, ci_preset, ci_tokenizer_run, ci_data, ci_generator_run
+):
+    from dcar.training.export import export
+    from dcar.training.model_card import write_card
+    from dcar.training.train_generator import train_generator
+
+    refined = tmp_path / "refined"
+    assert _refine(ci_tokenizer_run, refined) == 0
+    gen = replace(ci_preset.generator, steps=2, init_from=str(ci_generator_run), further=True)
+    further = replace(ci_preset, generator=gen)
+    more = tmp_path / "more"  # new scenes (seed 1), as tiny-shapes-v2 draws them
+    train_generator(further, refined, tmp_path / "tokens-2", more, SINGLE, ci_options(seed=1))
+    record = json.loads((export(further, refined, more, tmp_path / "w") / "training.json").read_text())
+    assert record["tokenizer_refine_seconds"] == _seconds(refined)
+    assert record["tokenizer_seconds"] == pytest.approx(_seconds(ci_tokenizer_run) + _seconds(refined))
+    assert record["generator_further_seconds"] == _seconds(more)
+    assert record["generator_seconds"] == pytest.approx(_seconds(ci_generator_run) + _seconds(more))
+    meta = "data_meta.json"
+    assert record["pretokenize_seconds"] == pytest.approx(
+        _seconds(ci_generator_run, meta) + _seconds(more, meta)
+    )
+    card = write_card(tmp_path / "w", _results(0.5, [0])).read_text()
+    assert "(of which the further schedule" in card and "(of which the decoder refinement" in card
+
+    # a further schedule on the same pre-tokenized scenes: their pre-tokenizing is counted once
+    again = tmp_path / "again"
+    train_generator(further, refined, ci_data, again, SINGLE, ci_options())
+    record = json.loads((export(further, refined, again, tmp_path / "w2") / "training.json").read_text())
+    assert record["pretokenize_seconds"] == pytest.approx(_seconds(ci_generator_run, meta))
