@@ -271,7 +271,7 @@ SHAPES_GPU = TrainPreset(
 # v1's own history points at training length (4,000 steps: ~0.2 on the tuning prompts; 12,000: 0.44). So
 # v2's generator recipe is a further schedule for v1's generator on the refined tokenizer (same ids):
 # 4,000 more steps, peak lr 5e-4 (half of v1's, whose cosine ended at 5e-5), warm-up + cosine, on 20,000
-# new scenes (``--seed 1``). Being measured (docs/training.md); not shipped.
+# new scenes (``--seed 1``). ``make train-tiny-v2`` runs it all; being measured (docs/training.md), not shipped.
 TINY_SHAPES_V2 = TrainPreset(
     name="tiny-shapes-v2",
     pipeline=TINY_SHAPES.pipeline,

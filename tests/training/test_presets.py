@@ -101,25 +101,52 @@ def test_v2_recipe_at_toy_size_resumes_step_for_step(tmp_path):
         assert (broken / f"ceiling-stage{stage}.json").is_file()
 
 
-def test_make_train_tiny_reproduces_the_committed_weights_recipe():
+def _make_n(target: str) -> tuple[list[str], list[list[str]]]:
+    """The ``dcar train``/``dcar eval`` commands ``make -n target`` would run, and their kinds."""
     out = subprocess.run(
-        ["make", "-n", "--no-print-directory", "train-tiny"],
+        ["make", "-n", "--no-print-directory", target],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.replace("\\\n", " ")
     commands = [shlex.split(line) for line in out.splitlines() if " train " in line or " eval " in line]
-    kinds = [c[c.index("train") + 1] if "train" in c else "eval" for c in commands]
+    return [c[c.index("train") + 1] if "train" in c else "eval" for c in commands], commands
+
+
+def _arg(c: list[str], flag: str) -> str:
+    return c[c.index(flag) + 1]
+
+
+def test_make_train_tiny_reproduces_the_committed_weights_recipe():
+    kinds, commands = _make_n("train-tiny")
     assert kinds == ["tokenizer", "generator", "export", "eval"]
-
-    def arg(c, flag):
-        return c[c.index(flag) + 1]
-
     tok, gen, export = commands[:3]
     record = json.loads(COMMITTED.read_text())["preset"]["name"]
-    assert all(arg(c, "--preset") == record == "tiny-shapes" for c in (tok, gen, export))
-    assert arg(gen, "--tokenizer") == arg(export, "--tokenizer") == arg(tok, "--out")
-    assert arg(export, "--generator") == arg(gen, "--out")
-    assert arg(export, "--out") == "weights/dcar-tiny-shapes"
-    assert arg(export, "--name") == "dcar-tiny-shapes"
+    assert all(_arg(c, "--preset") == record == "tiny-shapes" for c in (tok, gen, export))
+    assert _arg(gen, "--tokenizer") == _arg(export, "--tokenizer") == _arg(tok, "--out")
+    assert _arg(export, "--generator") == _arg(gen, "--out")
+    assert _arg(export, "--out") == "weights/dcar-tiny-shapes"
+    assert _arg(export, "--name") == "dcar-tiny-shapes"
+
+
+def test_make_train_tiny_v2_continues_v1s_runs_and_leaves_the_committed_weights():
+    kinds, commands = _make_n("train-tiny-v2")
+    assert kinds == ["tokenizer", "generator", "tokenizer", "generator", "export", "eval"]
+    tok1, gen1, tok2, gen2, export, ev = commands
+    assert [_arg(c, "--preset") for c in commands[:5]] == ["tiny-shapes"] * 2 + ["tiny-shapes-v2"] * 3
+    assert (tok1, gen1) == tuple(_make_n("train-tiny")[1][:2])  # the same v1 runs: done once, shared
+    assert _arg(tok2, "--init-from") == _arg(tok1, "--out") and _arg(gen2, "--init-from") == _arg(
+        gen1, "--out"
+    )
+    assert _arg(gen2, "--tokenizer") == _arg(export, "--tokenizer") == _arg(tok2, "--out")
+    assert _arg(export, "--generator") == _arg(gen2, "--out")
+    # new scenes: another seed than v1's (0) into another dataset directory
+    assert (
+        "--seed" not in gen1
+        and int(_arg(gen2, "--seed")) != 0
+        and _arg(gen2, "--data") != _arg(gen1, "--data")
+    )
+    assert _arg(export, "--out") != "weights/dcar-tiny-shapes" and ev[ev.index("eval") + 1] == _arg(
+        export, "--out"
+    )
