@@ -3,7 +3,7 @@
 The directory is the dcar layout (model_index.json, tokenizer/, generator/, text_encoder/) that
 ``Pipeline.from_pretrained`` loads; ``training.json`` records how it was made (recipe, wall times,
 hardware) for the model card that ``dcar eval --write-card`` writes beside it. Wall times cover the whole
-lineage: a run started from another (``init_from``) adds what that one cost.
+lineage: a run started from another (``init_from``) adds what that one cost (training/lineage.py).
 
 The generator may come from a weights directory instead of a run: that re-exports a model with a refined
 tokenizer decoder (``tiny-shapes-v2``), allowed only when the tokenizer's encoder and codebook are the ones
@@ -26,11 +26,18 @@ import torch
 from dcar.model.config import PipelineConfig
 from dcar.model.pipeline import Pipeline
 from dcar.training.card_compare import PREVIOUS  # the replaced model's card files
+from dcar.training.lineage import (
+    TRAINING_JSON,
+    data_metas,
+    pretokenize_seconds,
+    read_lineage,
+    total,
+    unique_datasets,
+)
 from dcar.training.presets import TrainPreset
-from dcar.training.runlog import DONE, load_checkpoint
+from dcar.training.runlog import DONE
 from dcar.training.trained import load_trained_generator, load_trained_tokenizer
 
-TRAINING_JSON = "training.json"
 CARD_FILES = ("README.md", "eval.json", "samples.png", TRAINING_JSON)
 
 
@@ -66,44 +73,6 @@ def _done(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _add(*seconds: float | None) -> float | None:
-    known = [s for s in seconds if s is not None]
-    return sum(known) if known else None
-
-
-def _data_meta(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "data_meta.json"
-    return [json.loads(path.read_text())] if path.is_file() else []
-
-
-def _pretokenize_seconds(metas: list[dict[str, Any]]) -> float | None:
-    """Pre-tokenizing seconds of these datasets, each counted once (runs of a lineage may share one)."""
-    unique = {json.dumps(m, sort_keys=True): m for m in metas}
-    return _add(*(m.get("seconds_last_session") for m in unique.values()))
-
-
-def _started_from(run_dir: Path, part: str) -> dict[str, Any] | None:
-    """What a run started from (its recipe's ``init_from``): its training seconds and pre-tokenized datasets
-    (a weights directory's training.json has the totals; a run is counted down to the first from-scratch
-    run). None for a run trained from scratch; seconds None when the source is gone or unfinished."""
-    ckpt = load_checkpoint(run_dir) or {}
-    source = ckpt.get("preset", {}).get(part, {}).get("init_from") or ""
-    if not source:
-        return None
-    src = Path(source)
-    if (src / TRAINING_JSON).is_file():
-        rec = json.loads((src / TRAINING_JSON).read_text())
-        data = [{"weights": str(src), "seconds_last_session": rec.get("pretokenize_seconds")}]
-        return {"seconds": rec.get(f"{part}_seconds"), "data": data}
-    if not (src / DONE).is_file():
-        return {"seconds": None, "data": []}
-    before = _started_from(src, part) or {"seconds": None, "data": []}
-    return {
-        "seconds": _add(_done(src).get("seconds"), before["seconds"]),
-        "data": _data_meta(src) + before["data"],
-    }
-
-
 def export(
     preset: TrainPreset,
     tokenizer_dir: str | Path,
@@ -120,8 +89,7 @@ def export(
     """
     tokenizer_dir, generator_dir, out = Path(tokenizer_dir), Path(generator_dir), Path(out)
     tok = load_trained_tokenizer(tokenizer_dir, preset)
-    # before keep_previous: a refinement of the model being overwritten finds its training.json there
-    tok_before = _started_from(tokenizer_dir, "tokenizer")
+    tok_before = read_lineage(tokenizer_dir, "tokenizer")
     base: Pipeline | None = None
     base_record: dict[str, Any] = {}
     if (generator_dir / "model_index.json").is_file():  # a weights directory: keep its generator
@@ -138,7 +106,7 @@ def export(
     else:
         gen, text, gcfg = load_trained_generator(generator_dir, preset)
         sampling = preset.pipeline.sampling
-    gen_before = _started_from(generator_dir, "generator") if base is None else None
+    gen_before = read_lineage(generator_dir, "generator") if base is None else None
     if guidance_scale is not None:
         sampling = replace(sampling, guidance_scale=guidance_scale)
     if randomize_temperature is not None:
@@ -154,7 +122,10 @@ def export(
         "preset": preset.to_dict(),
         "tokenizer_seconds": tok_own,
         "generator_seconds": gen_own,
-        "pretokenize_seconds": _pretokenize_seconds(_data_meta(generator_dir)),
+        "pretokenize_seconds": pretokenize_seconds(data_metas(generator_dir)),
+        # every pre-tokenized dataset of the lineage, so that a further run from these weights on one of
+        # them does not count its pre-tokenizing twice
+        "datasets": unique_datasets(data_metas(generator_dir)),
         "vae_scale": gcfg.head.vae_scale,
         "parameters": {
             "tokenizer": sum(p.numel() for p in pipe.tokenizer.parameters()),
@@ -167,20 +138,23 @@ def export(
     # further schedule also states its own part.
     if tok_before is not None:
         record.update(
-            tokenizer_seconds=_add(tok_before["seconds"], tok_own), tokenizer_refine_seconds=tok_own
+            tokenizer_seconds=total(tok_before["seconds"], tok_own), tokenizer_refine_seconds=tok_own
         )
     if gen_before is not None:
+        datasets = data_metas(generator_dir) + gen_before["datasets"]
         record.update(
-            generator_seconds=_add(gen_before["seconds"], gen_own),
+            generator_seconds=total(gen_before["seconds"], gen_own),
             generator_further_seconds=gen_own,
-            pretokenize_seconds=_pretokenize_seconds(_data_meta(generator_dir) + gen_before["data"]),
+            pretokenize_seconds=pretokenize_seconds(datasets),
+            datasets=unique_datasets(datasets),
         )
     if base is not None:  # the generator's training happened in the base model's runs
         record.update(
-            generator_seconds=base_record.get("generator_seconds"),
-            pretokenize_seconds=base_record.get("pretokenize_seconds"),
+            {k: base_record.get(k) for k in ("generator_seconds", "pretokenize_seconds", "datasets")},
             base={"name": base.name, "preset": base_record.get("preset")},
         )
+        if base_record.get("generator_further_seconds") is not None:
+            record["generator_further_seconds"] = base_record["generator_further_seconds"]
     (out / TRAINING_JSON).write_text(json.dumps(record, indent=1) + "\n")
     return out
 

@@ -35,6 +35,7 @@ from dcar.model.tokenizer import DCHT
 from dcar.model.transformer import DCARTransformer
 from dcar.training import distributed as dist_utils
 from dcar.training.distributed import Dist
+from dcar.training.lineage import DATA_META, write_lineage
 from dcar.training.losses import arccos_mask, masked_token_loss
 from dcar.training.presets import TrainPreset
 from dcar.training.pretokenize import load_pretokenized, pretokenize
@@ -220,7 +221,8 @@ class GeneratorTrainer:
         r, d, opts = self.recipe, self.d, self.opts
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if d.main:
-            (self.run_dir / "data_meta.json").write_text(json.dumps(self.meta, indent=1) + "\n")
+            (self.run_dir / DATA_META).write_text(json.dumps(self.meta, indent=1) + "\n")
+            write_lineage(self.run_dir, "generator", r.init_from)
         ckpt = load_checkpoint(self.run_dir)
         if ckpt is not None:
             self.load_state_dict(ckpt)

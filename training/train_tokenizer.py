@@ -32,6 +32,7 @@ from dcar.training import distributed as dist_utils
 from dcar.training.captions import caption
 from dcar.training.dataset import EVAL_STREAM, image_to_tensor, stream_rng
 from dcar.training.distributed import Dist
+from dcar.training.lineage import write_lineage
 from dcar.training.losses import (
     PatchDiscriminator,
     hinge_d_loss,
@@ -247,6 +248,8 @@ class TokenizerTrainer:
     def run(self) -> dict[str, Any]:
         r, d, opts = self.recipe, self.d, self.opts
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if d.main:
+            write_lineage(self.run_dir, "tokenizer", r.init_from)
         ckpt = load_checkpoint(self.run_dir)
         if ckpt is not None:
             self.load_state_dict(ckpt)

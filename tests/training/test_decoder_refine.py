@@ -8,6 +8,7 @@ import csv
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,6 +296,10 @@ def _seconds(run, name="done"):
     return json.loads((run / name).read_text())["seconds" if name == "done" else "seconds_last_session"]
 
 
+def _record(weights):
+    return json.loads((weights / "training.json").read_text())
+
+
 def test_export_of_a_refined_further_lineage_counts_every_run_once(
     tmp_path, ci_preset, ci_tokenizer_run, ci_data, ci_generator_run
 ):
@@ -308,7 +313,7 @@ def test_export_of_a_refined_further_lineage_counts_every_run_once(
     further = replace(ci_preset, generator=gen)
     more = tmp_path / "more"  # new scenes (seed 1), as tiny-shapes-v2 draws them
     train_generator(further, refined, tmp_path / "tokens-2", more, SINGLE, ci_options(seed=1))
-    record = json.loads((export(further, refined, more, tmp_path / "w") / "training.json").read_text())
+    record = _record(export(further, refined, more, tmp_path / "w"))
     assert record["tokenizer_refine_seconds"] == _seconds(refined)
     assert record["tokenizer_seconds"] == pytest.approx(_seconds(ci_tokenizer_run) + _seconds(refined))
     assert record["generator_further_seconds"] == _seconds(more)
@@ -317,11 +322,47 @@ def test_export_of_a_refined_further_lineage_counts_every_run_once(
     assert record["pretokenize_seconds"] == pytest.approx(
         _seconds(ci_generator_run, meta) + _seconds(more, meta)
     )
+    assert len(record["datasets"]) == 2
     card = write_card(tmp_path / "w", _results(0.5, [0])).read_text()
     assert "(of which the further schedule" in card and "(of which the decoder refinement" in card
 
     # a further schedule on the same pre-tokenized scenes: their pre-tokenizing is counted once
     again = tmp_path / "again"
     train_generator(further, refined, ci_data, again, SINGLE, ci_options())
-    record = json.loads((export(further, refined, again, tmp_path / "w2") / "training.json").read_text())
+    record = _record(export(further, refined, again, tmp_path / "w2"))
     assert record["pretokenize_seconds"] == pytest.approx(_seconds(ci_generator_run, meta))
+
+
+def test_lineage_from_weights_survives_re_export_over_them_and_other_directories(
+    tmp_path, ci_preset, ci_tokenizer_run, ci_data, ci_weights, monkeypatch
+):
+    from dcar.training.export import export
+    from dcar.training.train_generator import train_generator
+
+    weights = tmp_path / "w"
+    shutil.copytree(ci_weights, weights)
+    v1 = _record(weights)
+    monkeypatch.chdir(tmp_path)  # relative sources, as `make` passes them
+    refined, more = Path("refined"), Path("more")
+    assert _refine(Path("w"), refined) == 0
+    gen = replace(ci_preset.generator, steps=2, init_from="w", further=True)
+    further = replace(ci_preset, generator=gen)
+    train_generator(further, refined, ci_data, more, SINGLE, ci_options())  # v1's scenes again
+
+    def check(record):
+        own_tok, own_gen = _seconds(tmp_path / refined), _seconds(tmp_path / more)
+        assert record["tokenizer_seconds"] == pytest.approx(v1["tokenizer_seconds"] + own_tok)
+        assert record["generator_seconds"] == pytest.approx(v1["generator_seconds"] + own_gen)
+        assert record["pretokenize_seconds"] == pytest.approx(v1["pretokenize_seconds"])  # the same scenes
+
+    for _ in range(2):  # over the source itself, twice: its training.json now holds the new totals
+        check(_record(export(further, refined, more, weights)))
+    monkeypatch.chdir(ci_data)  # elsewhere: the runs recorded absolute sources and their costs
+    check(_record(export(further, tmp_path / refined, tmp_path / more, tmp_path / "w3")))
+
+    # a run that recorded nothing (made before lineage.json) whose source is gone: unknown, not zero
+    (tmp_path / refined / "lineage.json").unlink()
+    record = _record(export(further, tmp_path / refined, tmp_path / more, tmp_path / "w4"))
+    assert record["tokenizer_seconds"] is None and record["tokenizer_refine_seconds"] == _seconds(
+        tmp_path / refined
+    )
