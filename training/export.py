@@ -31,11 +31,11 @@ from dcar.training.lineage import (
     data_metas,
     pretokenize_seconds,
     read_lineage,
+    run_seconds,
     total,
     unique_datasets,
 )
 from dcar.training.presets import TrainPreset
-from dcar.training.runlog import DONE
 from dcar.training.trained import load_trained_generator, load_trained_tokenizer
 
 CARD_FILES = ("README.md", "eval.json", "samples.png", TRAINING_JSON)
@@ -66,11 +66,6 @@ def hardware() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _done(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / DONE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def export(
@@ -117,7 +112,7 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     keep_previous(out)
     pipe.save_pretrained(out, name)
-    tok_own, gen_own = _done(tokenizer_dir).get("seconds"), _done(generator_dir).get("seconds")
+    tok_own, gen_own = run_seconds(tokenizer_dir), run_seconds(generator_dir)  # mid-run: so far
     record: dict[str, Any] = {
         "preset": preset.to_dict(),
         "tokenizer_seconds": tok_own,

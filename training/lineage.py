@@ -41,7 +41,7 @@ def pretokenize_seconds(metas: list[dict[str, Any]]) -> float | None:
     return total(*(m.get("seconds_last_session") for m in datasets)) if datasets else None
 
 
-def _run_seconds(run_dir: Path) -> float | None:
+def run_seconds(run_dir: Path) -> float | None:
     """A run's training seconds: its ``done`` summary, or an unfinished run's checkpoint."""
     done = run_dir / DONE
     if done.is_file():
@@ -64,7 +64,7 @@ def source_record(source: Path, part: str) -> dict[str, Any]:
     if not (src / DONE).is_file() and load_checkpoint(src) is None:
         return {"source": str(src), "seconds": None, "datasets": []}  # gone: unknown, not zero
     before = read_lineage(src, part)
-    own = _run_seconds(src)
+    own = run_seconds(src)
     if before is None:
         return {"source": str(src), "seconds": own, "datasets": data_metas(src)}
     return {

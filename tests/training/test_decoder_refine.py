@@ -312,6 +312,11 @@ def test_export_of_a_refined_further_lineage_counts_every_run_once(
     gen = replace(ci_preset.generator, steps=2, init_from=str(ci_generator_run), further=True)
     further = replace(ci_preset, generator=gen)
     more = tmp_path / "more"  # new scenes (seed 1), as tiny-shapes-v2 draws them
+    train_generator(further, refined, tmp_path / "tokens-2", more, SINGLE, ci_options(seed=1, stop_at=1))
+    so_far = torch.load(more / "checkpoint.pt", weights_only=False)["elapsed"]
+    record = _record(export(further, refined, more, tmp_path / "mid"))  # mid-run: the time so far
+    assert record["generator_further_seconds"] == so_far > 0
+    assert record["generator_seconds"] == pytest.approx(_seconds(ci_generator_run) + so_far)
     train_generator(further, refined, tmp_path / "tokens-2", more, SINGLE, ci_options(seed=1))
     record = _record(export(further, refined, more, tmp_path / "w"))
     assert record["tokenizer_refine_seconds"] == _seconds(refined)
