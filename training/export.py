@@ -113,14 +113,15 @@ def export(
     keep_previous(out)
     pipe.save_pretrained(out, name)
     tok_own, gen_own = run_seconds(tokenizer_dir), run_seconds(generator_dir)  # mid-run: so far
+    datasets = data_metas(generator_dir) + (gen_before["datasets"] if gen_before is not None else [])
     record: dict[str, Any] = {
         "preset": preset.to_dict(),
         "tokenizer_seconds": tok_own,
         "generator_seconds": gen_own,
-        "pretokenize_seconds": pretokenize_seconds(data_metas(generator_dir)),
+        "pretokenize_seconds": pretokenize_seconds(datasets),
         # every pre-tokenized dataset of the lineage, so that a further run from these weights on one of
         # them does not count its pre-tokenizing twice
-        "datasets": unique_datasets(data_metas(generator_dir)),
+        "datasets": unique_datasets(datasets),
         "vae_scale": gcfg.head.vae_scale,
         "parameters": {
             "tokenizer": sum(p.numel() for p in pipe.tokenizer.parameters()),
@@ -136,12 +137,8 @@ def export(
             tokenizer_seconds=total(tok_before["seconds"], tok_own), tokenizer_refine_seconds=tok_own
         )
     if gen_before is not None:
-        datasets = data_metas(generator_dir) + gen_before["datasets"]
         record.update(
-            generator_seconds=total(gen_before["seconds"], gen_own),
-            generator_further_seconds=gen_own,
-            pretokenize_seconds=pretokenize_seconds(datasets),
-            datasets=unique_datasets(datasets),
+            generator_seconds=total(gen_before["seconds"], gen_own), generator_further_seconds=gen_own
         )
     if base is not None:  # the generator's training happened in the base model's runs
         record.update(

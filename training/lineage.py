@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dcar.training.runlog import DONE, load_checkpoint
+from dcar.training.runlog import CHECKPOINT, DONE, load_checkpoint
 
 LINEAGE = "lineage.json"
 TRAINING_JSON = "training.json"  # a weights directory's record of how it was made (training/export.py)
@@ -61,16 +61,14 @@ def source_record(source: Path, part: str) -> dict[str, Any]:
             {"weights": str(src), "seconds_last_session": rec.get("pretokenize_seconds")}
         ]
         return {"source": str(src), "seconds": rec.get(f"{part}_seconds"), "datasets": datasets}
-    if not (src / DONE).is_file() and load_checkpoint(src) is None:
+    if not (src / DONE).is_file() and not (src / CHECKPOINT).is_file():
         return {"source": str(src), "seconds": None, "datasets": []}  # gone: unknown, not zero
     before = read_lineage(src, part)
     own = run_seconds(src)
-    if before is None:
-        return {"source": str(src), "seconds": own, "datasets": data_metas(src)}
     return {
         "source": str(src),
-        "seconds": total(own, before["seconds"]),
-        "datasets": data_metas(src) + before["datasets"],
+        "seconds": own if before is None else total(own, before["seconds"]),
+        "datasets": data_metas(src) + (before["datasets"] if before is not None else []),
     }
 
 
