@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         shapes_eval,
         tuning_prompts,
     )
+    from dcar.training.failure_modes import format_failures
     from dcar.training.model_card import RESULTS, SAMPLES, write_card
     from dcar.training.shapes_eval import format_results
 
@@ -144,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if "shapes" not in skip:
         results["shapes_eval"] = shapes_eval(pipe, args.size, args.steps, seeds, **overrides)
         print(format_results(results["shapes_eval"], per_prompt=args.per_prompt))
+        print(format_failures(results["shapes_eval"]))
         if "discrete" not in skip:
             results["shapes_eval_discrete"] = shapes_eval(
                 pipe, args.size, args.steps, seeds, use_residuals=False, **overrides

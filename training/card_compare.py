@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dcar.training.failure_modes import FAULTS, failure_counts
 from dcar.training.shapes_eval import CATEGORIES
 
 PREVIOUS = "previous"  # export.py imports it from here: the card module does not import the trainers
@@ -42,6 +43,16 @@ def _shapes_rows(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if da and db:
         x, y = da["overall"], db["overall"]
         lines.append(f"| overall, codewords only | {x:.3f} | {y:.3f} | {_delta(x, y)} |")
+    if a.get("prompts") and b.get("prompts"):  # counts of images, so the same protocol is needed (checked)
+        fa, fb = failure_counts(a), failure_counts(b)
+        lines.append(
+            f"| failed images | {sum(fa['failed'].values())} | {sum(fb['failed'].values())} | "
+            f"{sum(fb['failed'].values()) - sum(fa['failed'].values()):+d} |"
+        )
+        for fault in FAULTS:
+            x, y = sum(fa["faults"][fault].values()), sum(fb["faults"][fault].values())
+            if x or y:
+                lines.append(f"| failed images, fault: {fault} | {x} | {y} | {y - x:+d} |")
     return lines
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from dcar.training.card_compare import comparison_lines
 from dcar.training.ceiling import format_ceiling
 from dcar.training.export import TRAINING_JSON
+from dcar.training.failure_modes import format_failures
 from dcar.training.shapes_eval import format_results
 
 CARD = "README.md"
@@ -168,6 +169,15 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
             lines += [
                 f"Without residuals (codewords only, same seeds): overall {disc['overall']:.3f} "
                 f"(hybrid {shapes['overall']:.3f}).",
+                "",
+            ]
+        if shapes.get("prompts"):
+            lines += [
+                "### Why images fail",
+                "",
+                "Each failed image's faults against everything its prompt says (training/failure_modes.py):",
+                "",
+                format_failures(shapes),
                 "",
             ]
     ceiling = results.get("tokenizer_ceiling")

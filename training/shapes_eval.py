@@ -11,6 +11,7 @@ batches them through a generator and reports per-category accuracy.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,18 @@ class Detection:
 
     def __str__(self) -> str:
         return f"{self.size} {self.color} {self.shape} at ({self.x:.2f}, {self.y:.2f})"
+
+    @classmethod
+    def parse(cls, text: str) -> Detection:
+        """The inverse of ``str`` (eval.json keeps detections as text); the area is not kept: 0."""
+        match = _DETECTION_TEXT.fullmatch(text)
+        if match is None:
+            raise ValueError(f"not a detection: {text!r}; expected e.g. 'large red circle at (0.50, 0.25)'")
+        size, color, shape, x, y = match.groups()
+        return cls(shape=shape, color=color, size=size, x=float(x), y=float(y), area=0.0)
+
+
+_DETECTION_TEXT = re.compile(r"(small|large) (\w+) (circle|square|triangle) at \(([\d.]+), ([\d.]+)\)")
 
 
 # ---- detector ------------------------------------------------------------------------------------
@@ -256,7 +269,7 @@ def _largest(dets: list[Detection], phrase: Phrase, exclude: Detection | None = 
     return (same_color or same_shape or [None])[0]
 
 
-def _relation_holds(a: Detection, b: Detection, relation: str) -> bool:
+def relation_holds(a: Detection, b: Detection, relation: str) -> bool:
     delta = {
         "to the left of": b.x - a.x,
         "to the right of": a.x - b.x,
@@ -282,7 +295,7 @@ def verdict(dets: list[Detection], spec: PromptSpec) -> bool:
         )
     a = _largest(dets, phrases[0])
     b = _largest(dets, phrases[1], exclude=a)
-    return a is not None and b is not None and _relation_holds(a, b, spec.description.relation or "")
+    return a is not None and b is not None and relation_holds(a, b, spec.description.relation or "")
 
 
 def score(image: Image.Image, spec: PromptSpec) -> bool:

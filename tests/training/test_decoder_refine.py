@@ -223,8 +223,23 @@ def test_card_compares_with_the_replaced_model_only_where_measured_alike(tmp_pat
     (weights / "previous").mkdir()
     (weights / "previous" / "eval.json").write_text(json.dumps(_results(0.25, [0, 1, 2, 3])))
     (weights / "previous" / "samples.png").write_bytes(b"png")
+    new = _results(0.5, [0, 1, 2, 3])
+    # per-image results as eval.json keeps them: the previous model drew the square round, this one did not
+    old_prompts = [{"category": "single_object", "prompt": "a blue square", "passed": [False],
+                    "detections": [["large blue circle at (0.50, 0.50)"]]}]  # fmt: skip
+    new_prompts = [
+        {**old_prompts[0], "passed": [True], "detections": [["large blue square at (0.50, 0.50)"]]}
+    ]
+    old = _results(0.25, [0, 1, 2, 3])
+    old["shapes_eval"]["prompts"], new["shapes_eval"]["prompts"] = old_prompts, new_prompts
+    (weights / "previous" / "eval.json").write_text(json.dumps(old))
+    card = write_card(weights, new).read_text()
+    assert "| failed images | 1 | 0 | -1 |" in card and "| failed images, fault: shape | 1 | 0 | -1 |" in card
+    assert "### Why images fail" in card and "| **failed images** | 0/1 | **0/1** |" in card
+    (weights / "previous" / "eval.json").write_text(json.dumps(_results(0.25, [0, 1, 2, 3])))
     card = write_card(weights, _results(0.5, [0, 1, 2, 3])).read_text()
     assert "## This model vs the one it replaced" in card
+    assert "| failed images |" not in card and "### Why images fail" not in card  # no per-image results
     assert "| **overall** | **0.250** | **0.500** | **+0.250** |" in card
     assert "| continuous | previous |" in card and "| discrete | this model |" in card
     assert "![previous samples](previous/samples.png)" in card

@@ -112,6 +112,8 @@ def test_eval_command_writes_the_model_card(ci_weights, tmp_path):
     for needle in (
         "## ShapesEval",
         "| **overall** |",
+        "### Why images fail",
+        "| **failed images** |",
         "## Tokenizer ceiling",
         "## Tokenizer reconstruction",
         "| continuous |",

@@ -1,0 +1,85 @@
+"""Failure modes: each kind of wrong image gets its own fault, from live detections and from eval.json text."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcar.training.failure_modes import FAULTS, failure_counts, faults, format_failures
+from dcar.training.render import render
+from dcar.training.shapes_eval import Detection, PromptSpec, detect, run_shapes_eval, scene_for_prompt
+
+# (prompt's category, prompt, what the image shows instead, the one fault expected)
+WRONG_IMAGES = [
+    ("single_object", "a blue square", "a blue circle", "shape"),
+    ("colors", "a yellow triangle", "a purple triangle", "own colour lost"),
+    ("position", "a red circle to the left of a blue square", "a blue circle to the left of a blue square",
+     "colour bound wrong"),
+    ("position", "a red circle to the left of a blue square", "a red circle to the right of a blue square",
+     "relation"),
+    ("counting", "two red circles", "three red circles", "count"),
+    ("single_object", "a red circle", "a red circle and a green square", "stray"),
+    ("single_object", "a large blue triangle", "a small blue triangle", "size"),
+]  # fmt: skip
+
+
+def _render(text: str, seed: int = 3, size: int = 256) -> Image.Image:
+    category = (
+        "position" if " of " in text or " above " in text else "two_object" if " and " in text else "colors"
+    )
+    spec = PromptSpec.from_text(category, text)
+    return render(scene_for_prompt(spec, np.random.default_rng(seed)), size)
+
+
+@pytest.mark.parametrize(("category", "prompt", "shown", "fault"), WRONG_IMAGES)
+def test_each_wrong_image_gets_its_fault(category, prompt, shown, fault):
+    spec = PromptSpec.from_text(category, prompt)
+    assert faults(detect(_render(shown)), spec) == [fault]
+    assert faults(detect(_render(prompt)), spec) == []  # the right image has none
+
+
+def test_a_blank_image_misses_every_object():
+    blank = Image.new("RGB", (128, 128), (128, 128, 128))
+    assert faults(detect(blank), PromptSpec.from_text("two_object", "a red circle and a blue square")) == [
+        "missing"
+    ]
+
+
+def test_detections_round_trip_through_their_text():
+    dets = detect(_render("a green triangle above a purple square"))
+    assert len(dets) == 2
+    for d in dets:
+        back = Detection.parse(str(d))
+        assert str(back) == str(d) and (back.shape, back.color, back.size) == (d.shape, d.color, d.size)
+    with pytest.raises(ValueError, match="not a detection"):
+        Detection.parse("a big red blob")
+
+
+def test_counts_and_table_from_a_run_and_from_its_json():
+    prompts = [PromptSpec.from_text(c, p) for c, p, _, _ in WRONG_IMAGES[:2]]
+    shown = {p: s for _, p, s, _ in WRONG_IMAGES[:2]}
+
+    def generate(texts, seeds):  # seed 0 draws the right image, seed 1 the wrong one
+        return [
+            _render(t if s == 0 else shown[t], seed=s + 3, size=128)
+            for t, s in zip(texts, seeds, strict=True)
+        ]
+
+    results = run_shapes_eval(generate, size=128, seeds=(0, 1), prompts=prompts)
+    assert [r["passed"] for r in results["prompts"]] == [[True, False], [True, False]]
+    # eval.json keeps the detections as text: the counts read back from it are the same
+    for r in (results, json.loads(json.dumps(results))):
+        counts = failure_counts(r)
+        assert counts["categories"] == ["single_object", "colors"]
+        assert counts["images"] == {"single_object": 2, "colors": 2}
+        assert counts["failed"] == {"single_object": 1, "colors": 1}
+        assert {f: n for f, n in counts["faults"].items() if any(n.values())} == {
+            "shape": {"single_object": 1, "colors": 0},
+            "own colour lost": {"single_object": 0, "colors": 1},
+        }
+    table = format_failures(results)
+    assert "| **failed images** | 1/2 | 1/2 | **2/4** |" in table
+    assert "| shape | 1 | 0 | **1** |" in table and "| own colour lost | 0 | 1 | **1** |" in table
+    assert "| relation |" not in table  # a fault no image shows gets no row
+    assert FAULTS["shape"] in table
