@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dcar.training.scenes import Phrase
+from dcar.training.scenes import SHAPES, Phrase
 from dcar.training.shapes_eval import CATEGORIES, EVAL_PROMPTS, Detection, PromptSpec, relation_holds
 
 FAULTS = {
@@ -35,6 +35,14 @@ def _exact(dets: Sequence[Detection], phrase: Phrase) -> list[Detection]:
     return [d for d in dets if d.shape == phrase.shape and d.color == phrase.color]
 
 
+def drawn_as(dets: Sequence[Detection], phrase: Phrase) -> str | None:
+    """The shape an object was drawn as instead of its own (its colour's largest other-shape detection),
+    or None when enough of it is there as asked or nothing of its colour is."""
+    if len(_exact(dets, phrase)) >= phrase.count:
+        return None
+    return next((d.shape for d in dets if d.color == phrase.color and d.shape != phrase.shape), None)
+
+
 def faults(dets: Sequence[Detection], spec: PromptSpec) -> list[str]:
     """The faults (keys of ``FAULTS``, each at most once, in that order) of detections for a prompt."""
     phrases = spec.description.phrases
@@ -44,9 +52,8 @@ def faults(dets: Sequence[Detection], spec: PromptSpec) -> list[str]:
     for p in phrases:
         exact = _exact(dets, p)
         if len(exact) < p.count:
-            other_shape = any(d.color == p.color and d.shape != p.shape for d in dets)
             wrong_colour = [d for d in dets if d.shape == p.shape and d.color != p.color]
-            if other_shape:
+            if drawn_as(dets, p) is not None:
                 found.add("shape")
             elif any(d.color in named_colors for d in wrong_colour):
                 found.add("colour bound wrong")
@@ -82,15 +89,22 @@ def failure_counts(results: dict[str, Any]) -> dict[str, Any]:
     images = dict.fromkeys(CATEGORIES, 0)
     failed = dict.fromkeys(CATEGORIES, 0)
     table = {f: dict.fromkeys(CATEGORIES, 0) for f in FAULTS}
+    asked = dict.fromkeys(SHAPES, 0)
+    drawn = {a: dict.fromkeys(SHAPES, 0) for a in SHAPES}
     for r in results["prompts"]:
         cat = r["category"]
         spec = known.get((cat, r["prompt"])) or PromptSpec.from_text(cat, r["prompt"])
         for ok, texts in zip(r["passed"], r["detections"], strict=True):
+            dets = [Detection.parse(t) for t in texts]
             images[cat] += 1
+            for p in spec.description.phrases:  # every image: a category's rule may ignore a shape fault
+                asked[p.shape] += 1
+                if (instead := drawn_as(dets, p)) is not None:
+                    drawn[p.shape][instead] += 1
             if ok:
                 continue
             failed[cat] += 1
-            for f in faults([Detection.parse(t) for t in texts], spec):
+            for f in faults(dets, spec):
                 table[f][cat] += 1
     cats = [c for c in CATEGORIES if images[c]]
     return {
@@ -98,6 +112,8 @@ def failure_counts(results: dict[str, Any]) -> dict[str, Any]:
         "images": {c: images[c] for c in cats},
         "failed": {c: failed[c] for c in cats},
         "faults": {f: {c: table[f][c] for c in cats} for f in FAULTS},
+        "objects_asked": asked,
+        "drawn_as": drawn,
     }
 
 
@@ -122,4 +138,15 @@ def format_failures(results: dict[str, Any]) -> str:
     lines.append("An image can show several faults. What each means:")
     lines.append("")
     lines += [f"- {f}: {why}." for f, why in FAULTS.items() if any(counts["faults"][f].values())]
+    lines += [
+        "",
+        "Objects drawn in their colour as another shape, over all images (a phrase counts once):",
+        "",
+    ]
+    lines += ["| asked | objects asked | " + " | ".join(f"drawn as {s}" for s in SHAPES) + " |"]
+    lines += ["| --- | ---: |" + " ---: |" * len(SHAPES)]
+    for a, n in counts["objects_asked"].items():
+        if n:
+            cells = " | ".join("-" if s == a else str(counts["drawn_as"][a][s]) for s in SHAPES)
+            lines.append(f"| {a} | {n} | {cells} |")
     return "\n".join(lines)

@@ -78,8 +78,13 @@ def test_counts_and_table_from_a_run_and_from_its_json():
             "shape": {"single_object": 1, "colors": 0},
             "own colour lost": {"single_object": 0, "colors": 1},
         }
+        assert counts["objects_asked"] == {"circle": 0, "square": 2, "triangle": 2}
+        assert counts["drawn_as"]["square"] == {"circle": 1, "square": 0, "triangle": 0}
+        assert not any(counts["drawn_as"]["triangle"].values())  # recoloured, not reshaped
     table = format_failures(results)
     assert "| **failed images** | 1/2 | 1/2 | **2/4** |" in table
     assert "| shape | 1 | 0 | **1** |" in table and "| own colour lost | 0 | 1 | **1** |" in table
     assert "| relation |" not in table  # a fault no image shows gets no row
+    assert "| square | 2 | 1 | - | 0 |" in table and "| triangle | 2 | 0 | 0 | - |" in table
+    assert "| circle |" not in table  # no circle was asked for
     assert FAULTS["shape"] in table
