@@ -51,6 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="only the tokenizer ceiling (ShapesEval of ground-truth scenes after encode -> decode per path); "
         "WEIGHTS may be a tokenizer run directory; with --write-card it is merged into the existing eval.json",
     )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="measure nothing: print the ShapesEval tables and why its images failed from WEIGHTS/eval.json "
+        "(or from WEIGHTS itself when it is a results file written by --json)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     add_device_argument(parser)
     parser.add_argument("--per-prompt", action="store_true", help="print every prompt's result")
@@ -104,7 +110,32 @@ def _run_ceiling_only(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    """The ShapesEval and failure tables of stored results; no model is loaded."""
+    from pathlib import Path
+
+    from dcar.training.failure_modes import format_failures
+    from dcar.training.model_card import RESULTS
+    from dcar.training.shapes_eval import format_results
+
+    path = Path(args.weights)
+    source = path / RESULTS if path.is_dir() else path
+    if not source.is_file():
+        print(f"{source}: no results to explain (run `dcar eval {path} --write-card` first)", file=sys.stderr)
+        return 2
+    shapes = json.loads(source.read_text()).get("shapes_eval")
+    if not shapes or not shapes.get("prompts"):
+        print(f"{source}: no per-image ShapesEval results (evaluated with --skip shapes?)", file=sys.stderr)
+        return 2
+    print(format_results(shapes, per_prompt=args.per_prompt))
+    print()
+    print(format_failures(shapes))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.explain:
+        return _explain(args)
     import torch
 
     if args.threads:

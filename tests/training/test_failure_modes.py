@@ -88,3 +88,28 @@ def test_counts_and_table_from_a_run_and_from_its_json():
     assert "| square | 2 | 1 | - | 0 |" in table and "| triangle | 2 | 0 | 0 | - |" in table
     assert "| circle |" not in table  # no circle was asked for
     assert FAULTS["shape"] in table
+
+
+def test_dcar_eval_explain_reads_stored_results(tmp_path, capsys):
+    from dcar.cli.main import main as dcar
+
+    prompts = [{"category": "single_object", "prompt": "a blue square", "passed": [False, True],
+                "detections": [["large blue circle at (0.50, 0.50)"], ["large blue square at (0.40, 0.50)"]]}]  # fmt: skip
+    shapes = {"categories": {"single_object": 0.5}, "overall": 0.5, "size": 256, "seeds": [0, 1],
+              "num_images": 2, "prompts": prompts}  # fmt: skip
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "eval.json").write_text(json.dumps({"shapes_eval": shapes}))
+    (tmp_path / "results.json").write_text(json.dumps({"shapes_eval": shapes}))
+    for target in (weights, tmp_path / "results.json"):  # a weights directory or a --json file
+        assert dcar(["eval", str(target), "--explain"]) == 0
+        out = capsys.readouterr().out
+        assert "| **overall** | **0.500** |" in out and "| **failed images** | 1/2 | **1/2** |" in out
+        assert "| shape | 1 | **1** |" in out and "| square | 2 | 1 | - | 0 |" in out
+    # nothing to explain: one line naming the file, exit 2
+    (weights / "eval.json").write_text(json.dumps({"tokenizer_ceiling": {}}))
+    assert dcar(["eval", str(weights), "--explain"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval.json" in err[0] and "ShapesEval" in err[0]
+    assert dcar(["eval", str(tmp_path / "none"), "--explain"]) == 2
+    assert "no results to explain" in capsys.readouterr().err
