@@ -1,7 +1,8 @@
 """``dcar eval WEIGHTS``: ShapesEval, the tokenizer ceiling, reconstruction PSNR/SSIM and hybrid vs
 discrete-only of a weights directory; ``--write-card`` also writes its model card (README.md), sample grid
 and eval.json. ``--tokenizer-ceiling`` measures the ceiling alone, of a weights directory or of a tokenizer
-run directory (its checkpoint.pt, mid-training too)."""
+run directory (its checkpoint.pt, mid-training too). ``--sweep`` scores a grid of sampling knobs on the
+tuning prompts; ``--explain`` prints why stored ShapesEval images failed."""
 
 from __future__ import annotations
 
@@ -34,8 +35,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompts",
         choices=("shapes-eval", "tuning"),
-        default="shapes-eval",
-        help="ShapesEval's prompts, or held-out ones of the same categories for tuning defaults",
+        default=None,
+        help="ShapesEval's prompts, or held-out ones of the same categories for tuning defaults "
+        "(default: shapes-eval; tuning with --sweep)",
+    )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KNOB=V1,V2,...",
+        help="ShapesEval only, once per combination of knob values (repeat for more knobs, e.g. "
+        "--sweep guidance_scale=1,1.5,3 --sweep randomize_temperature=0,0.5); one table row each",
     )
     parser.add_argument("--eval-split", default="runs/eval-split", help="evaluation split directory")
     parser.add_argument("--num-eval", type=int, default=100, help="evaluation-split scenes used")
@@ -133,7 +143,39 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
+    """ShapesEval over a grid of sampling knobs (tuning prompts unless told otherwise)."""
+    from dcar.training.sweep import format_sweep, parse_sweep
+
+    try:
+        grid = parse_sweep(args.sweep)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.write_card:
+        print("--sweep does not write a card: export the chosen defaults, then evaluate", file=sys.stderr)
+        return 2
+    import torch
+
+    from dcar.model.pipeline import Pipeline
+    from dcar.training.evaluate import tuning_prompts
+    from dcar.training.shapes_eval import EVAL_PROMPTS
+    from dcar.training.sweep import run_sweep
+
+    pipe = Pipeline.from_pretrained(args.weights, device=resolve_device(args.device), dtype=torch.float32)
+    prompts = tuning_prompts() if args.prompts == "tuning" else EVAL_PROMPTS
+    t0 = time.monotonic()
+    rows = run_sweep(pipe, grid, prompts, size=args.size, steps=args.steps, seeds=seeds)
+    print(format_sweep(rows))
+    print(f"({args.prompts} prompts; {time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"weights": str(args.weights), "prompts": args.prompts, "sweep": rows}, f, indent=1)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    args.prompts = args.prompts or ("tuning" if args.sweep else "shapes-eval")
     if args.explain:
         return _explain(args)
     import torch
@@ -141,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = tuple(int(s) for s in args.seeds.split(","))
+    if args.sweep:
+        return _sweep(args, seeds)
     if args.tokenizer_ceiling:
         return _run_ceiling_only(args, seeds)
 
