@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from dcar.model.knobs import KNOBS, Knob, KnobError, check_knob, parse_size
+from dcar.model.knobs import KNOBS, Knob, KnobError, parse_knob, parse_size
 from dcar.model.pipeline import Pipeline
 from dcar.weights import embedded_weights
 
@@ -29,15 +29,9 @@ def knob_arg(k: Knob):
 
     def parse(text: str):
         try:
-            value = k.type(text)
-        except ValueError:
-            kind = "a whole number" if k.type is int else "a number"
-            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
-        try:
-            check_knob(k.name, value)
+            return parse_knob(k.name, text)
         except KnobError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-        return value
 
     parse.__name__ = k.name
     return parse

@@ -120,6 +120,13 @@ def _run_ceiling_only(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
     return 0
 
 
+_MEASURING_FLAGS = {
+    "--sweep": "sweep",
+    "--tokenizer-ceiling": "tokenizer_ceiling",
+    "--write-card": "write_card",
+}
+
+
 def _explain(args: argparse.Namespace) -> int:
     """The ShapesEval and failure tables of stored results; no model is loaded."""
     from pathlib import Path
@@ -128,6 +135,12 @@ def _explain(args: argparse.Namespace) -> int:
     from dcar.training.model_card import RESULTS
     from dcar.training.shapes_eval import format_results
 
+    measuring = [flag for flag, on in _MEASURING_FLAGS.items() if getattr(args, on)]
+    if measuring:  # refused rather than ignored: the user asked for a measurement that would not happen
+        print(
+            f"--explain measures nothing; it cannot be combined with {', '.join(measuring)}", file=sys.stderr
+        )
+        return 2
     path = Path(args.weights)
     source = path / RESULTS if path.is_dir() else path
     if not source.is_file():

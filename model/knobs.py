@@ -101,6 +101,33 @@ KNOB_NAMES: tuple[str, ...] = tuple(k.name for k in KNOBS)
 _BY_NAME = {k.name: k for k in KNOBS}
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_knob(name: str, text: str) -> Any:
+    """A knob's value from text (a CLI flag, a ``--sweep`` value), converted by the knob's type and checked.
+
+    ``KnobError`` names the knob and what it must be; ``name`` must be one of ``KNOB_NAMES``.
+    """
+    k = _BY_NAME[name]
+    word = text.strip().lower()
+    value: Any
+    if k.type is bool:
+        if word not in _TRUE + _FALSE:
+            raise KnobError(name, f"{name} must be true or false, got {text!r}")
+        value = word in _TRUE
+    elif k.choices:
+        value = text.strip()
+    else:
+        try:
+            value = k.type(text)
+        except ValueError:
+            kind = "an integer" if k.type is int else "a number"
+            raise KnobError(name, f"{name} must be {kind}, got {text!r}") from None
+    check_knob(name, value)
+    return value
+
+
 def knob_values(obj: object) -> dict[str, Any]:
     """The knob fields of any object that has them (SamplingParams, SamplingDefaults, a request, args)."""
     return {name: getattr(obj, name) for name in KNOB_NAMES}

@@ -12,38 +12,16 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from dcar.model.knobs import KNOB_NAMES, KNOBS, check_knob
+from dcar.model.knobs import KNOB_NAMES, parse_knob
 from dcar.training.failure_modes import failure_counts
 from dcar.training.shapes_eval import PromptSpec
-
-_BY_NAME = {k.name: k for k in KNOBS}
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _value(name: str, text: str) -> Any:
-    k = _BY_NAME[name]
-    if k.type is bool:
-        if text.lower() not in _TRUE + _FALSE:
-            raise ValueError(f"--sweep {name}: {text!r} is not true or false")
-        value: Any = text.lower() in _TRUE
-    elif k.choices:
-        value = text
-    else:
-        try:
-            value = k.type(text)
-        except ValueError:
-            raise ValueError(
-                f"--sweep {name}: {text!r} is not {'an integer' if k.type is int else 'a number'}"
-            ) from None
-    check_knob(name, value)  # KnobError names the knob and its limits
-    return value
 
 
 def parse_sweep(specs: Sequence[str]) -> list[dict[str, Any]]:
     """``["guidance_scale=1,3", "randomize_temperature=0,0.5"]`` -> the grid, one dict per combination.
 
-    Dashes are allowed in knob names (``guidance-scale``). Every value is checked against the knob's
-    bounds before anything runs; a knob named twice is an error.
+    Dashes are allowed in knob names (``guidance-scale``). Every value is parsed and checked as the CLI's
+    knob flags are (``parse_knob``) before anything runs; a knob named twice is an error.
     """
     axes: dict[str, list[Any]] = {}
     for spec in specs:
@@ -51,11 +29,11 @@ def parse_sweep(specs: Sequence[str]) -> list[dict[str, Any]]:
         name = name.strip().replace("-", "_")
         if not sep or not values.strip():
             raise ValueError(f"--sweep {spec!r}: expected KNOB=V1,V2,... (e.g. guidance_scale=1,1.5,3)")
-        if name not in _BY_NAME:
+        if name not in KNOB_NAMES:
             raise ValueError(f"--sweep {spec!r}: unknown knob {name!r}; one of {', '.join(KNOB_NAMES)}")
         if name in axes:
             raise ValueError(f"--sweep: {name} is given twice; list all its values in one --sweep")
-        axes[name] = [_value(name, v.strip()) for v in values.split(",")]
+        axes[name] = [parse_knob(name, v.strip()) for v in values.split(",")]  # KnobError names it
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 

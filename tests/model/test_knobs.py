@@ -9,7 +9,15 @@ import math
 import pytest
 
 from dcar.model.config import SamplingDefaults
-from dcar.model.knobs import KNOB_NAMES, KNOBS, KnobError, SamplingKnobs, check_knobs, knob_values
+from dcar.model.knobs import (
+    KNOB_NAMES,
+    KNOBS,
+    KnobError,
+    SamplingKnobs,
+    check_knobs,
+    knob_values,
+    parse_knob,
+)
 from dcar.model.params import SamplingParams
 from dcar.model.pipeline import Pipeline
 
@@ -76,6 +84,24 @@ def test_bad_values_name_the_field_and_the_limit(values, field, text):
     with pytest.raises(KnobError) as err:
         SamplingParams("x", **values)
     assert err.value.field == field
+
+
+def test_knob_text_is_parsed_by_the_knobs_type_then_checked():
+    assert parse_knob("steps", "8") == 8 and isinstance(parse_knob("steps", "8"), int)
+    assert parse_knob("guidance_scale", " 1.5 ") == 1.5
+    assert parse_knob("use_residuals", "Off") is False and parse_knob("use_residuals", "yes") is True
+    assert parse_knob("guidance_decay", "linear") == "linear"
+    for name, text, words in [
+        ("steps", "8.0", "steps must be an integer, got '8.0'"),
+        ("steps", "0", "steps must be at least 1, got 0"),
+        ("guidance_scale", "strong", "guidance_scale must be a number, got 'strong'"),
+        ("guidance_scale", "nan", "guidance_scale must be at least 0, got nan"),
+        ("use_residuals", "maybe", "use_residuals must be true or false, got 'maybe'"),
+        ("guidance_decay", "cosine", "guidance_decay must be one of constant, linear, power-cosine"),
+    ]:
+        with pytest.raises(KnobError, match=words) as err:
+            parse_knob(name, text)
+        assert err.value.field == name
 
 
 def test_a_servers_cap_lowers_the_bound():
@@ -160,7 +186,7 @@ def test_cli_has_a_flag_for_every_knob_and_passes_each_to_the_params(tiny_pipe):
     [
         (["--steps", "0"], "argument --steps: steps must be at least 1, got 0"),
         (["--randomize-temperature", "11"], "randomize_temperature must be between 0 and 10, got 11.0"),
-        (["--residual-steps", "2.5"], "--residual-steps: must be a whole number, got '2.5'"),
+        (["--residual-steps", "2.5"], "--residual-steps: residual_steps must be an integer, got '2.5'"),
         (["--guidance-decay", "cosine"], "--guidance-decay: invalid choice: 'cosine'"),
     ],
 )

@@ -24,10 +24,10 @@ def test_grid_is_the_product_of_checked_values():
     for bad, words in [
         (["guidance_scale"], "KNOB=V1,V2"),
         (["temperature=1"], "unknown knob 'temperature'"),
-        (["steps=4.5"], "steps"),
-        (["use_residuals=maybe"], "not true or false"),
+        (["steps=4.5"], "steps must be an integer, got '4.5'"),
+        (["use_residuals=maybe"], "use_residuals must be true or false, got 'maybe'"),
         (["steps=4", "steps=8"], "given twice"),
-        (["guidance_scale=x"], "not a number"),
+        (["guidance_scale=x"], "guidance_scale must be a number, got 'x'"),
     ]:
         with pytest.raises(ValueError, match=words):
             parse_sweep(bad)
