@@ -38,7 +38,8 @@ def unique_datasets(metas: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def pretokenize_seconds(metas: list[dict[str, Any]]) -> float | None:
     datasets = unique_datasets(metas)
-    return total(*(m.get("seconds_last_session") for m in datasets)) if datasets else None
+    # "seconds_last_session": metas written before shards kept their time (one session's time only)
+    return total(*(m.get("seconds", m.get("seconds_last_session")) for m in datasets)) if datasets else None
 
 
 def run_seconds(run_dir: Path) -> float | None:
@@ -57,9 +58,7 @@ def source_record(source: Path, part: str) -> dict[str, Any]:
     if (src / TRAINING_JSON).is_file():
         rec = json.loads((src / TRAINING_JSON).read_text())
         # records from before "datasets" name the weights directory's pre-tokenizing as one dataset
-        datasets = rec.get("datasets") or [
-            {"weights": str(src), "seconds_last_session": rec.get("pretokenize_seconds")}
-        ]
+        datasets = rec.get("datasets") or [{"weights": str(src), "seconds": rec.get("pretokenize_seconds")}]
         return {"source": str(src), "seconds": rec.get(f"{part}_seconds"), "datasets": datasets}
     if not (src / DONE).is_file() and not (src / CHECKPOINT).is_file():
         return {"source": str(src), "seconds": None, "datasets": []}  # gone: unknown, not zero

@@ -8,7 +8,8 @@ the missing shards and ranks of a torchrun split the shards between them.
 
 Each shard holds ids (n, L) int16, residuals (n, L, C) float16 and the scenes (their captions are re-drawn
 at training time). ``meta.json`` records the residual standard deviation, from which the generator's
-``vae_scale`` is set (the official 0.107 is the std of its own tokenizer's residuals).
+``vae_scale`` is set (the official 0.107 is the std of its own tokenizer's residuals), and ``seconds``, the
+encoding time of all shards (each shard keeps its own, so a run resumed across sessions counts them all).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def _shard_path(root: Path, index: int) -> Path:
 @torch.no_grad()
 def encode_shard(tok: DCHT, seed: int, index: int, count: int, size: int, batch: int = 32) -> dict[str, Any]:
     """Draw ``count`` scenes of shard ``index``, render at ``size`` and encode them (fp32, eval mode)."""
+    t0 = time.monotonic()
     rng = stream_rng(seed, PRETOKENIZE_STREAM, index)
     scenes = [sample_scene(rng) for _ in range(count)]
     dev = next(tok.parameters()).device
@@ -53,6 +55,8 @@ def encode_shard(tok: DCHT, seed: int, index: int, count: int, size: int, batch:
         "tokens": torch.cat(ids),
         "residuals": torch.cat(res),
         "scenes": [scene_to_dict(s) for s in scenes],
+        "seconds": time.monotonic()
+        - t0,  # summed into meta.json: a resumed run's cost includes earlier sessions
     }
 
 
@@ -74,7 +78,6 @@ def pretokenize(
     if size % tok.compression:
         raise ValueError(f"image size {size} is not a multiple of the tokenizer's {tok.compression}")
     tok.eval()
-    t0 = time.monotonic()
     shards = -(-num_images // shard_size)
     mine = [i for i in range(d.rank, shards, d.world) if not _shard_path(root, i).is_file()]
     for i in tqdm(mine, desc="pretokenize", disable=not (d.main and show_progress), dynamic_ncols=True):
@@ -86,7 +89,7 @@ def pretokenize(
     dist_utils.barrier()
     meta: dict[str, Any] = {}
     if d.main:
-        _, residuals, _ = _read_shards(root, shards)
+        _, residuals, _, seconds = _read_shards(root, shards)
         r = residuals.float()
         grid = size // tok.compression
         meta = {
@@ -97,7 +100,9 @@ def pretokenize(
             "seed": seed,
             "codebook_size": tok.cfg.codebook_size,
             "residual_std": float(r.std()),
-            "seconds_last_session": time.monotonic() - t0,
+            # every shard's encoding time, whichever session and rank wrote it, over the ranks that share
+            # the work; unknown (null) when a shard from before shards kept their time is among them
+            "seconds": None if None in seconds else sum(seconds) / d.world,
             "residual_channel_std": [float(v) for v in r.flatten(0, 1).std(0)],
         }
         (root / META).write_text(json.dumps(meta, indent=1) + "\n")
@@ -105,19 +110,22 @@ def pretokenize(
     return json.loads((root / META).read_text())
 
 
-def _read_shards(root: Path, shards: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    ids, res, scenes = [], [], []
+def _read_shards(
+    root: Path, shards: int
+) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[float | None]]:
+    ids, res, scenes, seconds = [], [], [], []
     for i in range(shards):
         shard = torch.load(_shard_path(root, i), weights_only=False)
         ids.append(shard["tokens"])
         res.append(shard["residuals"])
         scenes.extend(shard["scenes"])
-    return torch.cat(ids), torch.cat(res), scenes
+        seconds.append(shard.get("seconds"))
+    return torch.cat(ids), torch.cat(res), scenes, seconds
 
 
 def load_pretokenized(out_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[Scene], dict[str, Any]]:
     """(ids (N, L) int16, residuals (N, L, C) float16, scenes, meta) of a finished pre-tokenized set."""
     root = Path(out_dir)
     meta = json.loads((root / META).read_text())
-    ids, res, scenes = _read_shards(root, meta["shards"])
+    ids, res, scenes, _ = _read_shards(root, meta["shards"])
     return ids, res, [scene_from_dict(s) for s in scenes], meta

@@ -308,7 +308,7 @@ def test_generator_continues_from_a_weights_directory_on_the_same_ids(
 
 
 def _seconds(run, name="done"):
-    return json.loads((run / name).read_text())["seconds" if name == "done" else "seconds_last_session"]
+    return json.loads((run / name).read_text())["seconds"]
 
 
 def _record(weights):

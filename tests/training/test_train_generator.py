@@ -91,6 +91,40 @@ def test_pretokenized_data_and_vae_scale(ci_weights, ci_data):
     assert cfg["head"]["vae_scale"] == pytest.approx(meta["residual_std"], abs=1e-5)
 
 
+def test_pretokenizing_resumed_in_another_session_counts_every_shards_time(
+    tmp_path, ci_preset, ci_tokenizer_run
+):
+    from dcar.training.pretokenize import pretokenize
+    from dcar.training.trained import load_trained_tokenizer
+
+    tok = load_trained_tokenizer(ci_tokenizer_run, ci_preset)
+
+    def run():
+        return pretokenize(tok, tmp_path, 6, 64, 2, seed=0, d=SINGLE, show_progress=False)
+
+    def shard_seconds():
+        return [torch.load(p, weights_only=False)["seconds"] for p in sorted(tmp_path.glob("shard-*.pt"))]
+
+    whole = run()
+    first = shard_seconds()
+    assert len(first) == 3 and min(first) > 0 and whole["seconds"] == pytest.approx(sum(first))
+    ids = load_pretokenized(tmp_path)[0]
+    # a session that ended after the first shard: the next one encodes the other two and counts all three
+    for name in ("meta.json", "shard-00001.pt", "shard-00002.pt"):
+        (tmp_path / name).unlink()
+    resumed = run()
+    again = shard_seconds()
+    assert again[0] == first[0]  # kept, not encoded again
+    assert resumed["seconds"] == pytest.approx(sum(again)) and resumed["seconds"] > again[1] + again[2]
+    assert torch.equal(load_pretokenized(tmp_path)[0], ids)
+    # a shard written before shards kept their time: the total is unknown, not too small
+    old = torch.load(tmp_path / "shard-00000.pt", weights_only=False)
+    del old["seconds"]
+    torch.save(old, tmp_path / "shard-00000.pt")
+    (tmp_path / "meta.json").unlink()
+    assert run()["seconds"] is None
+
+
 def test_a_few_steps_reduce_the_loss(tmp_path, ci_preset, ci_tokenizer_run, ci_data):
     """On one fixed batch (and fixed masks), both the CE and the diffusion loss fall from their first value."""
     trainer = GeneratorTrainer(ci_preset, ci_tokenizer_run, ci_data, tmp_path, SINGLE, ci_options())
