@@ -72,7 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = sub.add_parser("generator", help="DC-AR + T5: masked-token CE + residual diffusion loss")
     _common(g)
-    g.add_argument("--tokenizer", required=True, help="tokenizer run directory (its checkpoint)")
+    g.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer run directory (its checkpoint), or a weights directory whose tokenizer gives the ids",
+    )
     g.add_argument("--data", required=True, help="pre-tokenized dataset directory (written if missing)")
     g.add_argument("--out", required=True, help="run directory")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
@@ -84,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-images", type=int, default=None, help="images to pre-tokenize (default: the preset's)"
     )
     g.add_argument(
+        "--draw-workers",
+        type=int,
+        default=0,
+        help="processes that draw the scenes while pre-tokenizing (0: this one); the data are the same",
+    )
+    g.add_argument(
         "--init-from",
         default=None,
         metavar="DIR",
@@ -91,9 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(a further schedule on the same token ids)",
     )
 
+    _gpu_run_arguments(sub)
+
     e = sub.add_parser("export", help="write a weights directory (Pipeline.save_pretrained layout)")
     e.add_argument("--preset", default="tiny-shapes", help="training preset the runs used")
-    e.add_argument("--tokenizer", required=True, help="tokenizer run directory")
+    e.add_argument(
+        "--tokenizer", required=True, help="tokenizer run directory, or a weights directory's tokenizer"
+    )
     e.add_argument(
         "--generator",
         required=True,
@@ -111,6 +125,75 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _gpu_run_arguments(sub) -> None:
+    from dcar.training.gpu_run import GpuRunConfig
+
+    c = GpuRunConfig(weights=None)  # type: ignore[arg-type]  # only its defaults are read here
+    r = sub.add_parser(
+        "gpu-run",
+        help="one bounded run for a lent GPU: a generator trained for --minutes, packed for the way back",
+    )
+    r.add_argument("--out", required=True, help="where the parts and report.md go (a GPU host's $OUT)")
+    r.add_argument("--work", default="runs/gpu-run", help="scratch: pre-tokenized scenes, the runs")
+    r.add_argument("--preset", default="tiny-shapes", help="the generator's architecture and recipe")
+    r.add_argument("--weights", default=None, help="weights directory whose tokenizer gives the ids "
+                   "(default: the embedded model)")  # fmt: skip
+    r.add_argument("--minutes", type=float, default=c.minutes, help="wall-clock budget of the whole command")
+    r.add_argument("--scenes", type=int, default=c.scenes, help="scenes to pre-tokenize")
+    r.add_argument("--batch", type=int, default=c.batch, help="images per step")
+    r.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    r.add_argument(
+        "--max-steps", type=int, default=None, help="at most this many steps (default: the budget's)"
+    )
+    r.add_argument("--probe-steps", type=int, default=c.probe_steps, help="steps timed before the run")
+    r.add_argument("--reserve-s", type=float, default=c.reserve_s, help="seconds kept for export and packing")
+    r.add_argument(
+        "--draw-workers", type=int, default=None, help="scene-drawing processes (default: cores - 1)"
+    )
+    r.add_argument("--seed", type=int, default=c.seed, help="seed of the scenes and the initialisation")
+    r.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available"
+    )
+    r.add_argument("--threads", type=int, default=None, help="CPU threads")
+
+    u = sub.add_parser("gpu-unpack", help="rebuild gpu-run's weights directory from its parts")
+    u.add_argument("parts", help="directory holding run.tar.00, run.tar.01, ... (and report.md)")
+    u.add_argument("--out", required=True, help="weights directory to write (an evaluated one keeps its card "
+                   "in previous/)")  # fmt: skip
+
+
+def _gpu_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dcar.training import distributed
+    from dcar.training.gpu_run import GpuRunConfig, format_report, gpu_run
+    from dcar.training.presets import train_preset
+    from dcar.weights import embedded_weights
+
+    for name in ("minutes", "scenes", "batch", "probe_steps"):
+        if getattr(args, name) <= 0:
+            print(f"dcar train gpu-run: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+    cfg = GpuRunConfig(
+        weights=Path(args.weights) if args.weights else embedded_weights(),
+        minutes=args.minutes,
+        scenes=args.scenes,
+        batch=args.batch,
+        lr=args.lr,
+        probe_steps=args.probe_steps,
+        reserve_s=args.reserve_s,
+        max_steps=args.max_steps,
+        draw_workers=args.draw_workers
+        if args.draw_workers is not None
+        else max(0, (os.cpu_count() or 1) - 1),
+        seed=args.seed,
+    )
+    d = distributed.setup(args.device, args.threads)
+    report = gpu_run(train_preset(args.preset), cfg, Path(args.work), Path(args.out), d)
+    print(format_report(report))
+    return 0
+
+
 def _opts(args: argparse.Namespace, d):
     from dcar.training.runlog import RunOptions, default_precision
 
@@ -123,6 +206,7 @@ def _opts(args: argparse.Namespace, d):
         sample_minutes=args.sample_minutes,
         stop_at=args.stop_at,
         progress_bar=not args.no_progress,
+        draw_workers=getattr(args, "draw_workers", 0),
     )
 
 
@@ -130,6 +214,19 @@ def run(args: argparse.Namespace) -> int:
     from dcar.training import distributed
     from dcar.training.presets import train_preset, with_overrides
 
+    if args.what == "gpu-run":
+        return _gpu_run(args)
+    if args.what == "gpu-unpack":
+        from pathlib import Path
+
+        from dcar.training.gpu_run import unpack
+
+        try:
+            print(f"wrote {unpack(Path(args.parts), Path(args.out))}")
+        except FileNotFoundError as e:
+            print(f"dcar train gpu-unpack: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.what == "export":
         from dcar.model.loading import LoadError
         from dcar.training.export import ExportError, export

@@ -36,7 +36,7 @@ from dcar.training.lineage import (
     unique_datasets,
 )
 from dcar.training.presets import TrainPreset
-from dcar.training.trained import load_trained_generator, load_trained_tokenizer
+from dcar.training.trained import is_weights_dir, load_trained_generator, load_trained_tokenizer
 
 CARD_FILES = ("README.md", "eval.json", "samples.png", TRAINING_JSON)
 
@@ -113,6 +113,9 @@ def export(
     keep_previous(out)
     pipe.save_pretrained(out, name)
     tok_own, gen_own = run_seconds(tokenizer_dir), run_seconds(generator_dir)  # mid-run: so far
+    tok_from = _tokenizer_weights_record(tokenizer_dir) if is_weights_dir(tokenizer_dir) else None
+    if tok_from is not None:  # trained elsewhere: its cost and hardware are that model's
+        tok_own = tok_from.pop("seconds")
     datasets = data_metas(generator_dir) + (gen_before["datasets"] if gen_before is not None else [])
     record: dict[str, Any] = {
         "preset": preset.to_dict(),
@@ -130,6 +133,8 @@ def export(
         },
         "hardware": hardware(),
     }
+    if tok_from is not None:
+        record["tokenizer_from"] = tok_from
     # Wall times are totals over the whole lineage (what ``make train-tiny`` costs); a refinement or a
     # further schedule also states its own part.
     if tok_before is not None:
@@ -149,6 +154,17 @@ def export(
             record["generator_further_seconds"] = base_record["generator_further_seconds"]
     (out / TRAINING_JSON).write_text(json.dumps(record, indent=1) + "\n")
     return out
+
+
+def _tokenizer_weights_record(weights: Path) -> dict[str, Any]:
+    """Where a tokenizer taken from a weights directory was trained: its training seconds and hardware."""
+    path = weights / TRAINING_JSON
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    return {
+        "weights": str(weights.resolve()),
+        "seconds": rec.get("tokenizer_seconds"),
+        "hardware": rec.get("hardware"),
+    }
 
 
 def check_same_tokens(base: torch.nn.Module, tok: torch.nn.Module, source: Path) -> None:

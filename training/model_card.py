@@ -114,6 +114,17 @@ def _recipe_lines(preset: str, train: dict[str, Any]) -> list[str]:
     ]
 
 
+def _hardware(hw: dict[str, Any]) -> str:
+    """``training.json``'s hardware record in words: CPU (vector ISA), cores, GPU, torch."""
+    return (
+        f"{hw.get('cpu', 'n/a')}"
+        + (f" ({hw['cpu_capability']})" if hw.get("cpu_capability") else "")
+        + f", {hw.get('cpu_count', '?')} cores"
+        + (f", {hw['gpu']}" if hw.get("gpu") else "")
+        + f"; torch {hw.get('torch', '?')}"
+    )
+
+
 def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
     """README.md in ``weights`` from the results of ``training.cli_eval`` (and training.json when present)."""
     weights = Path(weights)
@@ -237,11 +248,15 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
     lines += [
         "## Training",
         "",
-        f"- Hardware: {hw.get('cpu', 'n/a')}"
-        + (f" ({hw['cpu_capability']})" if hw.get("cpu_capability") else "")
-        + f", {hw.get('cpu_count', '?')} cores"
-        + (f", {hw['gpu']}" if hw.get("gpu") else "")
-        + f"; torch {hw.get('torch', '?')}.",
+        "- Hardware: "
+        + _hardware(hw)
+        + (
+            f"; the tokenizer comes from {Path(tok_from['weights']).name}, trained on "
+            + _hardware(tok_from.get("hardware") or {})
+            if (tok_from := train.get("tokenizer_from"))
+            else ""
+        )
+        + ".",
         f"- Wall time: tokenizer {_hours(train.get('tokenizer_seconds'))}"
         + (
             f" (of which the decoder refinement {_hours(train['tokenizer_refine_seconds'])})"

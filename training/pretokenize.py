@@ -15,17 +15,22 @@ encoding time of all shards (each shard keeps its own, so a run resumed across s
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from dcar.model.tokenizer import DCHT
 from dcar.training import distributed as dist_utils
-from dcar.training.dataset import image_to_tensor, stream_rng
+from dcar.training.dataset import stream_rng
 from dcar.training.distributed import Dist
 from dcar.training.render import render
 from dcar.training.scenes import Scene, sample_scene, scene_from_dict, scene_to_dict
@@ -38,26 +43,52 @@ def _shard_path(root: Path, index: int) -> Path:
     return root / f"shard-{index:05d}.pt"
 
 
-@torch.no_grad()
-def encode_shard(tok: DCHT, seed: int, index: int, count: int, size: int, batch: int = 32) -> dict[str, Any]:
-    """Draw ``count`` scenes of shard ``index``, render at ``size`` and encode them (fp32, eval mode)."""
-    t0 = time.monotonic()
+def draw_shard(seed: int, index: int, count: int, size: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The ``count`` scenes of shard ``index`` (as dicts) and their renderings, (count, size, size, 3) uint8.
+
+    Pure CPU work with no torch state, so a process pool can draw shards while the tokenizer encodes.
+    """
     rng = stream_rng(seed, PRETOKENIZE_STREAM, index)
     scenes = [sample_scene(rng) for _ in range(count)]
+    images = np.stack([np.asarray(render(s, size).convert("RGB")) for s in scenes])
+    return [scene_to_dict(s) for s in scenes], images
+
+
+@torch.no_grad()
+def encode_images(tok: DCHT, images: np.ndarray, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids (n, L) int16 and residuals (n, L, C) float16 of uint8 renderings (fp32, eval mode)."""
     dev = next(tok.parameters()).device
     ids, res = [], []
-    for start in range(0, count, batch):
-        x = torch.stack([image_to_tensor(render(s, size)) for s in scenes[start : start + batch]])
-        q = tok.encode(x.to(dev, memory_format=torch.channels_last))
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(images[start : start + batch]).to(dev).permute(0, 3, 1, 2)
+        x = x.float().div(127.5).sub(1.0)  # image_to_tensor's [-1, 1], bit for bit
+        q = tok.encode(x.contiguous(memory_format=torch.channels_last))
         ids.append(q.tokens.to(torch.int16).cpu())
         res.append(q.residual.to(torch.float16).cpu())
-    return {
-        "tokens": torch.cat(ids),
-        "residuals": torch.cat(res),
-        "scenes": [scene_to_dict(s) for s in scenes],
-        "seconds": time.monotonic()
-        - t0,  # summed into meta.json: a resumed run's cost includes earlier sessions
-    }
+    return torch.cat(ids), torch.cat(res)
+
+
+def _shard(tok: DCHT, drawn: tuple[list[dict[str, Any]], np.ndarray], batch: int = 32) -> dict[str, Any]:
+    ids, res = encode_images(tok, drawn[1], batch)
+    return {"tokens": ids, "residuals": res, "scenes": drawn[0]}
+
+
+def _drawn_shards(
+    jobs: list[tuple[int, int]], seed: int, size: int, workers: int
+) -> Iterator[tuple[list[dict[str, Any]], np.ndarray]]:
+    """Shards ``[(index, count), ...]`` drawn in order: here, or by ``workers`` processes a few ahead."""
+    if workers <= 0:
+        yield from (draw_shard(seed, i, n, size) for i, n in jobs)
+        return
+    # spawn, not fork: the parent may hold CUDA state, which a forked child must not inherit
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending: deque[Future] = deque()
+        for i, n in jobs:
+            pending.append(pool.submit(draw_shard, seed, i, n, size))
+            if len(pending) > 2 * workers:  # bound the renderings held in memory
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def pretokenize(
@@ -69,8 +100,13 @@ def pretokenize(
     seed: int,
     d: Dist,
     show_progress: bool = True,
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """Write the missing shards (this rank's share), then ``meta.json`` on rank 0; returns the meta."""
+    """Write the missing shards (this rank's share), then ``meta.json`` on rank 0; returns the meta.
+
+    ``workers`` > 0 draws the scenes in that many processes while this one encodes (a GPU host's idle
+    cores); the shards are the same either way.
+    """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     if (root / META).is_file():
@@ -80,12 +116,19 @@ def pretokenize(
     tok.eval()
     shards = -(-num_images // shard_size)
     mine = [i for i in range(d.rank, shards, d.world) if not _shard_path(root, i).is_file()]
-    for i in tqdm(mine, desc="pretokenize", disable=not (d.main and show_progress), dynamic_ncols=True):
-        count = min(shard_size, num_images - i * shard_size)
-        shard = encode_shard(tok, seed, i, count, size)
+    jobs = [(i, min(shard_size, num_images - i * shard_size)) for i in mine]
+    drawn = _drawn_shards(jobs, seed, size, workers)
+    bar = tqdm(mine, desc="pretokenize", disable=not (d.main and show_progress), dynamic_ncols=True)
+    last = time.monotonic()
+    for i, shard_drawn in zip(bar, drawn):
+        shard = _shard(tok, shard_drawn)
+        # the wall time since the previous shard: summed into meta.json, so a run resumed in another
+        # session counts the earlier sessions' shards too (and parallel drawing is not counted twice)
+        shard["seconds"] = time.monotonic() - last
         tmp = _shard_path(root, i).with_suffix(".tmp")
         torch.save(shard, tmp)
         os.replace(tmp, _shard_path(root, i))
+        last = time.monotonic()
     dist_utils.barrier()
     meta: dict[str, Any] = {}
     if d.main:

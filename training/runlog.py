@@ -38,6 +38,7 @@ class RunOptions:
     sample_minutes: float = 10.0
     stop_at: int | None = None  # stop (with a checkpoint) once this global step is reached
     progress_bar: bool = True
+    draw_workers: int = 0  # processes drawing the scenes while pre-tokenizing (a GPU host's idle cores)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float = 0.1) -> float:

@@ -55,7 +55,7 @@ from dcar.training.runlog import (
 )
 from dcar.training.shapes_eval import PromptSpec, score
 from dcar.training.streams import TokenData
-from dcar.training.trained import load_trained_generator, load_trained_tokenizer
+from dcar.training.trained import is_weights_dir, load_trained_generator, load_trained_tokenizer
 
 COLUMNS = ["step", "lr", "loss", "ce", "ce_masked", "acc_masked", "diffusion", "sec"]
 VAL_COLUMNS = ["step", "quick_eval"]
@@ -135,7 +135,15 @@ class GeneratorTrainer:
             d.device, memory_format=torch.channels_last
         )
         self.meta = pretokenize(
-            self.tok, data_dir, r.num_images, r.image_size, r.shard_size, opts.seed, d, opts.progress_bar
+            self.tok,
+            data_dir,
+            r.num_images,
+            r.image_size,
+            r.shard_size,
+            opts.seed,
+            d,
+            opts.progress_bar,
+            workers=opts.draw_workers,
         )
         tokens, residuals, scenes, _ = load_pretokenized(data_dir)
         self.grid = tuple(self.meta["grid"])
@@ -334,11 +342,14 @@ def train_generator(
     d: Dist,
     opts: RunOptions,
 ) -> dict[str, Any]:
-    """Pre-tokenize (once), then train or resume into ``run_dir``; a finished run is skipped."""
+    """Pre-tokenize (once), then train or resume into ``run_dir``; a finished run is skipped.
+
+    ``tokenizer_dir`` is a finished tokenizer run or a weights directory (its encoder and codebook).
+    """
     run_dir = Path(run_dir)
     if is_done(run_dir):
         return {"skipped": "done"}
-    if not is_done(Path(tokenizer_dir)):
+    if not is_weights_dir(Path(tokenizer_dir)) and not is_done(Path(tokenizer_dir)):
         raise FileNotFoundError(f"{tokenizer_dir}: the tokenizer run has not finished (no 'done' file)")
     return GeneratorTrainer(preset, Path(tokenizer_dir), Path(data_dir), run_dir, d, opts).run()
 

@@ -59,6 +59,7 @@ from dcar.training.runlog import (
 )
 from dcar.training.scenes import sample_scene
 from dcar.training.streams import SceneCrops
+from dcar.training.trained import tokenizer_state
 
 STAGES = ("continuous", "discrete", "alternate")
 COLUMNS = [
@@ -337,18 +338,12 @@ class TokenizerTrainer:
 
     def _init_from(self, path: Path) -> None:
         """Start from a tokenizer run's checkpoint or a weights directory's tokenizer (keys and shapes checked)."""
-        from dcar.model.loading import LoadError, check_keys, find_weights, read_state_dict, state_dict_shapes
+        from dcar.model.loading import LoadError, check_keys, state_dict_shapes
 
-        ckpt = load_checkpoint(path) if path.is_dir() else None
-        if ckpt is not None and ckpt.get("kind") == "tokenizer":
-            state = ckpt["model"]
-        elif (path / "model_index.json").is_file():
-            index = json.loads((path / "model_index.json").read_text())
-            state = read_state_dict(find_weights(path / index["tokenizer"]))
-        else:
-            raise LoadError(
-                f"init_from {path}: neither a tokenizer run (checkpoint.pt) nor a weights directory"
-            )
+        try:
+            state = tokenizer_state(path)
+        except LoadError as e:
+            raise LoadError(f"init_from {e}") from None
         check_keys(state_dict_shapes(self.tok), state, path)
         self.tok.load_state_dict(state)
 

@@ -3,7 +3,10 @@ the run directory's checkpoint, in eval mode on the CPU (export, evaluation and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import torch
 
 from dcar.model.config import GeneratorConfig
 from dcar.model.text_encoder import TextEncoder
@@ -13,13 +16,32 @@ from dcar.training.presets import TrainPreset
 from dcar.training.runlog import load_checkpoint
 
 
-def load_trained_tokenizer(run_dir: str | Path, preset: TrainPreset) -> DCHT:
-    """The tokenizer of a tokenizer run."""
-    ckpt = load_checkpoint(Path(run_dir))
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no tokenizer checkpoint")
+def is_weights_dir(path: Path) -> bool:
+    """A dcar weights directory (``Pipeline.save_pretrained``'s layout), rather than a training run."""
+    return (path / "model_index.json").is_file()
+
+
+def tokenizer_state(path: Path) -> dict[str, torch.Tensor]:
+    """A tokenizer's weights: a tokenizer run's checkpoint, or a weights directory's ``tokenizer/``."""
+    from dcar.model.loading import LoadError, find_weights, read_state_dict
+
+    ckpt = load_checkpoint(path) if path.is_dir() and not is_weights_dir(path) else None
+    if ckpt is not None and ckpt.get("kind") == "tokenizer":
+        return ckpt["model"]
+    if is_weights_dir(path):
+        index = json.loads((path / "model_index.json").read_text())
+        return read_state_dict(find_weights(path / index["tokenizer"]))
+    raise LoadError(f"{path}: neither a tokenizer run (checkpoint.pt) nor a weights directory")
+
+
+def load_trained_tokenizer(source: str | Path, preset: TrainPreset) -> DCHT:
+    """The tokenizer of a tokenizer run or of a weights directory (keys and shapes checked)."""
+    from dcar.model.loading import check_keys, state_dict_shapes
+
     tok = DCHT(preset.pipeline.tokenizer)
-    tok.load_state_dict(ckpt["model"])
+    state = tokenizer_state(Path(source))
+    check_keys(state_dict_shapes(tok), state, Path(source))
+    tok.load_state_dict(state)
     return tok.eval()
 
 
