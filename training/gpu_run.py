@@ -121,6 +121,7 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
         "device": str(d.device),
         "precision": opts.precision,
+        "pretokenize_seconds": json.loads((run / "data_meta.json").read_text()).get("seconds"),
         "probe_step_seconds": step_s,
         "steps": steps,
         "images_seen": steps * cfg.batch,
@@ -228,7 +229,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"- tokenizer from {c['weights']}; {c['scenes']} scenes; batch {c['batch']}; seed {c['seed']}",
         f"- probe: {r['probe_step_seconds']:.4f} s a step -> {r['steps']} steps "
         f"({r['images_seen']} images) within {c['minutes']:g} min",
-        f"- total {r['total_seconds']:.1f} s",
+        f"- total {r['total_seconds']:.1f} s, of which pre-tokenizing {r['pretokenize_seconds'] or 0:.1f} s",
         "",
         "| phase | seconds |",
         "| --- | ---: |",

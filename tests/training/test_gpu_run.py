@@ -58,6 +58,7 @@ def test_gpu_run_packs_parts_a_gpu_host_can_return(gpu_run_out):
     assert all((out / f).stat().st_size <= PART_BYTES for f in files)
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 5 and report["images_seen"] == 20 and report["summary"]["steps"] == 5
+    assert 0 < report["pretokenize_seconds"] < report["phases_seconds"]["pre-tokenizing and probe"]
     assert report["probe_step_seconds"] > 0 and set(report["phases_seconds"]) >= {"training", "export"}
     assert report["last_losses"]["ce"] > 0 and report["parts"] == files[2:]
     assert "5 steps (20 images)" in stdout and stdout.strip() == (out / "report.md").read_text().strip()
