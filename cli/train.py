@@ -165,15 +165,28 @@ def _gpu_run_arguments(sub) -> None:
 def _gpu_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from dcar.model.loading import LoadError
     from dcar.training import distributed
+    from dcar.training.export import ExportError
     from dcar.training.gpu_run import GpuRunConfig, format_report, gpu_run
     from dcar.training.presets import train_preset
     from dcar.weights import embedded_weights
 
-    for name in ("minutes", "scenes", "batch", "probe_steps"):
-        if getattr(args, name) <= 0:
-            print(f"dcar train gpu-run: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
+    def refuse(message: str) -> int:
+        print(f"dcar train gpu-run: error: {message}", file=sys.stderr)
+        return 2
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return refuse("one process: every torchrun rank would export and pack the same files")
+    positive = (lambda v: v > 0, "positive")
+    whole = (lambda v: v >= 1, "at least 1")
+    at_least_0 = (lambda v: v >= 0, "at least 0")
+    checks = {"minutes": positive, "lr": positive, "scenes": whole, "batch": whole, "probe_steps": whole,
+              "max_steps": whole, "reserve_s": at_least_0, "draw_workers": at_least_0}  # fmt: skip
+    for name, (ok, words) in checks.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            return refuse(f"--{name.replace('_', '-')} must be {words}, got {value}")
     cfg = GpuRunConfig(
         weights=Path(args.weights) if args.weights else embedded_weights(),
         minutes=args.minutes,
@@ -189,7 +202,10 @@ def _gpu_run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     d = distributed.setup(args.device, args.threads)
-    report = gpu_run(train_preset(args.preset), cfg, Path(args.work), Path(args.out), d)
+    try:
+        report = gpu_run(train_preset(args.preset), cfg, Path(args.work), Path(args.out), d)
+    except (LoadError, ExportError, FileNotFoundError, ValueError) as e:
+        return refuse(str(e))
     print(format_report(report))
     return 0
 
@@ -223,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             print(f"wrote {unpack(Path(args.parts), Path(args.out))}")
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ValueError) as e:
             print(f"dcar train gpu-unpack: error: {e}", file=sys.stderr)
             return 2
         return 0

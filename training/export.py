@@ -87,7 +87,7 @@ def export(
     tok_before = read_lineage(tokenizer_dir, "tokenizer")
     base: Pipeline | None = None
     base_record: dict[str, Any] = {}
-    if (generator_dir / "model_index.json").is_file():  # a weights directory: keep its generator
+    if is_weights_dir(generator_dir):  # a weights directory: keep its generator
         base = Pipeline.from_pretrained(generator_dir, dtype=torch.float32)
         check_same_tokens(base.tokenizer, tok, generator_dir)
         gen, text, gcfg, sampling = (
@@ -160,6 +160,8 @@ def _tokenizer_weights_record(weights: Path) -> dict[str, Any]:
     """Where a tokenizer taken from a weights directory was trained: its training seconds and hardware."""
     path = weights / TRAINING_JSON
     rec = json.loads(path.read_text()) if path.is_file() else {}
+    if rec.get("tokenizer_from"):  # that model took its tokenizer from another: name the one that trained it
+        return {**rec["tokenizer_from"], "seconds": rec.get("tokenizer_seconds")}
     return {
         "weights": str(weights.resolve()),
         "seconds": rec.get("tokenizer_seconds"),

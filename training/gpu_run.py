@@ -21,10 +21,14 @@ numbers come from the same machine as the committed model's. The same code runs 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
+import re
 import shutil
 import statistics
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +40,9 @@ if TYPE_CHECKING:  # torch loads only when a run starts: ``dcar train --help`` r
 
 PART_BYTES = 15 * 2**20  # under the 16 MiB a GPU host returns per file
 MAX_PARTS = 6  # with report.md and report.json: within the 8 files that come back
-PARTS_GLOB = "run.tar.*"
+PARTS_GLOB = "run-*.tar.*"
+# run-<first 16 hex of the tar's sha256>.tar.<index>-of-<count>: the parts check themselves on the way back
+PART_NAME = re.compile(r"run-([0-9a-f]{16})\.tar\.(\d{2})-of-(\d{2})")
 
 
 @dataclass(frozen=True)
@@ -78,9 +84,12 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
 
     start = time.monotonic()
     deadline = start + 60 * cfg.minutes
-    work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    phases: dict[str, float] = {}
+    data, probe, run, weights = work / "tokens", work / "probe", work / "generator", work / "weights"
+    # A bounded run starts over: its scenes follow --scenes/--seed/--weights, its steps this host's speed.
+    for stale in (data, probe, run, weights):  # only what this run writes: --work may hold other things
+        shutil.rmtree(stale, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     gen = replace(
         preset.generator,
         num_images=cfg.scenes,
@@ -96,48 +105,69 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
         progress_bar=False,
         draw_workers=cfg.draw_workers,
     )
-    data, probe, run = work / "tokens", work / "probe", work / "generator"
-    for stale in (probe, run):  # a bounded run starts over: its step count depends on this host
-        shutil.rmtree(stale, ignore_errors=True)
-
-    # The probe's schedule is long, so its steps run at the peak learning rate like most real ones.
-    probe_preset = replace(preset, generator=replace(gen, steps=10**6))
-    t = time.monotonic()
-    train_generator(probe_preset, cfg.weights, data, probe, d, replace(opts, stop_at=cfg.probe_steps))
-    phases["pre-tokenizing and probe"] = time.monotonic() - t
-    step_s = _step_seconds(probe)
-    steps = steps_for(deadline - time.monotonic() - cfg.reserve_s, step_s, cfg.max_steps)
-
-    t = time.monotonic()
-    final = replace(preset, generator=replace(gen, steps=steps))
-    summary = train_generator(final, cfg.weights, data, run, d, opts)
-    phases["training"] = time.monotonic() - t
-
-    t = time.monotonic()
-    weights = export(final, cfg.weights, run, work / "weights", name=f"dcar-{preset.name}")
-    phases["export"] = time.monotonic() - t
-    report = {
+    report: dict[str, Any] = {
+        "status": "pre-tokenizing",
         "preset": preset.name,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
         "device": str(d.device),
         "precision": opts.precision,
-        "pretokenize_seconds": json.loads((run / "data_meta.json").read_text()).get("seconds"),
-        "probe_step_seconds": step_s,
-        "steps": steps,
-        "images_seen": steps * cfg.batch,
-        "summary": summary,
-        "last_losses": _last_losses(run),
-        "quick_eval": _last_quick_eval(run),
+        "phases_seconds": {},
     }
+    phases = report["phases_seconds"]
+
+    # Time the recipe's steps (a long schedule: no cosine decay within the probe), and export the probe
+    # to learn what the packed weights will weigh before the budget is spent on training.
+    probe_preset = replace(preset, generator=replace(gen, steps=10**6))
+    t = time.monotonic()
+    train_generator(probe_preset, cfg.weights, data, probe, d, replace(opts, stop_at=cfg.probe_steps))
+    phases["pre-tokenizing and probe"] = time.monotonic() - t
+    size = sum(f.stat().st_size for f in export(probe_preset, cfg.weights, probe, weights).rglob("*"))
+    if size > MAX_PARTS * PART_BYTES - 2**20:  # 1 MiB for the logs
+        raise ValueError(
+            f"the exported weights are {size / 2**20:.0f} MiB: more than {MAX_PARTS} parts of "
+            f"{PART_BYTES // 2**20} MiB, which a GPU host does not return"
+        )
+    shutil.rmtree(weights)
+    step_s = _step_seconds(probe)
+    train_until = deadline - cfg.reserve_s
+    steps = steps_for(train_until - time.monotonic(), step_s, cfg.max_steps)
+    report.update(
+        status="training",
+        pretokenize_seconds=json.loads((probe / "data_meta.json").read_text()).get("seconds"),
+        probe_step_seconds=step_s,
+        steps=steps,
+    )
+    _write_report(out, report)  # what comes back should the host stop the command
+
+    t = time.monotonic()
+    final = replace(preset, generator=replace(gen, steps=steps))
+    # the schedule is sized to the budget; the deadline only catches a slower run than the probe said
+    summary = train_generator(final, cfg.weights, data, run, d, replace(opts, stop_by=train_until))
+    phases["training"] = time.monotonic() - t
+    done = summary.get("stopped_at", summary.get("steps", 0))
+
+    t = time.monotonic()
+    export(final, cfg.weights, run, weights, name=f"dcar-{preset.name}")
+    phases["export"] = time.monotonic() - t
+    report.update(
+        status="finished" if done == steps else f"stopped by the deadline at step {done} of {steps}",
+        steps_done=done,
+        images_seen=done * cfg.batch,
+        summary=summary,
+        last_losses=_last_losses(run),
+        quick_eval=_last_quick_eval(run),
+    )
     t = time.monotonic()
     parts = pack(weights, run, out)
     phases["packing"] = time.monotonic() - t
-    report["phases_seconds"] = phases
-    report["total_seconds"] = time.monotonic() - start
-    report["parts"] = [p.name for p in parts]
+    report.update(total_seconds=time.monotonic() - start, parts=[p.name for p in parts])
+    _write_report(out, report)
+    return report
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(format_report(report))
-    return report
 
 
 def _last_losses(run: Path, n: int = 100) -> dict[str, float]:
@@ -172,74 +202,116 @@ def pack(weights: Path, run: Path, out: Path) -> list[Path]:
     if size > MAX_PARTS * PART_BYTES:
         tar_path.unlink()
         raise ValueError(
-            f"the packed run is {size / 2**20:.0f} MiB; at most {MAX_PARTS} parts of 15 MiB come back"
+            f"the packed run is {size / 2**20:.1f} MiB: more than {MAX_PARTS} parts of "
+            f"{PART_BYTES / 2**20:g} MiB, which a GPU host does not return"
         )
-    parts = []
-    with open(tar_path, "rb") as f:
-        for i in range(-(-size // PART_BYTES)):
-            part = out / f"run.tar.{i:02d}"
-            part.write_bytes(f.read(PART_BYTES))
-            parts.append(part)
+    for stale in out.glob(PARTS_GLOB):  # an earlier run's: unpack would join them to these
+        stale.unlink()
+    data = tar_path.read_bytes()
     tar_path.unlink()
+    digest, count = hashlib.sha256(data).hexdigest()[:16], -(-size // PART_BYTES)
+    parts = []
+    for i in range(count):
+        part = out / f"run-{digest}.tar.{i:02d}-of-{count:02d}"
+        part.write_bytes(data[i * PART_BYTES : (i + 1) * PART_BYTES])
+        parts.append(part)
     return parts
+
+
+def _safe_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The members, refusing what could write outside the folder (tarfile's "data" filter needs 3.10.12+)."""
+    members = tar.getmembers()
+    for m in members:
+        if m.name.startswith("/") or ".." in Path(m.name).parts or not (m.isfile() or m.isdir()):
+            raise ValueError(f"refusing the packed run's member {m.name!r}: not a plain file inside it")
+    return members
+
+
+def _joined_parts(parts_dir: Path) -> bytes:
+    """The packed run's bytes: every part of one run present, in order, and the checksum right."""
+    named = [(PART_NAME.fullmatch(p.name), p) for p in sorted(parts_dir.glob(PARTS_GLOB))]
+    parts = [(m, p) for m, p in named if m]
+    if not parts:
+        raise FileNotFoundError(f"{parts_dir}: no parts (run-<checksum>.tar.NN-of-MM)")
+    runs = {(m.group(1), m.group(3)) for m, _ in parts}
+    if len(runs) > 1:
+        raise ValueError(f"{parts_dir}: parts of {len(runs)} different runs; keep one run's parts")
+    digest, count = runs.pop()
+    have = [int(m.group(2)) for m, _ in parts]
+    if have != list(range(int(count))):
+        missing = sorted(set(range(int(count))) - set(have))
+        raise ValueError(f"{parts_dir}: part(s) {', '.join(map(str, missing))} of {int(count)} missing")
+    data = b"".join(p.read_bytes() for _, p in parts)
+    if hashlib.sha256(data).hexdigest()[:16] != digest:
+        raise ValueError(f"{parts_dir}: the parts do not make the packed run (checksum differs: a part cut?)")
+    return data
 
 
 def unpack(parts_dir: Path, out: Path) -> Path:
     """Rebuild the weights directory (and ``out/gpu-run/``: the run's logs) from ``pack``'s parts.
 
-    Over an evaluated weights directory its card files move to ``out/previous`` first, as an export's do.
+    Over an evaluated weights directory its card files move to ``out/previous`` first, as an export's do;
+    card files of an unevaluated one are removed (they would describe other weights).
     """
-    from dcar.training.export import keep_previous
+    from dcar.training.export import CARD_FILES, keep_previous
 
-    parts = sorted(parts_dir.glob(PARTS_GLOB))
-    if not parts:
-        raise FileNotFoundError(f"{parts_dir}: no {PARTS_GLOB} parts")
-    tar_path = out.parent / f".{out.name}.tar"
+    data = _joined_parts(parts_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(tar_path, "wb") as f:
-        for part in parts:
-            f.write(part.read_bytes())
-    staging = out.parent / f".{out.name}.unpack"
-    shutil.rmtree(staging, ignore_errors=True)
-    with tarfile.open(tar_path) as tar:
-        tar.extractall(staging, filter="data")  # refuses absolute paths and links out of the folder
-    tar_path.unlink()
-    out.mkdir(exist_ok=True)
-    keep_previous(out)
-    for item in (staging / "weights").iterdir():
-        target = out / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        shutil.move(str(item), str(target))
-    shutil.rmtree(out / "gpu-run", ignore_errors=True)
-    shutil.move(str(staging / "run"), str(out / "gpu-run"))
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as staging:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.10.12+: both
+                tar.extractall(staging, members=_safe_members(tar), **safe)
+        except tarfile.TarError as e:
+            raise ValueError(f"{parts_dir}: the packed run is not a readable tar: {e}") from None
+        unpacked = Path(staging)
+        if not (unpacked / "weights" / "model_index.json").is_file():
+            raise ValueError(f"{parts_dir}: the packed run holds no weights directory")
+        out.mkdir(exist_ok=True)
+        keep_previous(out)
+        for name in CARD_FILES:
+            (out / name).unlink(missing_ok=True)
+        for item in (unpacked / "weights").iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            shutil.move(str(item), str(target))
+        shutil.rmtree(out / "gpu-run", ignore_errors=True)
+        if (unpacked / "run").is_dir():
+            shutil.move(str(unpacked / "run"), str(out / "gpu-run"))
+    (out / "gpu-run").mkdir(exist_ok=True)
     for report in ("report.md", "report.json"):
         if (parts_dir / report).is_file():
             shutil.copy(parts_dir / report, out / "gpu-run" / report)
-    shutil.rmtree(staging)
     return out
 
 
 def format_report(r: dict[str, Any]) -> str:
-    """report.md: what ran where, each phase's seconds, the steps and the last losses."""
+    """report.md: what ran where, each phase's seconds, the steps and the last losses (so far)."""
     c = r["config"]
+    pre = r.get("pretokenize_seconds")
     lines = [
-        f"# dcar train gpu-run: {r['preset']} on {r['device']} ({r['precision']})",
+        f"# dcar train gpu-run: {r['preset']} on {r['device']} ({r['precision']}): {r['status']}",
         "",
         f"- tokenizer from {c['weights']}; {c['scenes']} scenes; batch {c['batch']}; seed {c['seed']}",
-        f"- probe: {r['probe_step_seconds']:.4f} s a step -> {r['steps']} steps "
-        f"({r['images_seen']} images) within {c['minutes']:g} min",
-        f"- total {r['total_seconds']:.1f} s, of which pre-tokenizing {r['pretokenize_seconds'] or 0:.1f} s",
-        "",
-        "| phase | seconds |",
-        "| --- | ---: |",
-        *(f"| {k} | {v:.1f} |" for k, v in r["phases_seconds"].items()),
-        "",
-        "| last 100 steps | mean |",
-        "| --- | ---: |",
-        *(f"| {k} | {v:.4f} |" for k, v in r["last_losses"].items()),
+        f"- pre-tokenizing {'unknown' if pre is None else f'{pre:.1f} s'}",
     ]
+    if "steps" in r:
+        lines.append(
+            f"- probe: {r['probe_step_seconds']:.4f} s a step -> {r['steps']} steps planned within "
+            f"{c['minutes']:g} min"
+        )
+    if "steps_done" in r:
+        lines.append(f"- trained {r['steps_done']} steps ({r['images_seen']} images)")
+    if "total_seconds" in r:
+        lines.append(f"- total {r['total_seconds']:.1f} s")
+    lines += ["", "| phase | seconds |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in r["phases_seconds"].items()]
+    if r.get("last_losses"):
+        lines += ["", "| last 100 steps | mean |", "| --- | ---: |"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in r["last_losses"].items()]
     if r.get("quick_eval") is not None:
         lines += ["", f"Monitoring prompts passed at the last step: {r['quick_eval']:.3f}"]
-    lines += ["", f"Parts: {', '.join(r['parts'])}", ""]
-    return "\n".join(lines)
+    if r.get("parts"):
+        lines += ["", f"Parts: {', '.join(r['parts'])}"]
+    return "\n".join(lines) + "\n"

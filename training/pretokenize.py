@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,9 @@ def encode_images(tok: DCHT, images: np.ndarray, batch: int = 32) -> tuple[torch
     dev = next(tok.parameters()).device
     ids, res = [], []
     for start in range(0, len(images), batch):
-        x = torch.from_numpy(images[start : start + batch]).to(dev).permute(0, 3, 1, 2)
-        x = x.float().div(127.5).sub(1.0)  # image_to_tensor's [-1, 1], bit for bit
-        q = tok.encode(x.contiguous(memory_format=torch.channels_last))
+        # image_to_tensor's [-1, 1] bit for bit: on the CPU (CUDA divides by a scalar via its reciprocal)
+        x = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        q = tok.encode(x.to(dev, memory_format=torch.channels_last))
         ids.append(q.tokens.to(torch.int16).cpu())
         res.append(q.residual.to(torch.float16).cpu())
     return torch.cat(ids), torch.cat(res)
@@ -81,7 +82,8 @@ def _drawn_shards(
         yield from (draw_shard(seed, i, n, size) for i, n in jobs)
         return
     # spawn, not fork: the parent may hold CUDA state, which a forked child must not inherit
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         pending: deque[Future] = deque()
         for i, n in jobs:
             pending.append(pool.submit(draw_shard, seed, i, n, size))
@@ -89,6 +91,8 @@ def _drawn_shards(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    finally:  # also when the consumer stops early (an error while encoding): drop what is still queued
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def pretokenize(
@@ -117,18 +121,12 @@ def pretokenize(
     shards = -(-num_images // shard_size)
     mine = [i for i in range(d.rank, shards, d.world) if not _shard_path(root, i).is_file()]
     jobs = [(i, min(shard_size, num_images - i * shard_size)) for i in mine]
-    drawn = _drawn_shards(jobs, seed, size, workers)
     bar = tqdm(mine, desc="pretokenize", disable=not (d.main and show_progress), dynamic_ncols=True)
     last = time.monotonic()
-    for i, shard_drawn in zip(bar, drawn):
-        shard = _shard(tok, shard_drawn)
-        # the wall time since the previous shard: summed into meta.json, so a run resumed in another
-        # session counts the earlier sessions' shards too (and parallel drawing is not counted twice)
-        shard["seconds"] = time.monotonic() - last
-        tmp = _shard_path(root, i).with_suffix(".tmp")
-        torch.save(shard, tmp)
-        os.replace(tmp, _shard_path(root, i))
-        last = time.monotonic()
+    with closing(_drawn_shards(jobs, seed, size, workers)) as drawn:
+        for i, shard_drawn in zip(bar, drawn):
+            _write_shard(root, i, _shard(tok, shard_drawn), (time.monotonic() - last) / d.world)
+            last = time.monotonic()
     dist_utils.barrier()
     meta: dict[str, Any] = {}
     if d.main:
@@ -143,14 +141,24 @@ def pretokenize(
             "seed": seed,
             "codebook_size": tok.cfg.codebook_size,
             "residual_std": float(r.std()),
-            # every shard's encoding time, whichever session and rank wrote it, over the ranks that share
-            # the work; unknown (null) when a shard from before shards kept their time is among them
-            "seconds": None if None in seconds else sum(seconds) / d.world,
+            # every shard's share of the wall time, whichever session and rank wrote it; unknown (null)
+            # when a shard from before shards kept their time is among them
+            "seconds": None if None in seconds else sum(seconds),
             "residual_channel_std": [float(v) for v in r.flatten(0, 1).std(0)],
         }
         (root / META).write_text(json.dumps(meta, indent=1) + "\n")
     dist_utils.barrier()
     return json.loads((root / META).read_text())
+
+
+def _write_shard(root: Path, index: int, shard: dict[str, Any], seconds: float) -> None:
+    """Atomically, with the wall seconds it took over the ranks sharing the work (the wall time since the
+    previous shard, divided by the world size): summed into meta.json, so a run resumed in another session
+    counts the earlier sessions' shards too, and parallel drawing is not counted twice."""
+    shard["seconds"] = seconds
+    tmp = _shard_path(root, index).with_suffix(".tmp")
+    torch.save(shard, tmp)
+    os.replace(tmp, _shard_path(root, index))
 
 
 def _read_shards(

@@ -37,6 +37,7 @@ class RunOptions:
     checkpoint_every: int = 0  # also every this many steps (0: time only)
     sample_minutes: float = 10.0
     stop_at: int | None = None  # stop (with a checkpoint) once this global step is reached
+    stop_by: float | None = None  # ... or once ``time.monotonic()`` passes this (a bounded run's deadline)
     progress_bar: bool = True
     draw_workers: int = 0  # processes drawing the scenes while pre-tokenizing (a GPU host's idle cores)
 

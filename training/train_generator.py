@@ -247,7 +247,8 @@ class GeneratorTrainer:
         )
         t_start = time.monotonic()
         while self.step < r.steps:
-            if opts.stop_at is not None and self.step >= opts.stop_at:
+            late = opts.stop_by is not None and time.monotonic() >= opts.stop_by
+            if (opts.stop_at is not None and self.step >= opts.stop_at) or dist_utils.agree(late, d.device):
                 self.save()
                 bar.close()
                 return {"stopped_at": self.step}
@@ -350,7 +351,9 @@ def train_generator(
     if is_done(run_dir):
         return {"skipped": "done"}
     if not is_weights_dir(Path(tokenizer_dir)) and not is_done(Path(tokenizer_dir)):
-        raise FileNotFoundError(f"{tokenizer_dir}: the tokenizer run has not finished (no 'done' file)")
+        raise FileNotFoundError(
+            f"{tokenizer_dir}: neither a finished tokenizer run (no 'done' file) nor a weights directory"
+        )
     return GeneratorTrainer(preset, Path(tokenizer_dir), Path(data_dir), run_dir, d, opts).run()
 
 
@@ -364,7 +367,7 @@ def _initial_weights(
     from dcar.model.pipeline import Pipeline
     from dcar.training.export import check_same_tokens
 
-    if (path / "model_index.json").is_file():
+    if is_weights_dir(path):
         pipe = Pipeline.from_pretrained(path, dtype=torch.float32)
         check_same_tokens(pipe.tokenizer, tok, path)
         init_cfg, gen, text = pipe.config.generator, pipe.generator, pipe.text_encoder

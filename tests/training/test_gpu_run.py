@@ -13,7 +13,9 @@ import torch
 
 from dcar.cli.main import main as dcar
 from dcar.model.pipeline import Pipeline
-from dcar.training.gpu_run import PART_BYTES, steps_for
+from dcar.training import gpu_run as gpu
+from dcar.training.export import export
+from dcar.training.gpu_run import PART_BYTES, GpuRunConfig, pack, steps_for, unpack
 from dcar.training.model_card import write_card
 from dcar.training.pretokenize import load_pretokenized, pretokenize
 from dcar.training.trained import load_trained_tokenizer
@@ -54,14 +56,17 @@ def test_gpu_run_packs_parts_a_gpu_host_can_return(gpu_run_out):
     out = root / "OUT"
     files = sorted(p.name for p in out.iterdir())
     assert files[:2] == ["report.json", "report.md"] and files[2:] and len(files) <= 8
-    assert all(name.startswith("run.tar.") for name in files[2:])
+    assert all(gpu.PART_NAME.fullmatch(name) for name in files[2:])
     assert all((out / f).stat().st_size <= PART_BYTES for f in files)
     report = json.loads((out / "report.json").read_text())
-    assert report["steps"] == 5 and report["images_seen"] == 20 and report["summary"]["steps"] == 5
+    assert report["status"] == "finished" and report["steps"] == report["steps_done"] == 5
+    assert report["images_seen"] == 20 and report["summary"]["steps"] == 5
     assert 0 < report["pretokenize_seconds"] < report["phases_seconds"]["pre-tokenizing and probe"]
     assert report["probe_step_seconds"] > 0 and set(report["phases_seconds"]) >= {"training", "export"}
     assert report["last_losses"]["ce"] > 0 and report["parts"] == files[2:]
-    assert "5 steps (20 images)" in stdout and stdout.strip() == (out / "report.md").read_text().strip()
+    assert (
+        "trained 5 steps (20 images)" in stdout and stdout.strip() == (out / "report.md").read_text().strip()
+    )
 
 
 def test_scenes_drawn_by_worker_processes_are_the_serial_ones(gpu_run_out, ci_preset, ci_weights, tmp_path):
@@ -75,7 +80,7 @@ def test_scenes_drawn_by_worker_processes_are_the_serial_ones(gpu_run_out, ci_pr
 
 
 def test_unpacked_weights_load_keep_the_token_ids_and_say_where_they_trained(
-    gpu_run_out, ci_weights, tmp_path, capsys
+    gpu_run_out, ci_weights, ci_preset, tmp_path, capsys
 ):
     root, _ = gpu_run_out
     w = tmp_path / "w"
@@ -104,7 +109,97 @@ def test_unpacked_weights_load_keep_the_token_ids_and_say_where_they_trained(
     card = write_card(w, {"size": 256, "steps": 12, "seeds": [0]}).read_text()
     hardware = next(line for line in card.splitlines() if line.startswith("- Hardware:"))
     assert f"the tokenizer comes from {ci_weights.name}, trained on" in hardware
+    # a model whose tokenizer came from another names the one that trained it, not the middle one
+    again = export(ci_preset, w, w, tmp_path / "again")
+    assert json.loads((again / "training.json").read_text())["tokenizer_from"] == record["tokenizer_from"]
 
     assert dcar(["train", "gpu-unpack", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no run.tar.* parts" in err[0]
+    assert len(err) == 1 and "no parts (run-<checksum>.tar.NN-of-MM)" in err[0]
+
+
+def test_parts_rejoin_in_order_and_a_missing_or_foreign_one_is_refused(tmp_path, ci_weights, monkeypatch):
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    (run / "losses.csv").write_text("step,loss\n1,2.0\n")
+    out = tmp_path / "OUT"
+    out.mkdir()
+    (out / "run-0123456789abcdef.tar.00-of-01").write_text("a part of an earlier run")
+    monkeypatch.setattr(gpu, "PART_BYTES", 2**20)  # the ci weights then take several parts
+    parts = pack(ci_weights, run, out)
+    assert len(parts) > 2 and all(p.stat().st_size <= 2**20 for p in parts)
+    assert sorted(out.glob("run-*")) == parts  # the earlier run's part is gone
+    w = unpack(out, tmp_path / "w")
+    for f in ci_weights.rglob("*"):
+        if f.is_file():
+            assert (w / f.relative_to(ci_weights)).read_bytes() == f.read_bytes()
+    assert (w / "gpu-run" / "losses.csv").read_text() == "step,loss\n1,2.0\n"
+
+    def refused(words):
+        with pytest.raises(ValueError, match=words):
+            unpack(out, tmp_path / "w2")
+        assert not (tmp_path / "w2").exists() and not list(tmp_path.glob(".w2-*"))  # nothing half-written
+
+    data = parts[1].read_bytes()
+    parts[1].write_bytes(data[:-10])  # cut on the way
+    refused("checksum differs")
+    parts[1].unlink()  # did not come back
+    refused(f"part\\(s\\) 1 of {len(parts)} missing")
+    parts[1].write_bytes(data)
+    (out / "run-0123456789abcdef.tar.00-of-01").write_text("another run's")
+    refused("parts of 2 different runs")
+    (out / "run-0123456789abcdef.tar.00-of-01").unlink()
+
+    monkeypatch.setattr(gpu, "MAX_PARTS", 2)
+    with pytest.raises(ValueError, match="more than 2 parts of 1 MiB"):
+        pack(ci_weights, run, out)
+
+
+def test_a_member_outside_the_folder_is_refused(tmp_path):
+    import hashlib
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    (tmp_path / "p").mkdir()
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()[:16]
+    (tmp_path / "p" / f"run-{digest}.tar.00-of-01").write_bytes(buf.getvalue())
+    with pytest.raises(ValueError, match="refusing the packed run's member '../escape.txt'"):
+        unpack(tmp_path / "p", tmp_path / "w")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_the_deadline_stops_training_and_the_report_says_so(tmp_path, ci_preset, ci_weights):
+    cfg = GpuRunConfig(weights=ci_weights, minutes=0.001, scenes=8, batch=2, probe_steps=1, reserve_s=0)
+    report = gpu.gpu_run(ci_preset, cfg, tmp_path / "work", tmp_path / "OUT", SINGLE)
+    assert report["steps"] == 1 and report["steps_done"] == 0  # the budget was gone after the probe
+    assert report["status"] == "stopped by the deadline at step 0 of 1"
+    assert "stopped by the deadline" in (tmp_path / "OUT" / "report.md").read_text()
+    assert list((tmp_path / "OUT").glob("run-*.tar.00-of-01"))  # what there is still comes back
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--minutes", "0"], "--minutes must be positive, got 0.0"),
+        (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+        (["--reserve-s", "-1"], "--reserve-s must be at least 0, got -1.0"),
+        (["--weights", "nowhere"], "nowhere: neither a finished tokenizer run"),
+    ],
+)
+def test_gpu_run_refuses_bad_options_in_one_line(extra, words, tmp_path, capsys):
+    argv = ["train", "gpu-run", "--out", str(tmp_path / "OUT"), "--work", str(tmp_path / "w"), "--preset", "ci",
+            "--device", "cpu", "--draw-workers", "0", *extra]  # fmt: skip
+    assert dcar(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+
+
+def test_gpu_run_refuses_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert dcar(["train", "gpu-run", "--out", str(tmp_path / "OUT")]) == 2
+    assert "one process" in capsys.readouterr().err

@@ -115,7 +115,7 @@ def test_pretokenizing_resumed_in_another_session_counts_every_shards_time(
     resumed = run()
     again = shard_seconds()
     assert again[0] == first[0]  # kept, not encoded again
-    assert resumed["seconds"] == pytest.approx(sum(again)) and resumed["seconds"] > again[1] + again[2]
+    assert resumed["seconds"] == pytest.approx(sum(again))  # this session's two shards and the first
     assert torch.equal(load_pretokenized(tmp_path)[0], ids)
     # a shard written before shards kept their time: the total is unknown, not too small
     old = torch.load(tmp_path / "shard-00000.pt", weights_only=False)
