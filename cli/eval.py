@@ -120,10 +120,13 @@ def _run_ceiling_only(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
     return 0
 
 
+# A measurement's flags, and --json (where one is written: a results file to explain is given as WEIGHTS)
 _MEASURING_FLAGS = {
     "--sweep": "sweep",
     "--tokenizer-ceiling": "tokenizer_ceiling",
     "--write-card": "write_card",
+    "--guidance-scale": "guidance_scale",
+    "--json": "json",
 }
 
 
@@ -135,7 +138,7 @@ def _explain(args: argparse.Namespace) -> int:
     from dcar.training.model_card import RESULTS
     from dcar.training.shapes_eval import format_results
 
-    measuring = [flag for flag, on in _MEASURING_FLAGS.items() if getattr(args, on)]
+    measuring = [flag for flag, on in _MEASURING_FLAGS.items() if getattr(args, on) not in (None, False, [])]
     if measuring:  # refused rather than ignored: the user asked for a measurement that would not happen
         print(
             f"--explain measures nothing; it cannot be combined with {', '.join(measuring)}", file=sys.stderr

@@ -114,7 +114,7 @@ def test_dcar_eval_explain_reads_stored_results(tmp_path, capsys):
     assert dcar(["eval", str(tmp_path / "none"), "--explain"]) == 2
     assert "no results to explain" in capsys.readouterr().err
     # a measurement asked for beside --explain is refused, not silently skipped
-    for extra in (["--sweep", "steps=8"], ["--tokenizer-ceiling"], ["--write-card"]):
+    for extra in (["--sweep", "steps=8"], ["--tokenizer-ceiling"], ["--write-card"], ["--json", "r.json"]):
         assert dcar(["eval", str(tmp_path / "results.json"), "--explain", *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"--explain measures nothing; it cannot be combined with {extra[0]}"]
