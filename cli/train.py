@@ -157,7 +157,7 @@ def _gpu_run_arguments(sub) -> None:
     r.add_argument("--threads", type=int, default=None, help="CPU threads")
 
     u = sub.add_parser("gpu-unpack", help="rebuild gpu-run's weights directory from its parts")
-    u.add_argument("parts", help="directory holding run.tar.00, run.tar.01, ... (and report.md)")
+    u.add_argument("parts", help="directory holding run-<checksum>.tar.00-of-MM, ... (and report.md)")
     u.add_argument("--out", required=True, help="weights directory to write (an evaluated one keeps its card "
                    "in previous/)")  # fmt: skip
 

@@ -112,10 +112,10 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     keep_previous(out)
     pipe.save_pretrained(out, name)
-    tok_own, gen_own = run_seconds(tokenizer_dir), run_seconds(generator_dir)  # mid-run: so far
+    # a tokenizer taken from a weights directory was trained elsewhere: its cost and hardware are that model's
     tok_from = _tokenizer_weights_record(tokenizer_dir) if is_weights_dir(tokenizer_dir) else None
-    if tok_from is not None:  # trained elsewhere: its cost and hardware are that model's
-        tok_own = tok_from.pop("seconds")
+    tok_own = tok_from.pop("seconds") if tok_from is not None else run_seconds(tokenizer_dir)
+    gen_own = run_seconds(generator_dir)  # mid-run: so far
     datasets = data_metas(generator_dir) + (gen_before["datasets"] if gen_before is not None else [])
     record: dict[str, Any] = {
         "preset": preset.to_dict(),

@@ -20,7 +20,6 @@ numbers come from the same machine as the committed model's. The same code runs 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -63,8 +62,9 @@ class GpuRunConfig:
 
 def _step_seconds(run_dir: Path) -> float:
     """Median seconds of the probe's later steps (the first ones include warm-up and autotuning)."""
-    with open(run_dir / "losses.csv") as f:
-        secs = [float(row["sec"]) for row in csv.DictReader(f)]
+    from dcar.training.runlog import read_csv
+
+    secs = [row["sec"] for row in read_csv(run_dir / "losses.csv")]
     return statistics.median(secs[len(secs) // 2 :])
 
 
@@ -124,11 +124,7 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
     train_generator(probe_preset, cfg.weights, data, probe, d, replace(opts, stop_at=cfg.probe_steps))
     phases["pre-tokenizing and probe"] = time.monotonic() - t
     size = sum(f.stat().st_size for f in export(probe_preset, cfg.weights, probe, weights).rglob("*"))
-    if size > MAX_PARTS * PART_BYTES - 2**20:  # 1 MiB for the logs
-        raise ValueError(
-            f"the exported weights are {size / 2**20:.0f} MiB: more than {MAX_PARTS} parts of "
-            f"{PART_BYTES // 2**20} MiB, which a GPU host does not return"
-        )
+    _check_returnable(size + 2**20, "the exported weights with 1 MiB of logs")
     shutil.rmtree(weights)
     step_s = _step_seconds(probe)
     train_until = deadline - cfg.reserve_s
@@ -167,6 +163,14 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
     return report
 
 
+def _check_returnable(size: int, what: str) -> None:
+    if size > MAX_PARTS * PART_BYTES:
+        raise ValueError(
+            f"{what}: {size / 2**20:.1f} MiB, more than {MAX_PARTS} parts of {PART_BYTES / 2**20:g} MiB, "
+            "which a GPU host does not return"
+        )
+
+
 def _write_report(out: Path, report: dict[str, Any]) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(format_report(report))
@@ -174,25 +178,24 @@ def _write_report(out: Path, report: dict[str, Any]) -> None:
 
 def _last_losses(run: Path, n: int = 100) -> dict[str, float]:
     """Means of the last ``n`` logged steps: loss, ce, diffusion, masked accuracy."""
-    with open(run / "losses.csv") as f:
-        rows = list(csv.DictReader(f))[-n:]
+    from dcar.training.runlog import read_csv
+
+    rows = read_csv(run / "losses.csv")[-n:]
     keys = [k for k in ("loss", "ce", "diffusion", "acc_masked") if rows and k in rows[0]]
-    return {k: statistics.fmean(float(r[k]) for r in rows) for k in keys}
+    return {k: statistics.fmean(r[k] for r in rows) for k in keys}
 
 
 def _last_quick_eval(run: Path) -> float | None:
-    path = run / "val.csv"
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return float(rows[-1]["quick_eval"]) if rows else None
+    from dcar.training.runlog import read_csv
+
+    rows = read_csv(run / "val.csv") if (run / "val.csv").is_file() else []
+    return rows[-1]["quick_eval"] if rows else None
 
 
 def pack(weights: Path, run: Path, out: Path) -> list[Path]:
     """The weights directory and the run's logs as one tar, cut into ``PART_BYTES`` parts in ``out``."""
-    tar_path = run.parent / "run.tar"  # beside the run, not in ``out``: only the parts come back
-    with tarfile.open(tar_path, "w") as tar:
+    buf = io.BytesIO()  # in memory, not in ``out``: only the parts come back
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.add(weights, arcname="weights")
         for name in ("losses.csv", "val.csv", "data_meta.json", "done"):
             if (run / name).is_file():
@@ -200,18 +203,11 @@ def pack(weights: Path, run: Path, out: Path) -> list[Path]:
         samples = sorted((run / "samples").glob("*.png"))
         if samples:
             tar.add(samples[-1], arcname=f"run/{samples[-1].name}")
-    size = tar_path.stat().st_size
-    if size > MAX_PARTS * PART_BYTES:
-        tar_path.unlink()
-        raise ValueError(
-            f"the packed run is {size / 2**20:.1f} MiB: more than {MAX_PARTS} parts of "
-            f"{PART_BYTES / 2**20:g} MiB, which a GPU host does not return"
-        )
+    data = buf.getvalue()
+    _check_returnable(len(data), "the packed run")
     for stale in out.glob(PARTS_GLOB):  # an earlier run's: unpack would join them to these
         stale.unlink()
-    data = tar_path.read_bytes()
-    tar_path.unlink()
-    digest, count = hashlib.sha256(data).hexdigest()[:16], -(-size // PART_BYTES)
+    digest, count = hashlib.sha256(data).hexdigest()[:16], -(-len(data) // PART_BYTES)
     parts = []
     for i in range(count):
         part = out / f"run-{digest}.tar.{i:02d}-of-{count:02d}"

@@ -245,18 +245,17 @@ def write_card(weights: str | Path, results: dict[str, Any]) -> Path:
             *[f"| {t} | {m} | {_mark(ok)} |" for t, m, ok in rows],
             "",
         ]
+    tok_from = train.get("tokenizer_from")
+    tokenizer_from = (
+        f"; the tokenizer comes from {Path(tok_from['weights']).name}, trained on "
+        + _hardware(tok_from.get("hardware") or {})
+        if tok_from
+        else ""
+    )
     lines += [
         "## Training",
         "",
-        "- Hardware: "
-        + _hardware(hw)
-        + (
-            f"; the tokenizer comes from {Path(tok_from['weights']).name}, trained on "
-            + _hardware(tok_from.get("hardware") or {})
-            if (tok_from := train.get("tokenizer_from"))
-            else ""
-        )
-        + ".",
+        f"- Hardware: {_hardware(hw)}{tokenizer_from}.",
         f"- Wall time: tokenizer {_hours(train.get('tokenizer_seconds'))}"
         + (
             f" (of which the decoder refinement {_hours(train['tokenizer_refine_seconds'])})"

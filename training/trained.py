@@ -25,12 +25,12 @@ def tokenizer_state(path: Path) -> dict[str, torch.Tensor]:
     """A tokenizer's weights: a tokenizer run's checkpoint, or a weights directory's ``tokenizer/``."""
     from dcar.model.loading import LoadError, find_weights, read_state_dict
 
-    ckpt = load_checkpoint(path) if path.is_dir() and not is_weights_dir(path) else None
-    if ckpt is not None and ckpt.get("kind") == "tokenizer":
-        return ckpt["model"]
     if is_weights_dir(path):
         index = json.loads((path / "model_index.json").read_text())
         return read_state_dict(find_weights(path / index["tokenizer"]))
+    ckpt = load_checkpoint(path) if path.is_dir() else None
+    if ckpt is not None and ckpt.get("kind") == "tokenizer":
+        return ckpt["model"]
     raise LoadError(f"{path}: neither a tokenizer run (checkpoint.pt) nor a weights directory")
 
 
