@@ -44,6 +44,9 @@ def fresh_venv(tmp_path_factory) -> Path:
     (wheel,) = dist.glob("dcar-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "dcar/weights/dcar-tiny-shapes/model_index.json" in names  # the embedded model is package data
+    static = sorted(p.name for p in (REPO / "server" / "static").iterdir() if p.is_file())
+    assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("dcar/server/static/")) == static
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # the SPDX metadata's file
     assert not [n for n in names if n.split("/")[0] in ("model", "server", "training", "cli", "tests")], (
         "the wheel must install one top-level package, dcar"
     )

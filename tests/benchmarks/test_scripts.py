@@ -156,9 +156,13 @@ def test_load_script_over_real_http():
 
 
 def test_device_check_end_to_end_at_toy_size(tmp_path):
+    # "compiled" is left out: inductor's first compilation costs ~70 s on 2 cores, and the compiled
+    # sampler's outputs are tested in tests/model/test_optimisations.py. "cuda_graphs" compiles too on
+    # CUDA only, so on the CPU it checks that --modes is honoured and a second mode gets its row.
     out = run_script(
-        "device_check", "--toy", "--device", "cpu", "--out", str(tmp_path), "--batches", "1", "--repeat", "1"
-    )
+        "device_check", "--toy", "--device", "cpu", "--out", str(tmp_path), "--batches", "1", "--repeat", "1",
+        "--modes", "eager,cuda_graphs",
+    )  # fmt: skip
     fin = table_rows(out, "float")  # float32, float16 (bfloat16 starts with b)
     assert [r[0] for r in fin] == ["float32", "float16"] and all(r[2] == "0" for r in fin)
     assert table_rows(out, "bfloat16")[0][2] == "0"
@@ -168,10 +172,10 @@ def test_device_check_end_to_end_at_toy_size(tmp_path):
     assert int(stages["finish (head + decode + copy out)"][2]) >= 1
     assert re.search(r"Launches per unmasking step: \d+ aten operators", out)
     speed = [r for mode in ("eager", "compiled", "cuda_graphs") for r in table_rows(out, mode)]
-    assert [(r[0], r[1]) for r in speed] == [("eager", "1"), ("compiled", "1"), ("cuda_graphs", "1")]
+    assert [(r[0], r[1]) for r in speed] == [("eager", "1"), ("cuda_graphs", "1")]
     assert all(float(r[3]) > 0 and r[7] == "yes" for r in speed)
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["toy"] and len(results["speed"]) == 3
+    assert results["toy"] and len(results["speed"]) == 2
     assert (tmp_path / "report.md").read_text().count("|") > 40 and (
         tmp_path / "latency.png"
     ).stat().st_size > 1000

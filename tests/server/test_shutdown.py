@@ -123,6 +123,7 @@ async def test_the_drain_timeout_is_waited_once_and_client_outcomes_log_below_er
             assert time.monotonic() - t0 < 0.5
             refused = await client.post("/v1/generate", json={"prompt": "too late"})
             assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+            gate.set()  # before the lifespan's shutdown, which waits for the held step to return
     finally:
         gate.set()
     shutdown = [rec for rec in caplog.records if "shut" in rec.getMessage() and rec.name.startswith("dcar")]
