@@ -139,6 +139,9 @@ def _gpu_run_arguments(sub) -> None:
     r.add_argument("--weights", default=None, help="weights directory whose tokenizer gives the ids "
                    "(default: the embedded model)")  # fmt: skip
     r.add_argument("--minutes", type=float, default=c.minutes, help="wall-clock budget of the whole command")
+    r.add_argument("--tokenizer-minutes", type=float, default=c.tokenizer_minutes,
+                   help="train the preset's tokenizer from scratch first, within this many of the minutes "
+                   "(its stages scaled to fit; default 0: the tokenizer of --weights)")  # fmt: skip
     r.add_argument("--scenes", type=int, default=c.scenes, help="scenes to pre-tokenize")
     r.add_argument("--batch", type=int, default=c.batch, help="images per step")
     r.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
@@ -182,14 +185,23 @@ def _gpu_run(args: argparse.Namespace) -> int:
     whole = (lambda v: v >= 1, "at least 1")
     at_least_0 = (lambda v: v >= 0, "at least 0")
     checks = {"minutes": positive, "lr": positive, "scenes": whole, "batch": whole, "probe_steps": whole,
-              "max_steps": whole, "reserve_s": at_least_0, "draw_workers": at_least_0}  # fmt: skip
+              "max_steps": whole, "reserve_s": at_least_0, "draw_workers": at_least_0,
+              "tokenizer_minutes": at_least_0}  # fmt: skip
     for name, (ok, words) in checks.items():
         value = getattr(args, name)
         if value is not None and not ok(value):
             return refuse(f"--{name.replace('_', '-')} must be {words}, got {value}")
+    if args.tokenizer_minutes and args.weights:
+        return refuse("--weights names a tokenizer to use, --tokenizer-minutes trains one: give one of them")
+    if args.tokenizer_minutes > args.minutes - 1:
+        return refuse(
+            f"--tokenizer-minutes {args.tokenizer_minutes:g} leaves under a minute of --minutes "
+            f"{args.minutes:g} for pre-tokenizing and the generator"
+        )
     cfg = GpuRunConfig(
         weights=Path(args.weights) if args.weights else embedded_weights(),
         minutes=args.minutes,
+        tokenizer_minutes=args.tokenizer_minutes,
         scenes=args.scenes,
         batch=args.batch,
         lr=args.lr,

@@ -3,9 +3,10 @@
 A GPU host here runs one command of at most ~9 minutes, and brings back at most 8 files of 16 MiB each.
 ``dcar train gpu-run --out "$OUT"`` is made for that:
 
-1. the tokenizer (encoder and codebook) is taken from a weights directory, the embedded model's by default:
-   the generator is what caps that model (docs/training.md), and every decoder refined from it keeps the
-   same token ids, so the new generator pairs with any of them;
+1. the tokenizer (encoder and codebook) is taken from a weights directory, the embedded model's by default
+   (every decoder refined from it keeps the same token ids, so the new generator pairs with any of them),
+   or, with ``tokenizer_minutes``, the preset's tokenizer is trained from scratch first: the embedded
+   tokenizer's ceiling (0.82 continuous, 0.65 codewords) caps any generator under the 0.80 target;
 2. ``scenes`` scenes are pre-tokenized, drawn by the host's idle cores while the GPU encodes;
 3. a probe run times the generator recipe's steps (the preset's architecture at ``batch``), then a run
    from scratch takes as many steps as the rest of the budget allows, with its cosine over exactly those;
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch loads only when a run starts: ``dcar train --help`` reads the defaults below
     from dcar.training.distributed import Dist
     from dcar.training.presets import TrainPreset
+    from dcar.training.runlog import RunOptions
 
 PART_BYTES = 15 * 2**20  # under the 16 MiB a GPU host returns per file
 MAX_PARTS = 6  # with report.md and report.json: within the 8 files that come back
@@ -48,8 +50,11 @@ PART_NAME = re.compile(r"run-([0-9a-f]{16})\.tar\.(\d{2})-of-(\d{2})")
 class GpuRunConfig:
     """What a bounded run trains and how long it may take."""
 
-    weights: Path  # the tokenizer's source (a weights directory)
-    minutes: float = 8.0  # the whole command: pre-tokenizing, probe, training, export, packing
+    weights: Path  # the tokenizer's source (a weights directory), unless one is trained first
+    minutes: float = 8.0  # the whole command: [tokenizer,] pre-tokenizing, probe, training, export, packing
+    # > 0: the preset's tokenizer recipe trained from scratch first, within this many of the minutes (its
+    # three stages scaled by one factor to what a probe of each stage says fits); 0: ``weights``' tokenizer
+    tokenizer_minutes: float = 0.0
     scenes: int = 50_000
     batch: int = 256
     lr: float | None = None  # default: the preset's
@@ -78,6 +83,64 @@ def steps_for(seconds_left: float, step_s: float, max_steps: int | None = None) 
     return max(1, min(steps, max_steps or steps))
 
 
+def _stage_seconds(run_dir: Path) -> tuple[float, float, float]:
+    """Median seconds a step of each tokenizer stage in a probe run (its later steps; 0 for a stage it
+    did not run). The later steps of stage 3 include the discriminator's, the dearest of the recipe."""
+    from dcar.training.runlog import read_csv
+
+    rows = read_csv(run_dir / "losses.csv")
+    medians = []
+    for stage in (1, 2, 3):
+        secs = [row["sec"] for row in rows if int(row["stage"]) == stage]
+        medians.append(statistics.median(secs[len(secs) // 2 :]) if secs else 0.0)
+    return medians[0], medians[1], medians[2]
+
+
+def tokenizer_steps(
+    recipe: tuple[int, int, int], stage_s: tuple[float, float, float], seconds: float
+) -> tuple[int, int, int]:
+    """The recipe's stage steps scaled by one factor (up or down) to take ``seconds`` at ``stage_s`` a step,
+    with 10% to spare, as ``steps_for``; a stage the recipe skips stays skipped, any other keeps a step."""
+    planned = sum(n * s for n, s in zip(recipe, stage_s))
+    factor = max(0.0, seconds) / (1.10 * planned) if planned > 0 else 1.0
+    a, b, c = (max(1, int(n * factor)) if n else 0 for n in recipe)
+    return a, b, c
+
+
+def _train_tokenizer(
+    preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, opts: RunOptions, d: Dist, report: dict
+) -> Path:
+    """The preset's tokenizer from scratch within ``cfg.tokenizer_minutes``: a probe of ``probe_steps`` in
+    each stage, then the recipe scaled to the rest; a run the deadline stops is used as it is (the report
+    says so). No ceiling on the GPU host: ``dcar eval W --tokenizer-ceiling`` measures it afterwards."""
+    from dcar.training.train_tokenizer import train_tokenizer
+
+    start = time.monotonic()
+    recipe = replace(preset.tokenizer, init_from="", ceiling_seeds=())
+    probe_recipe = replace(recipe, stage_steps=tuple(cfg.probe_steps if n else 0 for n in recipe.stage_steps))
+    train_tokenizer(replace(preset, tokenizer=probe_recipe), work / "tokenizer-probe", d, opts)
+    stage_s = _stage_seconds(work / "tokenizer-probe")
+    until = start + 60 * cfg.tokenizer_minutes
+    steps = tokenizer_steps(recipe.stage_steps, stage_s, until - time.monotonic())
+    report["phases_seconds"]["tokenizer probe"] = time.monotonic() - start
+    report.update(
+        status="training the tokenizer",
+        tokenizer={"probe_stage_seconds": list(stage_s), "stage_steps": list(steps)},
+    )
+    _write_report(out, report)
+    t = time.monotonic()
+    run = work / "tokenizer"
+    final = replace(preset, tokenizer=replace(recipe, stage_steps=steps))
+    summary = train_tokenizer(final, run, d, replace(opts, stop_by=until))
+    report["phases_seconds"]["tokenizer"] = time.monotonic() - t
+    done = summary.get("stopped_at", summary.get("steps", 0))
+    report["tokenizer"].update(
+        steps_done=done,
+        status="finished" if "stopped_at" not in summary else f"stopped by the deadline at step {done}",
+    )
+    return run
+
+
 def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Dist) -> dict[str, Any]:
     """Train, export and pack within ``cfg.minutes``; the parts and the report land in ``out``."""
     from dcar.training.export import export
@@ -89,8 +152,9 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
     out.mkdir(parents=True, exist_ok=True)
     data, probe, run, weights = work / "tokens", work / "probe", work / "generator", work / "weights"
     # A bounded run starts over: its scenes follow --scenes/--seed/--weights, its steps this host's speed.
-    for stale in (data, probe, run, weights):  # only what this run writes: --work may hold other things
-        shutil.rmtree(stale, ignore_errors=True)
+    stale = (data, probe, run, weights, work / "tokenizer-probe", work / "tokenizer")
+    for path in stale:  # only what this run writes: --work may hold other things
+        shutil.rmtree(path, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     gen = replace(
         preset.generator,
@@ -108,7 +172,7 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
         draw_workers=cfg.draw_workers,
     )
     report: dict[str, Any] = {
-        "status": "pre-tokenizing",
+        "status": "training the tokenizer" if cfg.tokenizer_minutes else "pre-tokenizing",
         "preset": preset.name,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
         "device": str(d.device),
@@ -116,14 +180,17 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
         "phases_seconds": {},
     }
     phases = report["phases_seconds"]
+    tokenizer = cfg.weights
+    if cfg.tokenizer_minutes:
+        tokenizer = _train_tokenizer(preset, cfg, work, out, opts, d, report)
 
     # Time the recipe's steps (a long schedule: no cosine decay within the probe), and export the probe
     # to learn what the packed weights will weigh before the budget is spent on training.
     probe_preset = replace(preset, generator=replace(gen, steps=10**6))
     t = time.monotonic()
-    train_generator(probe_preset, cfg.weights, data, probe, d, replace(opts, stop_at=cfg.probe_steps))
+    train_generator(probe_preset, tokenizer, data, probe, d, replace(opts, stop_at=cfg.probe_steps))
     phases["pre-tokenizing and probe"] = time.monotonic() - t
-    size = sum(f.stat().st_size for f in export(probe_preset, cfg.weights, probe, weights).rglob("*"))
+    size = sum(f.stat().st_size for f in export(probe_preset, tokenizer, probe, weights).rglob("*"))
     _check_returnable(size + 2**20, "the exported weights with 1 MiB of logs")
     shutil.rmtree(weights)
     step_s = _step_seconds(probe)
@@ -140,12 +207,12 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
     t = time.monotonic()
     final = replace(preset, generator=replace(gen, steps=steps))
     # the schedule is sized to the budget; the deadline only catches a slower run than the probe said
-    summary = train_generator(final, cfg.weights, data, run, d, replace(opts, stop_by=train_until))
+    summary = train_generator(final, tokenizer, data, run, d, replace(opts, stop_by=train_until))
     phases["training"] = time.monotonic() - t
     done = summary.get("stopped_at", summary.get("steps", 0))
 
     t = time.monotonic()
-    export(final, cfg.weights, run, weights, name=f"dcar-{preset.name}")
+    export(final, tokenizer, run, weights, name=f"dcar-{preset.name}")
     phases["export"] = time.monotonic() - t
     report.update(
         status="finished" if done == steps else f"stopped by the deadline at step {done} of {steps}",
@@ -156,7 +223,7 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
         quick_eval=_last_quick_eval(run),
     )
     t = time.monotonic()
-    parts = pack(weights, run, out)
+    parts = pack(weights, run, out, work / "tokenizer" if cfg.tokenizer_minutes else None)
     phases["packing"] = time.monotonic() - t
     report.update(total_seconds=time.monotonic() - start, parts=[p.name for p in parts])
     _write_report(out, report)
@@ -192,17 +259,20 @@ def _last_quick_eval(run: Path) -> float | None:
     return rows[-1]["quick_eval"] if rows else None
 
 
-def pack(weights: Path, run: Path, out: Path) -> list[Path]:
-    """The weights directory and the run's logs as one tar, cut into ``PART_BYTES`` parts in ``out``."""
+def pack(weights: Path, run: Path, out: Path, tokenizer_run: Path | None = None) -> list[Path]:
+    """The weights directory and the runs' logs (the generator's, and the tokenizer's when it trained here,
+    under ``run/tokenizer/``) as one tar, cut into ``PART_BYTES`` parts in ``out``."""
     buf = io.BytesIO()  # in memory, not in ``out``: only the parts come back
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.add(weights, arcname="weights")
-        for name in ("losses.csv", "val.csv", "data_meta.json", "done"):
-            if (run / name).is_file():
-                tar.add(run / name, arcname=f"run/{name}")
-        samples = sorted((run / "samples").glob("*.png"))
-        if samples:
-            tar.add(samples[-1], arcname=f"run/{samples[-1].name}")
+        logs = [(run, "run")] + ([(tokenizer_run, "run/tokenizer")] if tokenizer_run else [])
+        for src, arc in logs:
+            for name in ("losses.csv", "val.csv", "data_meta.json", "done"):
+                if (src / name).is_file():
+                    tar.add(src / name, arcname=f"{arc}/{name}")
+            samples = sorted((src / "samples").glob("*.png"))
+            if samples:
+                tar.add(samples[-1], arcname=f"{arc}/{samples[-1].name}")
     data = buf.getvalue()
     _check_returnable(len(data), "the packed run")
     for stale in out.glob(PARTS_GLOB):  # an earlier run's: unpack would join them to these
@@ -294,6 +364,16 @@ def format_report(r: dict[str, Any]) -> str:
         f"- tokenizer from {c['weights']}; {c['scenes']} scenes; batch {c['batch']}; seed {c['seed']}",
         f"- pre-tokenizing {'unknown' if pre is None else f'{pre:.1f} s'}",
     ]
+    if r.get("tokenizer"):
+        tok = r["tokenizer"]
+        lines[2] = f"- tokenizer trained here; {c['scenes']} scenes; batch {c['batch']}; seed {c['seed']}"
+        per_stage = " / ".join(f"{s:.4f}" for s in tok["probe_stage_seconds"])
+        lines.insert(
+            3,
+            f"- tokenizer probe: {per_stage} s a step in stages 1 / 2 / 3 -> stage steps "
+            f"{' / '.join(map(str, tok['stage_steps']))} within {c['tokenizer_minutes']:g} min"
+            + (f"; {tok['status']} ({tok['steps_done']} steps)" if "status" in tok else ""),
+        )
     if "steps" in r:
         lines.append(
             f"- probe: {r['probe_step_seconds']:.4f} s a step -> {r['steps']} steps planned within "

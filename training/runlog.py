@@ -41,6 +41,14 @@ class RunOptions:
     progress_bar: bool = True
     draw_workers: int = 0  # processes drawing the scenes while pre-tokenizing (a GPU host's idle cores)
 
+    def stop_due(self, step: int, device: torch.device) -> bool:
+        """Whether to stop before ``step``: ``stop_at`` reached, or ``stop_by`` passed on rank 0's clock
+        (every rank must take the same decision, or the next collective would hang)."""
+        from dcar.training.distributed import agree
+
+        late = self.stop_by is not None and time.monotonic() >= self.stop_by
+        return (self.stop_at is not None and step >= self.stop_at) or agree(late, device)
+
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float = 0.1) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio * base`` at ``total``."""

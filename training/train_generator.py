@@ -247,8 +247,7 @@ class GeneratorTrainer:
         )
         t_start = time.monotonic()
         while self.step < r.steps:
-            late = opts.stop_by is not None and time.monotonic() >= opts.stop_by
-            if (opts.stop_at is not None and self.step >= opts.stop_at) or dist_utils.agree(late, d.device):
+            if opts.stop_due(self.step, d.device):
                 self.save()
                 bar.close()
                 return {"stopped_at": self.step}

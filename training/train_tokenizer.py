@@ -279,7 +279,7 @@ class TokenizerTrainer:
             model = self._wrap()
             steps = r.stage_steps[self.stage]
             while self.step < steps:
-                if opts.stop_at is not None and self.global_step >= opts.stop_at:
+                if opts.stop_due(self.global_step, d.device):
                     self.save()
                     bar.close()
                     return {"stopped_at": self.global_step}

@@ -15,11 +15,13 @@ from dcar.cli.main import main as dcar
 from dcar.model.pipeline import Pipeline
 from dcar.training import gpu_run as gpu
 from dcar.training.export import export
-from dcar.training.gpu_run import PART_BYTES, GpuRunConfig, pack, steps_for, unpack
+from dcar.training.gpu_run import PART_BYTES, GpuRunConfig, pack, steps_for, tokenizer_steps, unpack
 from dcar.training.model_card import write_card
 from dcar.training.pretokenize import load_pretokenized, pretokenize
+from dcar.training.runlog import read_csv
+from dcar.training.train_tokenizer import train_tokenizer
 from dcar.training.trained import load_trained_tokenizer
-from tests.training.conftest import SINGLE
+from tests.training.conftest import SINGLE, ci_options
 
 # What the GPU host's Python lacks (its package list): the run must not import them.
 NOT_ON_THE_GPU_HOST = ("pydantic", "pydantic_settings", "fastapi", "uvicorn", "starlette", "multipart")
@@ -30,6 +32,23 @@ def test_steps_fill_the_time_left_with_room_to_spare():
     assert steps_for(1000.0, 0.1) == 9000  # many: whole hundreds
     assert steps_for(1000.0, 0.1, max_steps=300) == 300
     assert steps_for(0.01, 0.1) == steps_for(-5.0, 0.1) == 1  # the budget already spent: one step
+
+
+def test_tokenizer_stages_scale_together_to_the_time_left():
+    # 1500 x 0.1 + 3500 x 0.1 + 2500 x 0.2 = 1000 s; 1100 s with 10% to spare is the recipe as it is
+    assert tokenizer_steps((1500, 3500, 2500), (0.1, 0.1, 0.2), 1100.0) == (1500, 3500, 2500)
+    assert tokenizer_steps((1500, 3500, 2500), (0.1, 0.1, 0.2), 2200.0) == (3000, 7000, 5000)  # a fast host
+    assert tokenizer_steps((0, 0, 600), (0.0, 0.0, 0.5), 33.0) == (0, 0, 60)  # a skipped stage stays skipped
+    assert tokenizer_steps((10, 10, 10), (0.1, 0.1, 0.1), -3.0) == (1, 1, 1)  # no time left: a step each
+
+
+def test_a_tokenizer_run_stops_at_its_deadline_with_a_checkpoint(tmp_path, ci_preset):
+    import time
+    from dataclasses import replace
+
+    summary = train_tokenizer(ci_preset, tmp_path, SINGLE, replace(ci_options(), stop_by=time.monotonic()))
+    assert summary == {"stopped_at": 0} and (tmp_path / "checkpoint.pt").is_file()
+    assert not (tmp_path / "done").exists()  # rerunning resumes it
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +201,47 @@ def test_the_deadline_stops_training_and_the_report_says_so(tmp_path, ci_preset,
     assert list((tmp_path / "OUT").glob("run-*.tar.00-of-01"))  # what there is still comes back
 
 
+def test_gpu_run_trains_its_own_tokenizer_first_when_asked(tmp_path, ci_preset, ci_weights):
+    cfg = GpuRunConfig(weights=ci_weights, minutes=5, tokenizer_minutes=0.08, scenes=8, batch=2, probe_steps=2,
+                       max_steps=3, reserve_s=0)  # fmt: skip
+    report = gpu.gpu_run(ci_preset, cfg, tmp_path / "work", tmp_path / "OUT", SINGLE)
+    tok = report["tokenizer"]
+    assert all(s > 0 for s in tok["probe_stage_seconds"]) and len(tok["stage_steps"]) == 3
+    assert sum(tok["stage_steps"]) > 3 * cfg.probe_steps  # 4.8 s hold more than the probe's steps
+    if tok["status"] == "finished":
+        assert tok["steps_done"] == sum(tok["stage_steps"])
+    else:  # a slow host: the deadline stopped it, and the generator trained on it as it was
+        assert tok["status"].startswith("stopped by the deadline") and tok["steps_done"] < sum(
+            tok["stage_steps"]
+        )
+    assert {"tokenizer probe", "tokenizer", "training"} <= set(report["phases_seconds"])
+    assert report["status"] == "finished" and report["steps_done"] == 3
+    md = (tmp_path / "OUT" / "report.md").read_text()
+    assert "- tokenizer trained here;" in md and "s a step in stages 1 / 2 / 3 -> stage steps" in md
+
+    w = unpack(tmp_path / "OUT", tmp_path / "w")
+    logged = read_csv(w / "gpu-run" / "tokenizer" / "losses.csv")
+    assert len(logged) == tok["steps_done"] and logged[0]["stage"] == 1
+    new, old = (Pipeline.from_pretrained(p, dtype=torch.float32) for p in (w, ci_weights))
+    assert not torch.equal(
+        new.tokenizer.quantize.embedding.weight, old.tokenizer.quantize.embedding.weight
+    )  # its own codebook, not the one of --weights
+    record = json.loads((w / "training.json").read_text())
+    assert "tokenizer_from" not in record and record["tokenizer_seconds"] > 0
+    image = new.generate([new.params("a red circle", seed=0, steps=2, residual_steps=2)])[0].image
+    assert torch.isfinite(image).all()
+
+
 @pytest.mark.parametrize(
     "extra,words",
     [
         (["--minutes", "0"], "--minutes must be positive, got 0.0"),
+        (["--tokenizer-minutes", "-1"], "--tokenizer-minutes must be at least 0, got -1.0"),
+        (
+            ["--tokenizer-minutes", "1", "--weights", "w"],
+            "--weights names a tokenizer to use, --tokenizer-minutes",
+        ),
+        (["--tokenizer-minutes", "7.5"], "--tokenizer-minutes 7.5 leaves under a minute of --minutes 8"),
         (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
         (["--reserve-s", "-1"], "--reserve-s must be at least 0, got -1.0"),
         (["--weights", "nowhere"], "nowhere: neither a finished tokenizer run"),
