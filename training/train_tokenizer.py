@@ -29,8 +29,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcar.model.tokenizer import DCHT
 from dcar.training import distributed as dist_utils
-from dcar.training.captions import caption
-from dcar.training.dataset import EVAL_STREAM, image_to_tensor, stream_rng
 from dcar.training.distributed import Dist
 from dcar.training.lineage import write_lineage
 from dcar.training.losses import (
@@ -42,7 +40,6 @@ from dcar.training.losses import (
     reconstruction_loss,
 )
 from dcar.training.presets import TrainPreset
-from dcar.training.render import render
 from dcar.training.runlog import (
     CheckpointTimer,
     CsvLog,
@@ -57,9 +54,9 @@ from dcar.training.runlog import (
     save_grid,
     set_lr,
 )
-from dcar.training.scenes import sample_scene
 from dcar.training.streams import SceneCrops
-from dcar.training.trained import tokenizer_state
+from dcar.training.tokenizer_paths import Autoencode, reconstruct, val_images
+from dcar.training.trained import load_tokenizer_weights
 
 STAGES = ("continuous", "discrete", "alternate")
 COLUMNS = [
@@ -80,52 +77,6 @@ COLUMNS = [
     "sec",
 ]
 VAL_COLUMNS = ["step", "stage", "psnr_continuous", "psnr_discrete"]
-
-
-class _Autoencode(nn.Module):
-    """Stages 1-2 as one module for DDP: image -> (reconstruction, codebook loss, commitment loss, ids)."""
-
-    def __init__(self, tok: DCHT, precision: str):
-        super().__init__()
-        self.tok, self.precision = tok, precision
-
-    def forward(self, x: torch.Tensor, discrete: bool):
-        with autocast(x.device, self.precision):
-            z = self.tok.encoder(x)
-        with torch.autocast(x.device.type, enabled=False):  # the lookup runs in fp32, as at inference
-            if discrete:
-                q = self.tok.quantize(z.float())
-                latent, cb, commit, ids = q.quantized, q.codebook_loss, q.commitment_loss, q.indices
-            else:
-                latent = self.tok.quantize.normalize(z)
-                cb = commit = torch.zeros((), device=x.device)
-                ids = None
-        with autocast(x.device, self.precision):
-            rec = self.tok.decoder(latent.contiguous(memory_format=torch.channels_last))
-        return rec.float(), cb, commit, ids, latent
-
-
-def _val_images(seed: int, n: int, size: int) -> torch.Tensor:
-    """The first ``n`` scenes of the evaluation stream (the same as ``write_eval_split``'s first n)."""
-    rng = stream_rng(seed, EVAL_STREAM)
-    out = []
-    for _ in range(n):
-        scene = sample_scene(rng)
-        caption(scene, rng)
-        out.append(image_to_tensor(render(scene, size)))
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def reconstruct(tok: DCHT, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """fp32, eval-mode reconstructions of the continuous and discrete paths."""
-    modes = {m: m.training for m in tok.modules()}
-    tok.eval()
-    q = tok.encode(images)
-    out = {"continuous": tok.decode(q.normalized).float(), "discrete": tok.decode(q.codewords).float()}
-    for m, mode in modes.items():
-        m.training = mode
-    return out
 
 
 class TokenizerTrainer:
@@ -150,7 +101,7 @@ class TokenizerTrainer:
         self.opt: torch.optim.Optimizer | None = None
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=r.disc_lr, betas=(0.5, 0.9))
         self.usage = torch.zeros(cfg.codebook_size, dtype=torch.long, device=d.device)
-        self.val = _val_images(opts.seed, r.val_images, r.render_size).to(d.device)
+        self.val = val_images(opts.seed, r.val_images, r.render_size).to(d.device)
         self.elapsed_before, self.session_start = 0.0, time.monotonic()
 
     def elapsed(self) -> float:
@@ -338,14 +289,12 @@ class TokenizerTrainer:
 
     def _init_from(self, path: Path) -> None:
         """Start from a tokenizer run's checkpoint or a weights directory's tokenizer (keys and shapes checked)."""
-        from dcar.model.loading import LoadError, check_keys, state_dict_shapes
+        from dcar.model.loading import LoadError
 
         try:
-            state = tokenizer_state(path)
+            load_tokenizer_weights(self.tok, path)
         except LoadError as e:
             raise LoadError(f"init_from {e}") from None
-        check_keys(state_dict_shapes(self.tok), state, path)
-        self.tok.load_state_dict(state)
 
     def _gan_on(self) -> bool:
         r = self.recipe
@@ -354,7 +303,7 @@ class TokenizerTrainer:
     def _wrap(self) -> nn.Module:
         if self.stage < 2:
             self.tok.train()
-            module: nn.Module = _Autoencode(self.tok, self.opts.precision)
+            module: nn.Module = Autoencode(self.tok, self.opts.precision)
         else:
             self.tok.encoder.eval()
             self.tok.decoder.train()

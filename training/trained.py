@@ -34,15 +34,19 @@ def tokenizer_state(path: Path) -> dict[str, torch.Tensor]:
     raise LoadError(f"{path}: neither a tokenizer run (checkpoint.pt) nor a weights directory")
 
 
-def load_trained_tokenizer(source: str | Path, preset: TrainPreset) -> DCHT:
-    """The tokenizer of a tokenizer run or of a weights directory (keys and shapes checked)."""
+def load_tokenizer_weights(tok: DCHT, source: str | Path) -> DCHT:
+    """``tok`` with the weights of a tokenizer run or of a weights directory (keys and shapes checked)."""
     from dcar.model.loading import check_keys, state_dict_shapes
 
-    tok = DCHT(preset.pipeline.tokenizer)
     state = tokenizer_state(Path(source))
     check_keys(state_dict_shapes(tok), state, Path(source))
     tok.load_state_dict(state)
-    return tok.eval()
+    return tok
+
+
+def load_trained_tokenizer(source: str | Path, preset: TrainPreset) -> DCHT:
+    """The tokenizer of a tokenizer run or of a weights directory, in eval mode."""
+    return load_tokenizer_weights(DCHT(preset.pipeline.tokenizer), source).eval()
 
 
 def load_trained_generator(
