@@ -259,3 +259,21 @@ def test_gpu_run_refuses_torchrun(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert dcar(["train", "gpu-run", "--out", str(tmp_path / "OUT")]) == 2
     assert "one process" in capsys.readouterr().err
+
+
+def test_both_trainers_run_under_bf16_autocast_as_on_a_gpu(tmp_path, ci_preset):
+    """A GPU run trains in bf16 (``default_precision``), which this suite's fp32 runs never exercise: a dtype
+    mismatch would end the lent minutes in a traceback. CPU autocast takes bf16 on any x86 CPU."""
+    import math
+
+    from dcar.training.train_generator import train_generator
+
+    opts = ci_options(precision="bf16")
+    assert (
+        train_tokenizer(ci_preset, tmp_path / "tok", SINGLE, opts)["steps"] == ci_preset.tokenizer.total_steps
+    )
+    summary = train_generator(ci_preset, tmp_path / "tok", tmp_path / "data", tmp_path / "gen", SINGLE, opts)
+    assert summary["steps"] == ci_preset.generator.steps and summary["vae_scale"] > 0
+    for run in ("tok", "gen"):
+        rows = read_csv(tmp_path / run / "losses.csv")
+        assert rows and all(math.isfinite(r["loss"]) for r in rows), run
