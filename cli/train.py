@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start from this tokenizer run or weights directory (required by tiny-shapes-v2, which refines "
         "a trained tokenizer's decoder)",
     )
+    t.add_argument(
+        "--draw-workers",
+        type=int,
+        default=0,
+        help="processes that draw the scenes ahead (0: this one; a GPU host's idle cores); the batches are the same",
+    )
 
     g = sub.add_parser("generator", help="DC-AR + T5: masked-token CE + residual diffusion loss")
     _common(g)

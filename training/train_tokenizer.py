@@ -95,7 +95,7 @@ class TokenizerTrainer:
                 "stage_steps: stages 1 and 2 have no steps, so the encoder and codebook would stay random; "
                 "start from a trained tokenizer with init_from (--init-from RUN_OR_WEIGHTS_DIR)"
             )
-        self.data = SceneCrops(opts.seed, d.rank, r.render_size, r.crop, r.crops_per_image)
+        self.data = SceneCrops(opts.seed, d.rank, r.render_size, r.crop, r.crops_per_image, opts.draw_workers)
         self.gen = torch.Generator().manual_seed(opts.seed * 1000 + d.rank)
         self.stage, self.step = 0, 0  # step within the stage
         self.opt: torch.optim.Optimizer | None = None
@@ -426,4 +426,8 @@ def train_tokenizer(preset: TrainPreset, run_dir: str | Path, d: Dist, opts: Run
     run_dir = Path(run_dir)
     if is_done(run_dir):
         return {"skipped": "done"}
-    return TokenizerTrainer(preset, run_dir, d, opts).run()
+    trainer = TokenizerTrainer(preset, run_dir, d, opts)
+    try:
+        return trainer.run()
+    finally:
+        trainer.data.close()  # the drawing processes, if any

@@ -91,6 +91,27 @@ def test_crops_follow_the_dataset_scenes_and_resume():
     assert torch.equal(crops.next_batch(2), nxt)
 
 
+def test_scenes_drawn_ahead_by_worker_processes_give_the_same_batches_and_resume(tmp_path, ci_preset):
+    serial = SceneCrops(seed=3, rank=0, render_size=64, crop=32, crops_per_image=2)
+    ahead = SceneCrops(seed=3, rank=0, render_size=64, crop=32, crops_per_image=2, workers=2)
+    try:
+        for n in (5, 3):
+            assert torch.equal(ahead.next_batch(n), serial.next_batch(n))
+        state = ahead.state()  # the consumed position, not the one drawn ahead
+        expected = serial.next_batch(4)
+        ahead.next_batch(7)
+        ahead.load_state(state)
+        assert torch.equal(ahead.next_batch(4), expected)
+    finally:
+        ahead.close()
+    # through the trainer: --draw-workers changes nothing but who draws
+    runs = {w: tmp_path / f"w{w}" for w in (0, 2)}
+    for workers, run in runs.items():
+        train_tokenizer(ci_preset, run, SINGLE, ci_options(stop_at=3, draw_workers=workers))
+    a, b = _rows(runs[0] / "losses.csv"), _rows(runs[2] / "losses.csv")
+    assert len(a) == 3 and [{**r, "sec": 0} for r in a] == [{**r, "sec": 0} for r in b]
+
+
 def test_sample_grid_and_val_log(tmp_path, ci_preset):
     run = tmp_path / "run"
     train_tokenizer(ci_preset, run, SINGLE, ci_options())
