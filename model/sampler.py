@@ -14,6 +14,8 @@ The algorithm is the official ``generate()``, written per row:
 Rows may sit at different steps, use different step counts and knobs, and be admitted or dropped
 between steps (``merge``/``select``), so a server can batch at iteration level. Each row draws its
 randomness from its own generator (model/noise.py), so an image does not depend on its batch mates.
+How it computes (cached caption K/V, batched CFG, compilation, padded shapes) is ``SamplerOptions``
+(model/sampler_options.py), which never changes a token.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,51 +40,12 @@ from dcar.model.batch import (
 from dcar.model.maskgit import guidance_on_device, gumbel, masked_after_step, softmax_temperature
 from dcar.model.noise import OfficialOrderNoise, RowNoise
 from dcar.model.params import EditSpec, RowResult, SamplingParams
+from dcar.model.sampler_options import SamplerOptions
 from dcar.model.text_encoder import TextEncoder
 from dcar.model.tokenizer import DCHT
 from dcar.model.transformer import DCARTransformer, TextKV
 
 __all__ = ["BatchState", "Caption", "Row", "Sampler", "SamplerOptions", "StepEvent"]
-
-
-@dataclass(frozen=True)
-class SamplerOptions:
-    """How the sampler computes, never what: every combination gives the same tokens (tested).
-
-    ``cache_text_kv``: caption keys/values once per row (False: recomputed at every step, as the official
-    loop does). ``batch_cfg``: conditional and unconditional branches in one forward of 2B (False: two
-    forwards of B). ``compile``: ``torch.compile(fullgraph=True)`` of the transformer step and the head's
-    denoising step. ``cuda_graphs``: compile in "reduce-overhead" mode, which captures one CUDA graph per
-    shape (needs ``pad_buckets``; only CUDA tensors are captured). ``pad_buckets``: pad the batch to
-    1/2/4/.../64 rows and captions to 32/64/128/300 tokens, so only a few shapes ever run.
-    ``channels_last_decoder``: run the DC-HT decoder in channels-last memory format (tensor cores on CUDA;
-    on CPU, float16/bfloat16 convolutions were 8x faster in channels-last, float32 ones ~9%).
-    ``None`` picks per device and dtype (``resolve``).
-    """
-
-    cache_text_kv: bool = True
-    batch_cfg: bool = True
-    compile: bool = False
-    cuda_graphs: bool = False
-    pad_buckets: bool | None = None
-    channels_last_decoder: bool | None = None
-
-    def resolve(self, device: torch.device, dtype: torch.dtype) -> SamplerOptions:
-        """These options with every ``None`` replaced by the default for ``device`` and ``dtype``.
-
-        channels-last: on for CUDA and for half precision. Buckets: on for CUDA (fixed shapes for graphs and
-        kernels' autotuning) and whenever CUDA graphs are asked for; off on CPU, where padding rows is pure
-        extra work.
-        """
-        cl = self.channels_last_decoder
-        if cl is None:
-            cl = device.type == "cuda" or dtype in (torch.float16, torch.bfloat16)
-        pad = self.pad_buckets
-        if pad is None:
-            pad = device.type == "cuda" or self.cuda_graphs
-        if self.cuda_graphs and not pad:
-            raise ValueError("cuda_graphs needs pad_buckets (one graph per padded shape)")
-        return replace(self, channels_last_decoder=cl, pad_buckets=pad)
 
 
 @contextmanager

@@ -3,7 +3,8 @@
 Shape (vLLM's three beats, TGI's running batch): the loop task ``_run`` decides what happens at each step
 boundary (``_plan``: drop rows whose client left or whose deadline passed, admit waiting rows into free
 slots), hands the plan to the worker thread (server/worker.py: start new rows, pack forwards under the cap,
-one unmasking step each, head + decode for finished rows), then delivers the outcome (``_deliver``).
+one unmasking step each, head + decode for finished rows), then delivers the outcome (``_deliver``,
+server/outcomes.py). The 503/504 errors it answers with are built in server/refusals.py.
 
 Concurrency: the loop and the worker thread run at the same time; while the worker steps, the loop admits and
 refuses requests, cancels jobs and answers /metrics. They share no mutable state. The loop owns jobs,
@@ -35,13 +36,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dcar.model.params import RowResult, SamplingParams
-from dcar.server.admission import Limits, Request, admit_or_refuse, retry_after
+from dcar.server.admission import Limits, Request, admit_or_refuse
 from dcar.server.batching import BatchPolicy
 from dcar.server.errors import ApiError
-from dcar.server.failures import failure_error, failure_reason
 from dcar.server.forecast import CostModel, Lateness, forecast
-from dcar.server.jobs import Job, Progress, RowSpec, Ticket
+from dcar.server.jobs import Job, RowSpec, Ticket
 from dcar.server.memory import HeapTrimmer
+from dcar.server.outcomes import deliver, learn
+from dcar.server.refusals import deadline_exceeded, drain_timed_out, refusal
 from dcar.server.worker import ModelWorker, Outcome, Plan
 
 log = logging.getLogger("dcar.engine")
@@ -187,17 +189,7 @@ class Engine:
             return True
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             for job in list(self._jobs):
-                self._close(
-                    job,
-                    "shutdown",
-                    ApiError(
-                        503,
-                        "shutting_down",
-                        f"the server shut down before this request finished (drain timeout {timeout:g} s)",
-                        headers=retry_after(1.0),
-                        reason=None,
-                    ),
-                )
+                self._close(job, "shutdown", drain_timed_out(timeout))
             return False
 
     async def stop(self) -> None:
@@ -260,33 +252,7 @@ class Engine:
     # --- admission (event loop) --------------------------------------------------------------------
 
     def _refusal(self) -> ApiError:
-        if self.status == "starting":
-            return ApiError(
-                503,
-                "not_ready",
-                "the model is still loading or warming up; retry shortly",
-                headers={"Retry-After": "1"},
-                reason="not_ready",
-            )
-        if self.status == "failed":
-            return ApiError(
-                503,
-                "engine_failed",
-                f"the engine failed and serves nothing: {self.failure}",
-                reason="not_ready",
-            )
-        # Until the accepted work is done (or the drain gives up) this server is going away: retry elsewhere
-        # or after its restart.
-        left = self.backlog_s()
-        if self._drain_deadline is not None:
-            left = min(left, max(0.0, self._drain_deadline - time.monotonic()))
-        return ApiError(
-            503,
-            "shutting_down",
-            "the server is shutting down and accepts no new requests",
-            headers=retry_after(left),
-            reason="draining",
-        )
+        return refusal(self.status, self.failure, self.backlog_s, self._drain_deadline)
 
     def submit(self, job: Job) -> None:
         """Queue the job's rows or refuse it (503 not accepting; 429/400 by ``admit_or_refuse``)."""
@@ -363,13 +329,7 @@ class Engine:
 
     @staticmethod
     def deadline_error(job: Job) -> ApiError:
-        return ApiError(
-            504,
-            "deadline_exceeded",
-            f"the request did not finish within timeout={job.timeout:g} s",
-            param="timeout",
-            reason=None,
-        )
+        return deadline_exceeded(job.timeout)
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -411,9 +371,8 @@ class Engine:
             log.exception("engine iteration failed")
             out = Outcome(failures=[(rid, exc) for rid in self._running])
         failed = self._deliver(out)
-        if (
-            out.rounds
-        ):  # what the wall time of these rounds spent outside the forwards: the per-iteration overhead
+        # What the wall time of these rounds spent outside the forwards: the per-iteration overhead.
+        if out.rounds:
             compute = sum(f.step_s + f.finish_s for f in out.forwards) + sum(s for _, _, s in out.starts)
             self.costs.observe_overhead((time.monotonic() - started - compute) / out.rounds)
         return failed
@@ -452,55 +411,19 @@ class Engine:
     def _learn(self, out: Outcome, count: bool = True) -> None:
         """Feed the measured costs into the cost model (and, for real work, the metrics and rows' shares)."""
         self._reported = time.monotonic()
-        for grid, rows, seconds in out.starts:
-            self.costs.observe("start", grid, rows, seconds)
-        for f in out.forwards:
-            self.costs.observe("step", f.grid, len(f.rows), f.step_s)
-            if f.finished:
-                self.costs.observe("finish", f.grid, f.finished, f.finish_s)
-            if count:
-                self.metrics.batch(len(f.rows), f.step_s + f.finish_s)
-                share = (f.step_s + f.finish_s) / len(f.rows)
-                for rid in f.rows:
-                    if (t := self._running.get(rid)) is not None:
-                        t.compute_s += share
+        learn(out, self.costs, self.metrics, self._running, count)
 
     def _deliver(self, out: Outcome) -> bool:
+        """Out-of-memory lowers the cap; the rest reaches tickets and jobs through ``deliver``."""
         for size in out.ooms:
             split = size > 1
             self.metrics.out_of_memory(split)
             if split:
                 self.metrics.set_batch_limit(self.policy.lower_cap(size))
         self._learn(out)
-        for ev, preview in out.progress:
-            t = self._running.get(ev.tag)  # type: ignore[call-overload]  # the sampler's row tags are the row ids
-            if t is None:
-                continue
-            t.steps_done = ev.step
-            job = t.job
-            if job.events is not None and not job.done:
-                job.events.put_nowait(Progress(t.index, ev.step, ev.steps, ev.revealed, ev.tokens, preview))
-        for res in out.results:
-            t = self._running.pop(res.tag, None)  # type: ignore[call-overload]  # row ids, as above
-            if t is None:
-                continue
-            job = t.job
-            if job.done:  # ended while its last step ran
-                self.metrics.rows_dropped(job.closed or "finished", 1, t.compute_s)
-                continue
-            job.results[t.index] = res
-            self.metrics.row_finished(job.task, res.timings)
-            if all(r is not None for r in job.results):
-                self._finish_job(job, results=list(job.results))
-        real_failure = False
-        for rid, exc in out.failures:
-            t = self._running.pop(rid, None)
-            reason = failure_reason(exc)
-            # out-of-memory and a non-finite row are the row's own trouble; anything else may be the engine's
-            real_failure |= reason == "error"
-            self.metrics.rows_failed(reason, 1)
-            if t is not None and not t.job.done:
-                self._close(t.job, "failed", failure_error(t.job.id, t.params, exc))
+        real_failure = deliver(
+            out, self._running, self.metrics, self._finish_job, lambda job, e: self._close(job, "failed", e)
+        )
         self._publish()
         return real_failure
 
