@@ -14,15 +14,17 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
 
 from dcar.server import logs
-from dcar.server.app import create_app
 from dcar.server.guard import ConnectionGuard
-from dcar.server.runtime import Runtime
 from dcar.server.settings import Settings
+
+if TYPE_CHECKING:  # the app and the runtime import the model (torch, transformers: seconds); bad flags
+    from dcar.server.runtime import Runtime  # are refused before that (``dcar serve --log-level foo``)
 
 log = logging.getLogger("dcar.server")
 
@@ -145,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"dcar serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
     log_config = logs.configure(settings.log_format, settings.log_level)
+    from dcar.server.app import create_app
+
     app = create_app(settings)
     # uvicorn's loggers through dcar's formatter; dcar.access replaces uvicorn's access lines (it knows more)
     config = uvicorn_config(

@@ -388,7 +388,7 @@ def test_oci_labels():
     ):
         assert labels.get(prefix + key), key
     assert labels[prefix + "version"] == PYPROJECT["project"]["version"]
-    assert labels[prefix + "licenses"] == PYPROJECT["project"]["license"]["text"]
+    assert labels[prefix + "licenses"] == PYPROJECT["project"]["license"]  # both SPDX expressions
     assert (
         f"{labels[prefix + 'base.name']}@{labels[prefix + 'base.digest']}"
         == f"{arg['BASE_NAME']}@{arg['BASE_DIGEST']}"

@@ -231,15 +231,21 @@ def test_invalid_values_exit_2_with_one_line(argv, env, names, capsys, monkeypat
 
 
 def test_a_bad_log_level_is_one_line_without_traceback():
-    """The reported case, end to end: the installed command, its own process, its own stderr."""
+    """The reported case, end to end: the command's entry point, its own process, its own stderr; refused
+    before the app and the model are imported (torch and transformers took ~6 s of a 10 s refusal)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DCAR_")}
-    out = subprocess.run(
-        [sys.executable, "-m", "dcar.cli.main", "serve", "--log-level", "foo"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    code = (
+        "import sys\n"
+        "from dcar.cli.main import main\n"
+        "try:\n"
+        "    main(['serve', '--log-level', 'foo'])\n"
+        "except SystemExit as e:\n"
+        "    loaded = [m for m in ('dcar.server.app', 'dcar.model.pipeline') if m in sys.modules]\n"
+        "    print(e.code, loaded)\n"
+        "    sys.exit(e.code)\n"
     )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.strip() == "2 []"
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("dcar serve: error: --log-level:") and "'foo'" in line and "'debug'" in line, line
