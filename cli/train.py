@@ -137,11 +137,12 @@ def _gpu_run_arguments(sub) -> None:
     c = GpuRunConfig(weights=None)  # type: ignore[arg-type]  # only its defaults are read here
     r = sub.add_parser(
         "gpu-run",
-        help="one bounded run for a lent GPU: a generator trained for --minutes, packed for the way back",
+        help="one bounded run for a lent GPU: a generator (and with --tokenizer-minutes its tokenizer first) "
+        "trained for --minutes, packed for the way back",
     )
     r.add_argument("--out", required=True, help="where the parts and report.md go (a GPU host's $OUT)")
     r.add_argument("--work", default="runs/gpu-run", help="scratch: pre-tokenized scenes, the runs")
-    r.add_argument("--preset", default="tiny-shapes", help="the generator's architecture and recipe")
+    r.add_argument("--preset", default="tiny-shapes", help="the architecture and the training recipes")
     r.add_argument("--weights", default=None, help="weights directory whose tokenizer gives the ids "
                    "(default: the embedded model)")  # fmt: skip
     r.add_argument("--minutes", type=float, default=c.minutes, help="wall-clock budget of the whole command")
@@ -154,7 +155,12 @@ def _gpu_run_arguments(sub) -> None:
     r.add_argument(
         "--max-steps", type=int, default=None, help="at most this many steps (default: the budget's)"
     )
-    r.add_argument("--probe-steps", type=int, default=c.probe_steps, help="steps timed before the run")
+    r.add_argument(
+        "--probe-steps",
+        type=int,
+        default=c.probe_steps,
+        help="steps timed before a run (the generator's, and each tokenizer stage's)",
+    )
     r.add_argument("--reserve-s", type=float, default=c.reserve_s, help="seconds kept for export and packing")
     r.add_argument(
         "--draw-workers", type=int, default=None, help="scene-drawing processes (default: cores - 1)"
