@@ -41,6 +41,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
 
 
+def _count(text: str) -> int:
+    """A number of processes: an integer of at least 0 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
 
@@ -71,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--draw-workers",
-        type=int,
+        type=_count,
         default=0,
         help="processes that draw the scenes ahead (0: this one; a GPU host's idle cores); the batches are the same",
     )
@@ -95,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--draw-workers",
-        type=int,
+        type=_count,
         default=0,
         help="processes that draw the scenes while pre-tokenizing (0: this one); the data are the same",
     )
@@ -205,7 +216,7 @@ def _gpu_run(args: argparse.Namespace) -> int:
             return refuse(f"--{name.replace('_', '-')} must be {words}, got {value}")
     if args.tokenizer_minutes and args.weights:
         return refuse("--weights names a tokenizer to use, --tokenizer-minutes trains one: give one of them")
-    if args.tokenizer_minutes > args.minutes - 1:
+    if args.tokenizer_minutes and args.tokenizer_minutes > args.minutes - 1:
         return refuse(
             f"--tokenizer-minutes {args.tokenizer_minutes:g} leaves under a minute of --minutes "
             f"{args.minutes:g} for pre-tokenizing and the generator"

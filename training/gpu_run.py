@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch loads only when a run starts: ``dcar train --help`` reads the defaults below
     from dcar.training.distributed import Dist
-    from dcar.training.presets import TrainPreset
+    from dcar.training.presets import TokenizerRecipe, TrainPreset
     from dcar.training.runlog import RunOptions
 
 PART_BYTES = 15 * 2**20  # under the 16 MiB a GPU host returns per file
@@ -96,49 +96,77 @@ def _stage_seconds(run_dir: Path) -> tuple[float, float, float]:
     return medians[0], medians[1], medians[2]
 
 
-def tokenizer_steps(
-    recipe: tuple[int, int, int], stage_s: tuple[float, float, float], seconds: float
-) -> tuple[int, int, int]:
-    """The recipe's stage steps scaled by one factor (up or down) to take ``seconds`` at ``stage_s`` a step,
-    with 10% to spare, as ``steps_for``; a stage the recipe skips stays skipped, any other keeps a step."""
-    planned = sum(n * s for n, s in zip(recipe, stage_s))
+def scaled_recipe(
+    recipe: TokenizerRecipe, stage_s: tuple[float, float, float], seconds: float
+) -> TokenizerRecipe:
+    """The recipe with its stage steps scaled by one factor (up or down) to take ``seconds`` at ``stage_s`` a
+    step, with 10% to spare, as ``steps_for``; a stage the recipe skips stays skipped, any other keeps a
+    step. Scaled down, the warm-up and the dead-code restart interval shrink alike (a run of 20 steps
+    would never leave a warm-up of 100); scaled up they stay."""
+    planned = sum(n * s for n, s in zip(recipe.stage_steps, stage_s))
     factor = max(0.0, seconds) / (1.10 * planned) if planned > 0 else 1.0
-    a, b, c = (max(1, int(n * factor)) if n else 0 for n in recipe)
-    return a, b, c
+    a, b, c = (max(1, int(n * factor)) if n else 0 for n in recipe.stage_steps)
+    shrink = min(1.0, factor)
+    return replace(
+        recipe,
+        stage_steps=(a, b, c),
+        warmup=max(1, int(recipe.warmup * shrink)),
+        restart_every=max(1, int(recipe.restart_every * shrink)) if recipe.restart_every else 0,
+    )
 
 
 def _train_tokenizer(
     preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, opts: RunOptions, d: Dist, report: dict
-) -> Path:
+) -> tuple[Path, TrainPreset]:
     """The preset's tokenizer from scratch within ``cfg.tokenizer_minutes``: a probe of ``probe_steps`` in
-    each stage, then the recipe scaled to the rest; a run the deadline stops is used as it is (the report
-    says so). No ceiling on the GPU host: ``dcar eval W --tokenizer-ceiling`` measures it afterwards."""
+    each stage, then the recipe scaled to the rest. Returns the run to use and the preset it trained by.
+
+    The probe runs all three stages, so it is the tokenizer when the rest of the time buys no more steps
+    than it took, or when the deadline stops the longer run before stage 2 seeded its codebook (ids of a
+    random codebook would be worthless); a longer run stopped later is used as it stands. A probe the
+    deadline stops is refused. No ceiling on the GPU host: ``dcar eval W --tokenizer-ceiling`` afterwards.
+    """
     from dcar.training.train_tokenizer import train_tokenizer
 
     start = time.monotonic()
+    until = start + 60 * cfg.tokenizer_minutes
     recipe = replace(preset.tokenizer, init_from="", ceiling_seeds=())
     probe_recipe = replace(recipe, stage_steps=tuple(cfg.probe_steps if n else 0 for n in recipe.stage_steps))
-    train_tokenizer(replace(preset, tokenizer=probe_recipe), work / "tokenizer-probe", d, opts)
-    stage_s = _stage_seconds(work / "tokenizer-probe")
-    until = start + 60 * cfg.tokenizer_minutes
-    steps = tokenizer_steps(recipe.stage_steps, stage_s, until - time.monotonic())
+    probe_run, probe = work / "tokenizer-probe", replace(preset, tokenizer=probe_recipe)
+    if "stopped_at" in train_tokenizer(probe, probe_run, d, replace(opts, stop_by=until)):
+        raise ValueError(
+            f"--tokenizer-minutes {cfg.tokenizer_minutes:g}: the tokenizer's probe ({cfg.probe_steps} steps a "
+            "stage) did not finish within it; give it more minutes or fewer --probe-steps"
+        )
+    stage_s = _stage_seconds(probe_run)
+    final = replace(preset, tokenizer=scaled_recipe(recipe, stage_s, until - time.monotonic()))
+    steps = final.tokenizer.stage_steps
     report["phases_seconds"]["tokenizer probe"] = time.monotonic() - start
-    report.update(
-        status="training the tokenizer",
-        tokenizer={"probe_stage_seconds": list(stage_s), "stage_steps": list(steps)},
-    )
+    tok = report["tokenizer"] = {"probe_stage_seconds": list(stage_s), "stage_steps": list(steps)}
+    run, used = probe_run, probe
+    if sum(steps) <= probe_recipe.total_steps:
+        tok.update(steps_done=probe_recipe.total_steps, status="the probe is the tokenizer: no time for more")
+    else:
+        report["status"] = "training the tokenizer"
+        _write_report(out, report)
+        t = time.monotonic()
+        summary = train_tokenizer(final, work / "tokenizer", d, replace(opts, stop_by=until))
+        report["phases_seconds"]["tokenizer"] = time.monotonic() - t
+        done = summary.get("stopped_at", final.tokenizer.total_steps)
+        if "stopped_at" not in summary:
+            tok.update(steps_done=done, status="finished")
+            run, used = work / "tokenizer", final
+        elif done > steps[0]:  # past stage 1: the codebook was seeded and trained
+            tok.update(steps_done=done, status=f"stopped by the deadline at step {done}")
+            run, used = work / "tokenizer", final
+        else:
+            tok.update(
+                steps_done=probe_recipe.total_steps,
+                status=f"stopped by the deadline in stage 1 (step {done}): the probe is the tokenizer",
+            )
+    report["status"] = "pre-tokenizing"
     _write_report(out, report)
-    t = time.monotonic()
-    run = work / "tokenizer"
-    final = replace(preset, tokenizer=replace(recipe, stage_steps=steps))
-    summary = train_tokenizer(final, run, d, replace(opts, stop_by=until))
-    report["phases_seconds"]["tokenizer"] = time.monotonic() - t
-    done = summary.get("stopped_at", summary.get("steps", 0))
-    report["tokenizer"].update(
-        steps_done=done,
-        status="finished" if "stopped_at" not in summary else f"stopped by the deadline at step {done}",
-    )
-    return run
+    return run, used
 
 
 def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Dist) -> dict[str, Any]:
@@ -180,9 +208,10 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
         "phases_seconds": {},
     }
     phases = report["phases_seconds"]
-    tokenizer = cfg.weights
-    if cfg.tokenizer_minutes:
-        tokenizer = _train_tokenizer(preset, cfg, work, out, opts, d, report)
+    tokenizer, tokenizer_run = cfg.weights, None
+    if cfg.tokenizer_minutes:  # the preset then records the tokenizer's steps as they ran (training.json)
+        tokenizer_run, preset = _train_tokenizer(preset, cfg, work, out, opts, d, report)
+        tokenizer = tokenizer_run
 
     # Time the recipe's steps (a long schedule: no cosine decay within the probe), and export the probe
     # to learn what the packed weights will weigh before the budget is spent on training.
@@ -223,7 +252,7 @@ def gpu_run(preset: TrainPreset, cfg: GpuRunConfig, work: Path, out: Path, d: Di
         quick_eval=_last_quick_eval(run),
     )
     t = time.monotonic()
-    parts = pack(weights, run, out, work / "tokenizer" if cfg.tokenizer_minutes else None)
+    parts = pack(weights, run, out, tokenizer_run)
     phases["packing"] = time.monotonic() - t
     report.update(total_seconds=time.monotonic() - start, parts=[p.name for p in parts])
     _write_report(out, report)

@@ -48,8 +48,10 @@ class RunOptions:
         (every rank must take the same decision, or the next collective would hang)."""
         from dcar.training.distributed import agree
 
-        late = self.stop_by is not None and time.monotonic() >= self.stop_by
-        return (self.stop_at is not None and step >= self.stop_at) or agree(late, device)
+        if self.stop_at is not None and step >= self.stop_at:
+            return True
+        # without a deadline no rank can be late: no broadcast on every step
+        return self.stop_by is not None and agree(time.monotonic() >= self.stop_by, device)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float = 0.1) -> float:

@@ -15,7 +15,7 @@ from dcar.cli.main import main as dcar
 from dcar.model.pipeline import Pipeline
 from dcar.training import gpu_run as gpu
 from dcar.training.export import export
-from dcar.training.gpu_run import PART_BYTES, GpuRunConfig, pack, steps_for, tokenizer_steps, unpack
+from dcar.training.gpu_run import PART_BYTES, GpuRunConfig, pack, scaled_recipe, steps_for, unpack
 from dcar.training.model_card import write_card
 from dcar.training.pretokenize import load_pretokenized, pretokenize
 from dcar.training.runlog import read_csv
@@ -35,11 +35,18 @@ def test_steps_fill_the_time_left_with_room_to_spare():
 
 
 def test_tokenizer_stages_scale_together_to_the_time_left():
+    from dcar.training.presets import TokenizerRecipe
+
+    r = TokenizerRecipe(stage_steps=(1500, 3500, 2500), warmup=100, restart_every=100)
     # 1500 x 0.1 + 3500 x 0.1 + 2500 x 0.2 = 1000 s; 1100 s with 10% to spare is the recipe as it is
-    assert tokenizer_steps((1500, 3500, 2500), (0.1, 0.1, 0.2), 1100.0) == (1500, 3500, 2500)
-    assert tokenizer_steps((1500, 3500, 2500), (0.1, 0.1, 0.2), 2200.0) == (3000, 7000, 5000)  # a fast host
-    assert tokenizer_steps((0, 0, 600), (0.0, 0.0, 0.5), 33.0) == (0, 0, 60)  # a skipped stage stays skipped
-    assert tokenizer_steps((10, 10, 10), (0.1, 0.1, 0.1), -3.0) == (1, 1, 1)  # no time left: a step each
+    assert scaled_recipe(r, (0.1, 0.1, 0.2), 1100.0) == r
+    fast = scaled_recipe(r, (0.1, 0.1, 0.2), 2200.0)  # a fast host: twice the steps, the same warm-up
+    assert fast.stage_steps == (3000, 7000, 5000) and (fast.warmup, fast.restart_every) == (100, 100)
+    slow = scaled_recipe(r, (0.1, 0.1, 0.2), 110.0)  # a tenth: the warm-up and the restarts shrink alike
+    assert slow.stage_steps == (150, 350, 250) and (slow.warmup, slow.restart_every) == (10, 10)
+    refine = TokenizerRecipe(stage_steps=(0, 0, 600))
+    assert scaled_recipe(refine, (0.0, 0.0, 0.5), 33.0).stage_steps == (0, 0, 60)  # a skipped stage stays so
+    assert scaled_recipe(r, (0.1, 0.1, 0.1), -3.0).stage_steps == (1, 1, 1)  # no time left: a step each
 
 
 def test_a_tokenizer_run_stops_at_its_deadline_with_a_checkpoint(tmp_path, ci_preset):
@@ -202,19 +209,22 @@ def test_the_deadline_stops_training_and_the_report_says_so(tmp_path, ci_preset,
 
 
 def test_gpu_run_trains_its_own_tokenizer_first_when_asked(tmp_path, ci_preset, ci_weights):
-    cfg = GpuRunConfig(weights=ci_weights, minutes=5, tokenizer_minutes=0.08, scenes=8, batch=2, probe_steps=2,
+    cfg = GpuRunConfig(weights=ci_weights, minutes=5, tokenizer_minutes=0.2, scenes=8, batch=2, probe_steps=2,
                        max_steps=3, reserve_s=0)  # fmt: skip
     report = gpu.gpu_run(ci_preset, cfg, tmp_path / "work", tmp_path / "OUT", SINGLE)
     tok = report["tokenizer"]
     assert all(s > 0 for s in tok["probe_stage_seconds"]) and len(tok["stage_steps"]) == 3
-    assert sum(tok["stage_steps"]) > 3 * cfg.probe_steps  # 4.8 s hold more than the probe's steps
+    # 12 s hold far more than the probe's 6 steps of ~0.05 s; on a slow host: as many steps as it took
     if tok["status"] == "finished":
-        assert tok["steps_done"] == sum(tok["stage_steps"])
-    else:  # a slow host: the deadline stopped it, and the generator trained on it as it was
-        assert tok["status"].startswith("stopped by the deadline") and tok["steps_done"] < sum(
-            tok["stage_steps"]
-        )
-    assert {"tokenizer probe", "tokenizer", "training"} <= set(report["phases_seconds"])
+        assert tok["steps_done"] == sum(tok["stage_steps"]) > 3 * cfg.probe_steps
+        used = tok["stage_steps"]
+    elif tok["status"].startswith("stopped by the deadline at step"):  # past stage 1: used as it stands
+        assert tok["stage_steps"][0] < tok["steps_done"] < sum(tok["stage_steps"])
+        used = tok["stage_steps"]
+    else:  # the probe ran all three stages and is the tokenizer
+        assert "the probe is the tokenizer" in tok["status"] and tok["steps_done"] == 3 * cfg.probe_steps
+        used = [cfg.probe_steps] * 3
+    assert {"tokenizer probe", "training"} <= set(report["phases_seconds"])
     assert report["status"] == "finished" and report["steps_done"] == 3
     md = (tmp_path / "OUT" / "report.md").read_text()
     assert "- tokenizer trained here;" in md and "s a step in stages 1 / 2 / 3 -> stage steps" in md
@@ -228,8 +238,19 @@ def test_gpu_run_trains_its_own_tokenizer_first_when_asked(tmp_path, ci_preset, 
     )  # its own codebook, not the one of --weights
     record = json.loads((w / "training.json").read_text())
     assert "tokenizer_from" not in record and record["tokenizer_seconds"] > 0
+    assert record["preset"]["tokenizer"]["stage_steps"] == used  # the steps that ran, not the preset's
     image = new.generate([new.params("a red circle", seed=0, steps=2, residual_steps=2)])[0].image
     assert torch.isfinite(image).all()
+
+
+def test_a_tokenizer_probe_the_deadline_stops_is_refused(tmp_path, ci_preset, ci_weights):
+    cfg = GpuRunConfig(
+        weights=ci_weights, minutes=5, tokenizer_minutes=1e-4, scenes=8, batch=2, probe_steps=2
+    )
+    with pytest.raises(
+        ValueError, match=r"the tokenizer's probe \(2 steps a stage\) did not finish within it"
+    ):
+        gpu.gpu_run(ci_preset, cfg, tmp_path / "work", tmp_path / "OUT", SINGLE)
 
 
 @pytest.mark.parametrize(
