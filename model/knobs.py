@@ -20,7 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dcar.model.maskgit import GUIDANCE_DECAYS
+# How guidance changes over the steps (model/maskgit.py implements them). Here, not there: this module is
+# read by the server's settings and the CLI's flags, which must not wait for torch to refuse a bad value.
+GUIDANCE_DECAYS = ("constant", "linear", "power-cosine")
 
 T = TypeVar("T")
 KNOB = "knob"  # the dataclass-field metadata key

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-GUIDANCE_DECAYS = ("constant", "linear", "power-cosine")
+from dcar.model.knobs import GUIDANCE_DECAYS
 
 
 def masked_after_step(num_tokens: int, ratio: torch.Tensor, currently_masked: torch.Tensor) -> torch.Tensor:
