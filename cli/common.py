@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from dcar.cli.argtypes import int_at_least
 from dcar.model.knobs import KNOBS, Knob, KnobError, parse_knob, parse_size
 from dcar.model.pipeline import Pipeline
 from dcar.weights import embedded_weights
@@ -72,14 +73,7 @@ def resolve_device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+positive_int = int_at_least(1)
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:

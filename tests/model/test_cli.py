@@ -216,6 +216,16 @@ def test_generate_on_the_default_device(tmp_path, monkeypatch):
         (["generate", "x", "--dtype", "fp8"], {}, "--dtype"),
         (["edit", "x", "--device", "gpu"], {}, "--device"),
         (["train", "tokenizer", "--out", "o", "--device", "tpu"], {}, "--device"),
+        (
+            ["train", "tokenizer", "--out", "o", "--draw-workers", "-1"],
+            {},
+            "--draw-workers: must be at least 0",
+        ),
+        (
+            ["train", "generator", "--tokenizer", "t", "--data", "d", "--out", "o", "--draw-workers", "two"],
+            {},
+            "--draw-workers: must be a whole number, got 'two'",
+        ),
         (["nonsense"], {}, "invalid choice"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
