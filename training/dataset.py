@@ -34,6 +34,13 @@ def stream_rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *key]))
 
 
+def captioned_scene(rng: np.random.Generator) -> tuple[Scene, str]:
+    """The stream's next scene and its caption, both drawn from ``rng``: every reader of a scene stream
+    draws both, so the scene sequence is the same whether the caption is used or not."""
+    scene = sample_scene(rng)
+    return scene, caption(scene, rng)
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB image -> (3, H, W) float32 in [-1, 1], the tokenizer's input range."""
     array = np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0  # (H, W, 3)
@@ -65,8 +72,7 @@ class SceneDataset(IterableDataset):
         """The samples of one (rank, worker) pair, in order."""
         rng = stream_rng(self.seed, TRAIN_STREAM, rank, worker)
         while True:
-            scene = sample_scene(rng)
-            text = caption(scene, rng)
+            scene, text = captioned_scene(rng)
             yield image_to_tensor(render(scene, self.size)), text, scene
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str, Scene]]:
@@ -99,8 +105,7 @@ def write_eval_split(out_dir: str | Path, n: int, size: int, seed: int) -> Path:
     rng = stream_rng(seed, EVAL_STREAM)
     lines = []
     for i in range(n):
-        scene = sample_scene(rng)
-        text = caption(scene, rng)
+        scene, text = captioned_scene(rng)
         name = f"{i:05d}.png"
         render(scene, size).save(out / name)
         lines.append(json.dumps({"file": name, "caption": text, "scene": scene_to_dict(scene)}))

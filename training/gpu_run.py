@@ -65,12 +65,15 @@ class GpuRunConfig:
     seed: int = 0
 
 
+def _later_median(secs: list[float]) -> float:
+    """Median of a probe's later steps (the first ones include warm-up and autotuning)."""
+    return statistics.median(secs[len(secs) // 2 :])
+
+
 def _step_seconds(run_dir: Path) -> float:
-    """Median seconds of the probe's later steps (the first ones include warm-up and autotuning)."""
     from dcar.training.runlog import read_csv
 
-    secs = [row["sec"] for row in read_csv(run_dir / "losses.csv")]
-    return statistics.median(secs[len(secs) // 2 :])
+    return _later_median([row["sec"] for row in read_csv(run_dir / "losses.csv")])
 
 
 def steps_for(seconds_left: float, step_s: float, max_steps: int | None = None) -> int:
@@ -84,15 +87,15 @@ def steps_for(seconds_left: float, step_s: float, max_steps: int | None = None) 
 
 
 def _stage_seconds(run_dir: Path) -> tuple[float, float, float]:
-    """Median seconds a step of each tokenizer stage in a probe run (its later steps; 0 for a stage it
-    did not run). The later steps of stage 3 include the discriminator's, the dearest of the recipe."""
+    """``_later_median`` seconds a step of each tokenizer stage in a probe run (0 for a stage it did not
+    run). The later steps of stage 3 include the discriminator's, the dearest of the recipe."""
     from dcar.training.runlog import read_csv
 
     rows = read_csv(run_dir / "losses.csv")
     medians = []
     for stage in (1, 2, 3):
         secs = [row["sec"] for row in rows if int(row["stage"]) == stage]
-        medians.append(statistics.median(secs[len(secs) // 2 :]) if secs else 0.0)
+        medians.append(_later_median(secs) if secs else 0.0)
     return medians[0], medians[1], medians[2]
 
 
@@ -387,22 +390,21 @@ def format_report(r: dict[str, Any]) -> str:
     """report.md: what ran where, each phase's seconds, the steps and the last losses (so far)."""
     c = r["config"]
     pre = r.get("pretokenize_seconds")
+    tok = r.get("tokenizer")
+    source = "trained here" if tok else f"from {c['weights']}"
     lines = [
         f"# dcar train gpu-run: {r['preset']} on {r['device']} ({r['precision']}): {r['status']}",
         "",
-        f"- tokenizer from {c['weights']}; {c['scenes']} scenes; batch {c['batch']}; seed {c['seed']}",
-        f"- pre-tokenizing {'unknown' if pre is None else f'{pre:.1f} s'}",
+        f"- tokenizer {source}; {c['scenes']} scenes; batch {c['batch']}; seed {c['seed']}",
     ]
-    if r.get("tokenizer"):
-        tok = r["tokenizer"]
-        lines[2] = f"- tokenizer trained here; {c['scenes']} scenes; batch {c['batch']}; seed {c['seed']}"
+    if tok:
         per_stage = " / ".join(f"{s:.4f}" for s in tok["probe_stage_seconds"])
-        lines.insert(
-            3,
+        lines.append(
             f"- tokenizer probe: {per_stage} s a step in stages 1 / 2 / 3 -> stage steps "
             f"{' / '.join(map(str, tok['stage_steps']))} within {c['tokenizer_minutes']:g} min"
-            + (f"; {tok['status']} ({tok['steps_done']} steps)" if "status" in tok else ""),
+            + (f"; {tok['status']} ({tok['steps_done']} steps)" if "status" in tok else "")
         )
+    lines.append(f"- pre-tokenizing {'unknown' if pre is None else f'{pre:.1f} s'}")
     if "steps" in r:
         lines.append(
             f"- probe: {r['probe_step_seconds']:.4f} s a step -> {r['steps']} steps planned within "

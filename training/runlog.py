@@ -39,9 +39,8 @@ class RunOptions:
     stop_at: int | None = None  # stop (with a checkpoint) once this global step is reached
     stop_by: float | None = None  # ... or once ``time.monotonic()`` passes this (a bounded run's deadline)
     progress_bar: bool = True
-    draw_workers: int = (
-        0  # processes drawing scenes (pre-tokenizing, tokenizer batches): a GPU host's idle cores
-    )
+    # processes drawing scenes (pre-tokenizing, tokenizer batches): a GPU host's idle cores
+    draw_workers: int = 0
 
     def stop_due(self, step: int, device: torch.device) -> bool:
         """Whether to stop before ``step``: ``stop_at`` reached, or ``stop_by`` passed on rank 0's clock

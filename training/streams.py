@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dcar.training.captions import caption
-from dcar.training.dataset import TRAIN_STREAM, image_to_tensor, stream_rng
+from dcar.training.dataset import TRAIN_STREAM, captioned_scene, image_to_tensor, stream_rng
 from dcar.training.render import render
-from dcar.training.scenes import RELATIONS, Scene, sample_scene
+from dcar.training.scenes import RELATIONS, Scene
 
 # Stream ids beside the dataset's (TRAIN_STREAM = 0, EVAL_STREAM = 1), for draws that are not scenes.
 CROP_STREAM = 2
@@ -37,10 +36,6 @@ _MIRROR = {
     "below": "above",
 }
 assert set(_MIRROR) == set(RELATIONS)
-
-
-def _render(scene: Scene, size: int) -> Image.Image:
-    return render(scene, size)  # a module-level name: what a worker process is sent
 
 
 class SceneCrops:
@@ -68,19 +63,15 @@ class SceneCrops:
         self._lookahead: np.random.Generator | None = None  # samples the scenes ahead of ``self.scenes``
 
     def _next_image(self) -> torch.Tensor:
+        # the caption is drawn too: the scene sequence is SceneDataset's
         if self._pool is None:
-            scene = sample_scene(self.scenes)
-            caption(scene, self.scenes)  # keeps the scene sequence identical to SceneDataset's
-            return image_to_tensor(render(scene, self.size))
+            return image_to_tensor(render(captioned_scene(self.scenes)[0], self.size))
         if self._lookahead is None:
             self._lookahead = copy.deepcopy(self.scenes)
         while len(self._ahead) < self._depth:
-            scene = sample_scene(self._lookahead)
-            caption(scene, self._lookahead)
-            self._ahead.append(self._pool.submit(_render, scene, self.size))
+            self._ahead.append(self._pool.submit(render, captioned_scene(self._lookahead)[0], self.size))
         # ``self.scenes`` stays at the consumed scene (sampling is cheap, drawing is not): what state() saves
-        scene = sample_scene(self.scenes)
-        caption(scene, self.scenes)
+        captioned_scene(self.scenes)
         return image_to_tensor(self._ahead.popleft().result())
 
     def next_batch(self, n: int) -> torch.Tensor:

@@ -7,11 +7,9 @@ import torch
 from torch import nn
 
 from dcar.model.tokenizer import DCHT
-from dcar.training.captions import caption
-from dcar.training.dataset import EVAL_STREAM, image_to_tensor, stream_rng
+from dcar.training.dataset import EVAL_STREAM, captioned_scene, image_to_tensor, stream_rng
 from dcar.training.render import render
 from dcar.training.runlog import autocast
-from dcar.training.scenes import sample_scene
 
 
 class Autoencode(nn.Module):
@@ -42,8 +40,7 @@ def val_images(seed: int, n: int, size: int) -> torch.Tensor:
     rng = stream_rng(seed, EVAL_STREAM)
     out = []
     for _ in range(n):
-        scene = sample_scene(rng)
-        caption(scene, rng)
+        scene, _ = captioned_scene(rng)
         out.append(image_to_tensor(render(scene, size)))
     return torch.stack(out)
 
