@@ -156,13 +156,10 @@ def _train_tokenizer(
         summary = train_tokenizer(final, work / "tokenizer", d, replace(opts, stop_by=until))
         report["phases_seconds"]["tokenizer"] = time.monotonic() - t
         done = summary.get("stopped_at", final.tokenizer.total_steps)
-        if (
-            "stopped_at" not in summary or done > steps[0]
-        ):  # past stage 1: the codebook was seeded and trained
-            stopped = "stopped_at" in summary
-            tok.update(
-                steps_done=done, status=f"stopped by the deadline at step {done}" if stopped else "finished"
-            )
+        stopped = "stopped_at" in summary
+        if not stopped or done > steps[0]:  # finished, or past stage 1: the codebook was seeded and trained
+            status = f"stopped by the deadline at step {done}" if stopped else "finished"
+            tok.update(steps_done=done, status=status)
             run, used = work / "tokenizer", final
         else:
             tok.update(
