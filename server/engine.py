@@ -313,7 +313,7 @@ class Engine:
     ) -> None:
         self._jobs.discard(job)
         if job.edit is not None:
-            self._released.append(job.id)
+            self._released.append(job.edit_key)
         assert job.future is not None  # set by submit()
         if error is not None:
             job.future.set_exception(error)

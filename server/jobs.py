@@ -8,12 +8,15 @@ The two sides exchange only ``RowSpec``s, row ids and results; neither reads the
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from dcar.model.params import RowResult, SamplingParams
+
+_EDIT_KEYS = itertools.count()
 
 
 @dataclass(eq=False)
@@ -65,6 +68,9 @@ class Job:
     enqueued: float | None = None  # time.monotonic() when its rows entered the queue
     predicted_s: float | None = None  # admission's forecast of seconds from enqueued to done
     admitted: list[float | None] = field(default_factory=list)  # per row: when it entered the running batch
+    # the key of its prepared edit input in the worker's cache: unique per job, never the request id, which
+    # comes from the client's X-Request-Id and may be shared by concurrent requests
+    edit_key: str = field(default_factory=lambda: f"edit-{next(_EDIT_KEYS)}")
 
     @property
     def deadline(self) -> float:
@@ -115,7 +121,7 @@ class Ticket:
             preview_steps,
             job.preview_size,
             job.edit,
-            job.id if job.edit is not None else None,
+            job.edit_key if job.edit is not None else None,
         )
 
 

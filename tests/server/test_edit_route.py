@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import numpy as np
@@ -127,3 +128,25 @@ async def test_both_apis_refuse_a_size_other_than_the_images(pipe, route):
                     error["message"]
                     == "size 256x256 differs from the image's 128x128; an edit keeps the input size"
                 )
+
+
+async def test_concurrent_edits_with_one_request_id_each_edit_their_own_image(pipe):
+    """The worker caches an edit's prepared input per job; a client's X-Request-Id is not unique, so two
+    edits sharing one (retries, a gateway's fixed id) must not share the first one's image and mask."""
+    m = mask(box=(0, 0, 64, 64))
+    colours = [(200, 30, 30), (30, 200, 30)]
+
+    def post(client, colour):
+        image = png_bytes(Image.new("RGB", (128, 128), colour))
+        return client.post(
+            "/v1/edit",
+            data={"prompt": "a yellow star", "seed": "1", "steps": "2"},
+            files={"image": ("in.png", image, "image/png"), "mask": ("mask.png", m, "image/png")},
+            headers={"X-Request-Id": "one-id"},
+        )
+
+    async with serve(pipe, max_batch_size=4, max_wait_ms=1000) as client:  # both admitted in one plan
+        responses = await asyncio.gather(*(post(client, c) for c in colours))
+    for r, colour in zip(responses, colours):
+        assert r.status_code == 200, r.text
+        assert tuple(decode(r.json()["images"][0]["b64_json"])[100, 100]) == colour  # outside the mask
