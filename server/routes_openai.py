@@ -27,7 +27,7 @@ from dcar.model.params import SamplingParams
 from dcar.model.pipeline import Pipeline
 from dcar.server.bodies import decode_edit, read_form, take_file, validate
 from dcar.server.engine import Engine
-from dcar.server.errors import ApiError, error_body, invalid
+from dcar.server.errors import ApiError, check_unicode, error_body, invalid
 from dcar.server.imaging import encode_image
 from dcar.server.jobs import Job
 from dcar.server.logs import note
@@ -93,6 +93,10 @@ def check_openai(body: OpenAIImageRequest, runtime: Runtime, kind: str) -> Plan:
     names = (served(runtime).name, "dcar", *runtime.settings.model_aliases)
     if body.model is not None and body.model not in names:
         raise invalid("model", f"model {body.model!r} is not served here; use one of {list(names)}")
+    for name in ("user", "safety_identifier"):  # echoed in the response, which must be UTF-8
+        value = getattr(body, name)
+        if value is not None:
+            check_unicode(name, value)
     if body.response_format == "url":
         raise invalid(
             "response_format",

@@ -170,3 +170,22 @@ def test_openai_fields_presets_usage_aliases_and_errors(pipe, monkeypatch):
             client.images.generate(prompt="too big", extra_body={"steps": 2})
         assert caught.value.status_code == 500 and caught.value.code == "out_of_memory"
         assert requests_seen(url, 500) == 1
+
+
+@pytest.mark.parametrize("field", ["user", "safety_identifier"])
+def test_an_end_user_id_that_is_not_unicode_is_refused_before_generating(pipe, field):
+    """JSON may carry a lone surrogate (``\\ud800``); the id is echoed in the response, which UTF-8 cannot
+    hold: a 400 naming the field, not a 500 after the image was drawn."""
+    body = b'{"prompt": "a blue square", "steps": 2, "%s": "id \\ud800"}' % field.encode()
+    with live_server(pipe) as (url, app):
+        r = httpx.post(
+            f"{url}/v1/images/generations",
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_encoding" and err["param"] == field
+        assert field in err["message"] and "U+D800" in err["message"]
+        assert requests_seen(url, 500) == 0
