@@ -182,9 +182,19 @@ def install_handlers(app: FastAPI, metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def _schema_error(request: Request, exc: RequestValidationError):
         errors = list(exc.errors())
-        message, param = describe_validation(errors)
         metrics.rejected("invalid")
         first = errors[0] if errors else {}
+        if first.get("type") == "model_attributes_type" and isinstance(first.get("input"), bytes):
+            # FastAPI parses a body as JSON only under a JSON Content-Type (``curl -d`` sends a form's)
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            return json_error(
+                415,
+                "unsupported_media_type",
+                f"send the body as JSON with Content-Type: application/json, got Content-Type {ctype or 'none'!r}",
+                "Content-Type",
+                request_id_of(request),
+            )
+        message, param = describe_validation(errors)
         syntax = first.get("type") == "json_invalid" or (first.get("type") == "missing" and param is None)
         code, status = ("invalid_json", 400) if syntax else ("invalid_request", 422)
         return json_error(status, code, message, param, request_id_of(request))

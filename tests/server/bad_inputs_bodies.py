@@ -181,6 +181,19 @@ MALFORMED_BODY_CASES = [
         for route in ("/v1/edit", "/v1/images/edits")
     ],
     ("/v1/images/edits: empty body", {"content": b""}, "/v1/images/edits", 415, "Content-Type", "multipart"),
+    # JSON without Content-Type: application/json, as `curl -d` sends it (application/x-www-form-urlencoded)
+    *[
+        (
+            f"{route}: JSON sent as a form",
+            {"content": json.dumps(GOOD).encode(), "headers": {"Content-Type": ctype}},
+            route,
+            415,
+            "Content-Type",
+            "application/json",
+        )
+        for route in ("/v1/generate", "/v1/images/generations")
+        for ctype in ("application/x-www-form-urlencoded", "text/plain")
+    ],
     (
         "/v1/images/edits: too many parts",
         multipart({f"f{i}": b"x" for i in range(70)}),
