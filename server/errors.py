@@ -157,7 +157,7 @@ def describe_validation(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str |
         return f"{param} is required", param
     if kind == "extra_forbidden":
         return f"{param} is not a known field", param
-    if kind == "model_attributes_type" or (kind == "dict_type" and param is None):
+    if kind == "model_attributes_type" or (kind in ("dict_type", "model_type") and param is None):
         return "the body must be a JSON object", None
     got = e.get("input")
     shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__

@@ -194,6 +194,7 @@ MALFORMED_BODY_CASES = [
         for route in ("/v1/generate", "/v1/images/generations")
         for ctype in ("application/x-www-form-urlencoded", "text/plain")
     ],
+    ("/v1/edit: body a JSON list", {"json": [GOOD]}, "/v1/edit", 422, None, "must be a JSON object"),
     (
         "/v1/images/edits: too many parts",
         multipart({f"f{i}": b"x" for i in range(70)}),
