@@ -189,15 +189,21 @@ def to_params(
     check_range("n", k.n, 1, limits.max_n)
     seed = k.seed if k.seed is not None else secrets.randbelow(2**32)
     check_range("seed", seed, 0, MAX_SEED - (k.n - 1))
-    overrides: dict = dict(defaults or {})
-    overrides.update({name: getattr(k, name) for name in KNOB_NAMES if getattr(k, name) is not None})
+    requested = {name: getattr(k, name) for name in KNOB_NAMES if getattr(k, name) is not None}
     try:
         model_knobs.check_knobs(
-            overrides, limits.caps
+            requested, limits.caps
         )  # the knobs' bounds (model/knobs.py), capped by the settings
     except KnobError as e:
         raise invalid(e.field, str(e)) from e
     width, height = size
+    overrides: dict = {**(defaults or {}), **requested}
+    # A default the request did not set (the model's, or a quality preset's) is lowered to the settings' cap:
+    # a cap bounds every request, and the client cannot be refused for a value it never sent.
+    resolved = limits.defaults(k.prompt, seed=seed, height=height, width=width, **overrides)
+    for name, cap in limits.caps.items():
+        if name not in requested and getattr(resolved, name) > cap:
+            overrides[name] = type(getattr(resolved, name))(cap)
     return [
         limits.defaults(k.prompt, seed=seed + i, height=height, width=width, **overrides) for i in range(k.n)
     ]

@@ -134,3 +134,21 @@ async def test_an_allowed_size_the_tokenizer_cannot_serve_fails_startup(pipe):
             await asyncio.sleep(0.01)
         r = await client.get("/readyz")
         assert r.status_code == 503 and "100x100 is not a positive multiple of 32" in r.json()["error"]
+
+
+async def test_the_step_caps_bound_the_defaults_a_request_did_not_set(pipe):
+    """max_steps / max_residual_steps below the model's defaults (12 and 8): a request that sets no steps runs
+    at most the caps, an OpenAI quality preset is lowered to them (not refused for steps it never sent), and a
+    request that asks for more is still refused."""
+    async with serve(pipe, max_steps=6, max_residual_steps=4) as client:
+        r = await client.post("/v1/generate", json={"prompt": "a red circle", "seed": 1})
+        assert r.status_code == 200, r.text
+        assert (r.json()["parameters"]["steps"], r.json()["parameters"]["residual_steps"]) == (6, 4)
+        for quality, steps in (("low", 4), ("medium", 6), ("high", 6)):
+            r = await client.post(
+                "/v1/images/generations", json={"prompt": "a red circle", "quality": quality}
+            )
+            assert r.status_code == 200, (quality, r.text)
+            assert (r.json()["parameters"]["steps"], r.json()["parameters"]["residual_steps"]) == (steps, 4)
+        r = await client.post("/v1/generate", json={"prompt": "a red circle", "steps": 8})
+        assert r.status_code == 400 and "between 1 and 6, got 8" in r.json()["error"]["message"]
