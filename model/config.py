@@ -114,8 +114,9 @@ class TokenizerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
         d = {k: v for k, v in d.items() if k != "kind"}
-        enc = EncoderConfig(**_tuples(d.pop("encoder")))
-        dec = DecoderConfig(**_tuples(d.pop("decoder")))
+        check_fields(cls, d)
+        enc = _section(EncoderConfig, d, "encoder")
+        dec = _section(DecoderConfig, d, "decoder")
         return cls(encoder=enc, decoder=dec, **d)
 
     @classmethod
@@ -227,8 +228,8 @@ class GeneratorConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
         d = {k: v for k, v in d.items() if k != "kind"}
-        head = DiffusionHeadConfig(**d.pop("head"))
-        return cls(head=head, **d)
+        check_fields(cls, d)
+        return cls(head=_section(DiffusionHeadConfig, d, "head"), **d)
 
     @classmethod
     def from_official(cls, cfg: dict[str, Any]) -> GeneratorConfig:
@@ -314,6 +315,53 @@ class PipelineConfig:
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:
     """JSON turns tuples into lists; frozen configs want tuples back so they stay hashable."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+# A field's annotation (a string: annotations are postponed) -> the JSON values it accepts, and their name.
+_JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
+
+
+def _is(value: Any, kinds: tuple[type, ...]) -> bool:
+    # JSON's true/false are Python bools, which are ints: an integer field must not take them, nor the reverse.
+    return isinstance(value, kinds) and isinstance(value, bool) == (kinds == (bool,))
+
+
+def check_fields(cls: type, d: dict[str, Any], where: str = "") -> None:
+    """Refuse a key that config class ``cls`` lacks, or a value of the wrong JSON type, naming the key.
+
+    ``d`` is a config as read from JSON (lists for tuples, dicts for nested configs, which their own
+    ``from_dict`` checks); a key it leaves out keeps the field's default. ``where`` prefixes key names.
+    """
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in d.items():
+        if key not in fields:
+            raise ValueError(f"unknown key {where + key!r}; expected some of {sorted(fields)}")
+        kind = fields[key]
+        if kind.startswith("tuple["):
+            kinds, words = _JSON_TYPES[kind[len("tuple[") :].split(",")[0]]
+            ok = isinstance(value, (list, tuple)) and all(_is(v, kinds) for v in value)
+            words = f"a list of {words.split(' ', 1)[-1]}s"
+        elif kind in _JSON_TYPES:
+            kinds, words = _JSON_TYPES[kind]
+            ok = _is(value, kinds)
+        else:
+            ok, words = isinstance(value, dict), "an object"
+        if not ok:
+            raise ValueError(f"{where}{key} must be {words}, got {value!r}")
+
+
+def _section(cls: type, d: dict[str, Any], key: str) -> Any:
+    """The nested config ``d[key]`` (removed from ``d``), checked; it has no default worth guessing."""
+    if key not in d:
+        raise ValueError(f"missing key {key!r}")
+    sub = _tuples(d.pop(key))
+    check_fields(cls, sub, f"{key}.")
+    return cls(**sub)
 
 
 # --- presets ------------------------------------------------------------------------------------------

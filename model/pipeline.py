@@ -12,9 +12,10 @@ Two weight layouts go through the same code (weights/README.md):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -28,6 +29,7 @@ from dcar.model.config import (
     SamplingDefaults,
     TextEncoderConfig,
     TokenizerConfig,
+    check_fields,
     pipeline_preset,
     weights_preset,
 )
@@ -49,15 +51,32 @@ from dcar.model.transformer import DCARTransformer
 
 OFFICIAL_DIRS = {"tokenizer": "dc-ht", "generator": "dc-ar-512", "text_encoder": "t5-base"}
 INDEX = "model_index.json"
+T = TypeVar("T")
 
 
 def _json(path: Path) -> dict:
+    """A JSON object from ``path``; LoadError names the file when it is missing, not JSON or not an object."""
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise LoadError(f"{path}: file not found") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise LoadError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _parse(source: Path, build: Callable[[], T]) -> T:
+    """``build()``, a config from ``source``'s values: a missing key, a wrong type or value names the file."""
+    try:
+        return build()
+    except LoadError:
+        raise
+    except KeyError as e:
+        raise LoadError(f"{source}: missing key {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{source}: {e}") from e
 
 
 def build_tokenizer(cfg: TokenizerConfig, state: dict | None, source: str | Path = "") -> DCHT:
@@ -74,6 +93,14 @@ def build_generator(cfg: GeneratorConfig, state: dict | None, source: str | Path
     with torch.device("meta"):
         model = DCARTransformer(cfg)
     return load_strict(model, state, source)
+
+
+def _config(cls: Callable[..., T], values: object, key: str) -> T:
+    """The config ``cls`` from ``values``, the JSON object under ``key``, its keys and value types checked."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{key} must be an object, got {values!r}")
+    check_fields(cls, values, f"{key}.")  # type: ignore[arg-type]
+    return cls(**values)
 
 
 class Pipeline:
@@ -173,12 +200,20 @@ class Pipeline:
         index = _json(path / INDEX)
         if index.get("format") != "dcar":
             raise LoadError(f"{path / INDEX}: format={index.get('format')!r}, expected 'dcar'")
+        for key in ("tokenizer", "generator", "text_encoder"):
+            if not isinstance(index.get(key), str):
+                raise LoadError(f"{path / INDEX}: {key} must name a subfolder, got {index.get(key)!r}")
         tdir, gdir, xdir = (path / index[k] for k in ("tokenizer", "generator", "text_encoder"))
-        tcfg = TokenizerConfig.from_dict(_json(tdir / "config.json"))
-        gcfg = GeneratorConfig.from_dict(_json(gdir / "config.json"))
-        xcfg = TextEncoderConfig(**index["text_encoder_config"])
-        sampling = SamplingDefaults(**index.get("sampling", {}))
-        config = PipelineConfig(tcfg, gcfg, xcfg, sampling)
+        tcfg = _parse(tdir / "config.json", lambda: TokenizerConfig.from_dict(_json(tdir / "config.json")))
+        gcfg = _parse(gdir / "config.json", lambda: GeneratorConfig.from_dict(_json(gdir / "config.json")))
+        xcfg = _parse(
+            path / INDEX,
+            lambda: _config(TextEncoderConfig, index["text_encoder_config"], "text_encoder_config"),
+        )
+        sampling = _parse(
+            path / INDEX, lambda: _config(SamplingDefaults, index.get("sampling", {}), "sampling")
+        )
+        config = _parse(path, lambda: PipelineConfig(tcfg, gcfg, xcfg, sampling))
         tw, gw = find_weights(tdir), find_weights(gdir)
         tok = build_tokenizer(tcfg, read_state_dict(tw), tw)
         gen = build_generator(gcfg, read_state_dict(gw), gw)
@@ -193,7 +228,7 @@ class Pipeline:
             raise LoadError(
                 f"{tdir / 'config.json'}: model_type={dcht.get('model_type')!r}, expected 'dc_ht'"
             )
-        tcfg = TokenizerConfig.from_official(dcht, dc_ae)
+        tcfg = _parse(tdir / "config.json", lambda: TokenizerConfig.from_official(dcht, dc_ae))
         gdir = path / OFFICIAL_DIRS["generator"]
         tw, gw = find_weights(tdir), find_weights(gdir)
         tok = build_tokenizer(tcfg, read_state_dict(tw), tw)

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, ByT5Tokenizer, T5Config, T5EncoderModel
 from transformers.utils import logging as hf_logging
 
 from dcar.model.config import TextEncoderConfig
+from dcar.model.loading import LoadError
 
 hf_logging.disable_progress_bar()
 
@@ -62,9 +64,15 @@ class TextEncoder(torch.nn.Module):
         """Load from a local directory only (``local_files_only``: nothing is ever downloaded here)."""
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"text encoder directory {path} has no config.json")
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        encoder = T5EncoderModel.from_pretrained(str(path), local_files_only=True)
+            raise LoadError(f"text encoder directory {path} has no config.json")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            encoder = T5EncoderModel.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, SafetensorError) as e:  # transformers' own words, which name no file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LoadError(
+                f"text encoder directory {path}: not loadable (truncated or corrupt?): {first}"
+            ) from e
         return cls(encoder.eval(), tokenizer, max_length)
 
     def save_pretrained(self, path: str | Path) -> None:

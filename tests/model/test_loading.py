@@ -165,3 +165,80 @@ def test_official_tokenizer_config_must_name_an_f32_model(golden_dir, tmp_path):
     (root / "dc-ht" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model_name='dc-ae-f32-proxy-in-1.0' is not supported"):
         Pipeline.from_pretrained(root, official_generator=gcfg, official_autoencoder=dc_ae)
+
+
+def _edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "message"),
+    [
+        ("generator/config.json", lambda c: c.pop("head"), r"generator/config\.json: missing key 'head'"),
+        (
+            "generator/config.json",
+            lambda c: c.update(hidden_size="64"),
+            r"generator/config\.json: hidden_size must be an integer, got '64'",
+        ),
+        (
+            "generator/config.json",
+            lambda c: c.update(num_layers=2.5),
+            r"generator/config\.json: num_layers must be an integer, got 2\.5",
+        ),
+        ("generator/config.json", lambda c: c.update(hiden_size=64), r"unknown key 'hiden_size'"),
+        (
+            "tokenizer/config.json",
+            lambda c: c["encoder"].update(width_list=8),
+            r"tokenizer/config\.json: encoder\.width_list must be a list of integers, got 8",
+        ),
+        (
+            "model_index.json",
+            lambda c: c.pop("generator"),
+            r"model_index\.json: generator must name a subfolder",
+        ),
+        (
+            "model_index.json",
+            lambda c: c.pop("text_encoder_config"),
+            r"model_index\.json: missing key 'text_encoder_config'",
+        ),
+        (
+            "model_index.json",
+            lambda c: c["sampling"].update(steps="12"),
+            r"model_index\.json: sampling\.steps must be an integer, got '12'",
+        ),
+    ],
+    ids=[
+        "missing-head",
+        "str-int",
+        "float-int",
+        "unknown-key",
+        "bad-list",
+        "no-subfolder",
+        "no-t5",
+        "str-knob",
+    ],
+)
+def test_a_malformed_config_names_the_file_and_the_key(saved, file, change, message):
+    """Was a KeyError, a TypeError ('not all arguments converted during string formatting') or a crash in
+    the model's constructor, naming no file; `dcar serve` and `dcar generate` showed it as a traceback."""
+    _edit_json(saved / file, change)
+    with pytest.raises(LoadError, match=message):
+        Pipeline.from_pretrained(saved)
+
+
+def test_a_config_that_is_not_an_object_is_named(saved):
+    (saved / "generator" / "config.json").write_text("[1, 2]")
+    with pytest.raises(LoadError, match=r"generator/config\.json: expected a JSON object, found list"):
+        Pipeline.from_pretrained(saved)
+
+
+def test_a_truncated_or_missing_text_encoder_is_named(saved):
+    f = saved / "text_encoder" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(LoadError, match=r"text_encoder: not loadable \(truncated or corrupt\?\)"):
+        Pipeline.from_pretrained(saved)
+    shutil.rmtree(saved / "text_encoder")
+    with pytest.raises(LoadError, match=r"text_encoder has no config\.json"):
+        Pipeline.from_pretrained(saved)
