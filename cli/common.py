@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from dcar.cli.argtypes import int_at_least
 from dcar.model.knobs import KNOBS, Knob, KnobError, parse_knob, parse_size
@@ -123,8 +124,39 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
 
 
+def fail(args: argparse.Namespace, message: str) -> NoReturn:
+    """End the command as a bad flag value does: one line on stderr (no traceback), status 2."""
+    print(f"dcar {args.command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (resolved, e.g. ``cuda:1``) cannot be used by this torch, or None when it can."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return (
+                f"{device} is not available (no CUDA device, or a CPU-only torch); use --device cpu or auto"
+            )
+        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            return f"{device} does not exist: this machine has {count} CUDA device(s)"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "mps is not available on this machine; use --device cpu or auto"
+    return None
+
+
 def load_pipeline(args: argparse.Namespace) -> Pipeline:
-    return Pipeline.load(args.weights, device=resolve_device(args.device), dtype=args.dtype)
+    """The model of ``--weights`` on ``--device``; an unusable one ends the command with one line, status 2."""
+    device = resolve_device(args.device)
+    problem = device_problem(device)
+    if problem:
+        fail(args, f"--device: {problem}")
+    try:
+        return Pipeline.load(args.weights, device=device, dtype=args.dtype)
+    except ValueError as e:  # LoadError (missing, truncated, malformed) and an unknown preset: name
+        fail(args, f"--weights: {e}")
 
 
 def sampling_params(pipe: Pipeline, args: argparse.Namespace) -> list:

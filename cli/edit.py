@@ -8,6 +8,7 @@ from PIL import Image
 
 from dcar.cli.common import (
     add_sampling_arguments,
+    fail,
     load_pipeline,
     output_paths,
     run_with_progress,
@@ -27,18 +28,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
 
 
+def read_image(args: argparse.Namespace, flag: str, path: str) -> Image.Image:
+    """The image file of ``flag``, decoded now: a missing or unreadable one ends the command with one line."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        fail(
+            args, f"{flag}: cannot read {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from dcar.model.images import mask_to_tensor
 
+    image = read_image(args, "--image", args.image).convert("RGB")
+    mask = mask_to_tensor(read_image(args, "--mask", args.mask))
     pipe = load_pipeline(args)
-    image = Image.open(args.image).convert("RGB")
-    mask = mask_to_tensor(Image.open(args.mask))
     args.size = image.size
     try:
         params = sampling_params(pipe, args)
         edit = pipe.prepare_edit(image, mask, blend=not args.no_blend)
     except ValueError as e:
-        raise SystemExit(f"dcar edit: {e}") from e
+        fail(args, str(e))
     results = run_with_progress(pipe, params, [edit] * len(params))
     save_results(results, output_paths(args.output, len(results)))
     return 0

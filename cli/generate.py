@@ -6,6 +6,7 @@ import argparse
 
 from dcar.cli.common import (
     add_sampling_arguments,
+    fail,
     load_pipeline,
     output_paths,
     run_with_progress,
@@ -23,7 +24,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         params = sampling_params(pipe, args)
     except ValueError as e:
-        raise SystemExit(f"dcar generate: {e}") from e
+        fail(args, str(e))
+    try:  # before any work: the sampler would refuse it only after the text encoder ran
+        pipe.sampler.grid_for(params[0].height, params[0].width)
+    except ValueError as e:
+        fail(args, f"--size: {e}")
     results = run_with_progress(pipe, params)
     save_results(results, output_paths(args.output, len(results)))
     return 0

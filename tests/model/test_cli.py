@@ -259,3 +259,69 @@ def test_a_bad_log_level_is_one_line_without_traceback():
     assert out.stdout.strip() == "2 []"
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("dcar serve: error: --log-level:") and "'foo'" in line and "'debug'" in line, line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["generate", "x", "--weights", "{tmp}/absent"],
+            "--weights: {tmp}/absent: weights directory not found",
+        ),
+        (["generate", "x", "--weights", "preset:nope"], "--weights: unknown pipeline preset 'nope'"),
+        (
+            ["generate", "x", "--weights", "{tmp}/cut"],
+            "--weights: {tmp}/cut/generator/model.safetensors: not a",
+        ),
+        (["generate", "x", "--weights", "preset:tiny", "--device", "cuda:99"], "--device: cuda:99 "),
+        (
+            ["generate", "x", "--weights", "preset:tiny", "--size", "100"],
+            "--size: size 100x100 must be positive",
+        ),
+        (
+            ["edit", "--image", "{tmp}/absent.png", "--mask", "{tmp}/m.png", "x"],
+            "--image: cannot read {tmp}/absent",
+        ),
+        (
+            ["edit", "--image", "{tmp}/text.png", "--mask", "{tmp}/m.png", "x"],
+            "--image: cannot read {tmp}/text.png",
+        ),
+        (
+            ["edit", "--image", "{tmp}/m.png", "--mask", "{tmp}/text.png", "x"],
+            "--mask: cannot read {tmp}/text.png",
+        ),
+        (
+            ["edit", "--image", "{tmp}/m.png", "--mask", "{tmp}/m.png", "x", "--weights", "{tmp}/absent"],
+            "--weights",
+        ),
+    ],
+    ids=[
+        "no-dir",
+        "bad-preset",
+        "truncated",
+        "no-device",
+        "size",
+        "no-image",
+        "not-image",
+        "not-mask",
+        "edit-weights",
+    ],
+)
+def test_unusable_inputs_exit_2_with_one_line(argv, message, tiny_pipe, tmp_path, capsys):
+    """Each was a traceback (status 1): LoadError, FileNotFoundError, UnidentifiedImageError, torch's
+    'Torch not compiled with CUDA enabled', the sampler's size check after the text encoder ran."""
+    tiny_pipe.save_pretrained(tmp_path / "cut")
+    f = tmp_path / "cut" / "generator" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    Image.new("L", (128, 128)).save(tmp_path / "m.png")
+    (tmp_path / "text.png").write_text("not an image")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["-o", str(tmp_path / "out.png")]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"dcar {argv[0]}: error: ") and message.replace("{tmp}", str(tmp_path)) in line, (
+        line
+    )
+    assert not (tmp_path / "out.png").exists()
