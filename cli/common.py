@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import re
 import sys
@@ -58,6 +59,23 @@ DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def output_arg(text: str) -> str:
+    """``-o``: a path whose extension names a format Pillow writes (checked before the images are drawn)."""
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(Path(text).suffix.lower())
+    try:  # a few formats are registered but cannot take an RGB image (.xbm) or lack a handler (.h5)
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        reason = f" ({e})" if fmt else ""
+        raise argparse.ArgumentTypeError(
+            f"the extension picks the image format: .png, .jpg, .webp or another one Pillow writes in RGB, "
+            f"got {text!r}{reason}"
+        ) from None
+    return text
+
+
 def device_arg(text: str) -> str:
     """``--device``: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."""
     if not DEVICE_RE.fullmatch(text):
@@ -109,8 +127,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o",
         "--output",
+        type=output_arg,
         default="out.png",
-        help="output image (.png, .jpg, .webp); with -n > 1, an index is added before the extension",
+        help="output image (.png, .jpg, .webp, ...: the extension picks the format; its folder is created); "
+        "with -n > 1, an index is added before the extension",
     )
     p.add_argument("-n", type=positive_int, default=1, help="number of images (seeds seed, seed+1, ...)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the first image")
@@ -193,11 +213,27 @@ def run_with_progress(pipe: Pipeline, params: list, edits=None):
         return pipe.generate(params, edits, callback=callback)
 
 
-def save_results(results, paths: list[Path]) -> None:
+def check_outputs(args: argparse.Namespace, paths: list[Path]) -> None:
+    """Create the folders of ``-o`` and check they take files, before the model is loaded: a path that
+    cannot be written ends the command with one line, not a traceback after the images were drawn."""
+    for path in paths:
+        if path.is_dir():
+            fail(args, f"-o: {path} is a directory; give a file name such as {path / 'out.png'}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(args, f"-o: cannot create the folder {path.parent}: {e.strerror or e}")
+        if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            fail(args, f"-o: {path} is not writable")
+
+
+def save_results(args: argparse.Namespace, results, paths: list[Path]) -> None:
     from dcar.model.images import tensor_to_pil
 
     for res, path in zip(results, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensor_to_pil(res.image).save(path)
+        try:
+            tensor_to_pil(res.image).save(path)  # Pillow removes a file it created when writing fails
+        except OSError as e:
+            fail(args, f"-o: cannot write {path}: {e.strerror or e}")
         t = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.timings.items())
         print(f"{path}  seed {res.seed}  ({t})")

@@ -8,6 +8,7 @@ from PIL import Image
 
 from dcar.cli.common import (
     add_sampling_arguments,
+    check_outputs,
     fail,
     load_pipeline,
     output_paths,
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     image = read_image(args, "--image", args.image).convert("RGB")
     mask = mask_to_tensor(read_image(args, "--mask", args.mask))
+    paths = output_paths(args.output, args.n)
+    check_outputs(args, paths)
     pipe = load_pipeline(args)
     args.size = image.size
     try:
@@ -53,5 +56,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         fail(args, str(e))
     results = run_with_progress(pipe, params, [edit] * len(params))
-    save_results(results, output_paths(args.output, len(results)))
+    save_results(args, results, paths)
     return 0

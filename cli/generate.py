@@ -6,6 +6,7 @@ import argparse
 
 from dcar.cli.common import (
     add_sampling_arguments,
+    check_outputs,
     fail,
     load_pipeline,
     output_paths,
@@ -20,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    paths = output_paths(args.output, args.n)
+    check_outputs(args, paths)
     pipe = load_pipeline(args)
     try:
         params = sampling_params(pipe, args)
@@ -30,5 +33,5 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         fail(args, f"--size: {e}")
     results = run_with_progress(pipe, params)
-    save_results(results, output_paths(args.output, len(results)))
+    save_results(args, results, paths)
     return 0

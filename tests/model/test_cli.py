@@ -14,6 +14,7 @@ from PIL import Image
 
 import dcar
 from dcar.cli.main import COMMANDS, build_parser, main
+from dcar.model.pipeline import Pipeline
 from dcar.server.settings import Settings
 
 
@@ -325,3 +326,28 @@ def test_unusable_inputs_exit_2_with_one_line(argv, message, tiny_pipe, tmp_path
         line
     )
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("out.txt", "argument -o/--output: the extension picks the image format"),
+        ("out", "argument -o/--output: the extension picks the image format"),
+        ("out.xbm", "cannot write mode RGB as XBM"),
+        ("folder.png", "-o: {tmp}/folder.png is a directory"),
+        ("file.png/out.png", "-o: cannot create the folder {tmp}/file.png"),
+    ],
+)
+def test_an_unwritable_output_exits_2_before_any_work(output, message, tmp_path, capsys, monkeypatch):
+    """Was a traceback (ValueError 'unknown file extension', IsADirectoryError, ...) after every image had
+    been drawn; now refused before the model is loaded."""
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file.png").write_bytes(b"")
+    monkeypatch.setattr(Pipeline, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "x", "--weights", "preset:tiny", "-o", str(tmp_path / output)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith("dcar generate: error: ") and message.replace("{tmp}", str(tmp_path)) in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.png", "folder.png"]
