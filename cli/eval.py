@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cli/train.py
 
@@ -78,13 +79,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _run_ceiling_only(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
-    """The ceiling of a weights directory or a tokenizer run directory; --write-card merges it into eval.json."""
-    from pathlib import Path
+def _error(message: str) -> int:
+    print(f"dcar eval: error: {message}", file=sys.stderr)
+    return 2
 
+
+def _load(args: argparse.Namespace):
+    """The pipeline of WEIGHTS in float32 (the reported numbers must not depend on where they were measured),
+    or None after one line on stderr when WEIGHTS or --device cannot be used."""
     import torch
 
+    from dcar.cli.common import device_problem
     from dcar.model.pipeline import Pipeline
+
+    device = resolve_device(args.device)
+    problem = device_problem(device)
+    if problem:
+        _error(f"--device: {problem}")
+        return None
+    try:
+        return Pipeline.from_pretrained(args.weights, device=device, dtype=torch.float32)
+    except ValueError as e:  # LoadError: missing, truncated or malformed, naming the file
+        _error(f"WEIGHTS: {e}")
+        return None
+
+
+def _run_ceiling_only(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
+    """The ceiling of a weights directory or a tokenizer run directory; --write-card merges it into eval.json."""
     from dcar.training.ceiling import format_ceiling, tokenizer_ceiling
     from dcar.training.model_card import RESULTS, write_card
     from dcar.training.presets import train_preset
@@ -104,8 +125,10 @@ def _run_ceiling_only(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
         tok = load_trained_tokenizer(path, train_preset(ckpt["preset"]["name"])).to(device)
         where = f"stage {ckpt['stage'] + 1}, step {ckpt['step']}"
     else:
-        tok = Pipeline.from_pretrained(path, device=device, dtype=torch.float32).tokenizer
-        where = str(path)
+        pipe = _load(args)
+        if pipe is None:
+            return 2
+        tok, where = pipe.tokenizer, str(path)
     result = {"source": where, **tokenizer_ceiling(tok, args.size, seeds)}
     print(format_ceiling(result))
     print(f"({where})", file=sys.stderr)
@@ -132,8 +155,6 @@ _MEASURING_FLAGS = {
 
 def _explain(args: argparse.Namespace) -> int:
     """The ShapesEval and failure tables of stored results; no model is loaded."""
-    from pathlib import Path
-
     from dcar.training.failure_modes import format_failures
     from dcar.training.model_card import RESULTS
     from dcar.training.shapes_eval import format_results
@@ -149,7 +170,12 @@ def _explain(args: argparse.Namespace) -> int:
     if not source.is_file():
         print(f"{source}: no results to explain (run `dcar eval {path} --write-card` first)", file=sys.stderr)
         return 2
-    shapes = json.loads(source.read_text()).get("shapes_eval")
+    try:
+        stored = json.loads(source.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        print(f"{source}: not a results file (not valid JSON: {e})", file=sys.stderr)
+        return 2
+    shapes = stored.get("shapes_eval") if isinstance(stored, dict) else None
     if not shapes or not shapes.get("prompts"):
         print(f"{source}: no per-image ShapesEval results (evaluated with --skip shapes?)", file=sys.stderr)
         return 2
@@ -171,14 +197,14 @@ def _sweep(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
     if args.write_card:
         print("--sweep does not write a card: export the chosen defaults, then evaluate", file=sys.stderr)
         return 2
-    import torch
 
-    from dcar.model.pipeline import Pipeline
     from dcar.training.evaluate import tuning_prompts
     from dcar.training.shapes_eval import EVAL_PROMPTS
     from dcar.training.sweep import run_sweep
 
-    pipe = Pipeline.from_pretrained(args.weights, device=resolve_device(args.device), dtype=torch.float32)
+    pipe = _load(args)
+    if pipe is None:
+        return 2
     prompts = tuning_prompts() if args.prompts == "tuning" else EVAL_PROMPTS
     t0 = time.monotonic()
     rows = run_sweep(pipe, grid, prompts, size=args.size, steps=args.steps, seeds=seeds)
@@ -198,13 +224,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    seeds = tuple(int(s) for s in args.seeds.split(","))
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        return _error(f"--seeds: a comma list of whole numbers (e.g. 0,1,2,3), got {args.seeds!r}")
+    if args.json and not Path(args.json).parent.is_dir():  # not only after the whole evaluation
+        return _error(f"--json: the folder of {args.json} does not exist")
     if args.sweep:
         return _sweep(args, seeds)
     if args.tokenizer_ceiling:
         return _run_ceiling_only(args, seeds)
 
-    from dcar.model.pipeline import Pipeline
     from dcar.training.ceiling import format_ceiling, tokenizer_ceiling
     from dcar.training.evaluate import (
         eval_split,
@@ -219,8 +249,9 @@ def run(args: argparse.Namespace) -> int:
     from dcar.training.shapes_eval import format_results
 
     skip = {s for s in args.skip.split(",") if s}
-    # float32 on every device: the reported numbers must not depend on where they were measured.
-    pipe = Pipeline.from_pretrained(args.weights, device=resolve_device(args.device), dtype=torch.float32)
+    pipe = _load(args)
+    if pipe is None:
+        return 2
     overrides = {} if args.guidance_scale is None else {"guidance_scale": args.guidance_scale}
     if args.prompts == "tuning":
         overrides["prompts"] = tuning_prompts()
@@ -263,8 +294,6 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     if args.write_card:
-        from pathlib import Path
-
         weights = Path(args.weights)
         if (weights / RESULTS).is_file():  # hand-written card notes (a run's history) survive re-evaluation
             notes = json.loads((weights / RESULTS).read_text()).get("card_notes")

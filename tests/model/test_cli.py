@@ -351,3 +351,32 @@ def test_an_unwritable_output_exits_2_before_any_work(output, message, tmp_path,
     [line] = err.strip().splitlines()
     assert line.startswith("dcar generate: error: ") and message.replace("{tmp}", str(tmp_path)) in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.png", "folder.png"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "{tmp}/absent"], "dcar eval: error: WEIGHTS: {tmp}/absent: weights directory not found"),
+        (
+            ["eval", "{tmp}/absent", "--tokenizer-ceiling"],
+            "WEIGHTS: {tmp}/absent: weights directory not found",
+        ),
+        (
+            ["eval", "{tmp}/absent", "--sweep", "steps=2"],
+            "WEIGHTS: {tmp}/absent: weights directory not found",
+        ),
+        (["eval", "{tmp}/absent", "--device", "cuda:99"], "dcar eval: error: --device: cuda:99 "),
+        (["eval", "{tmp}/absent", "--seeds", "0,one"], "--seeds: a comma list of whole numbers"),
+        (["eval", "{tmp}/absent", "--json", "{tmp}/no/r.json"], "--json: the folder of {tmp}/no/r.json"),
+        (["eval", "{tmp}/cut.json", "--explain"], "{tmp}/cut.json: not a results file (not valid JSON"),
+        (["eval", "{tmp}/list.json", "--explain"], "{tmp}/list.json: no per-image ShapesEval results"),
+    ],
+    ids=["weights", "ceiling", "sweep", "device", "seeds", "json", "explain-cut", "explain-list"],
+)
+def test_eval_refuses_what_it_cannot_use_with_one_line(argv, message, tmp_path, capsys):
+    """Each was a traceback with status 1 (--json's only after the whole evaluation had run)."""
+    (tmp_path / "cut.json").write_text('{"shapes_eval": {')
+    (tmp_path / "list.json").write_text("[]")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert message.replace("{tmp}", str(tmp_path)) in line, line
