@@ -122,7 +122,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+def add_sampling_arguments(
+    p: argparse.ArgumentParser,
+    size_help: str = "WIDTHxHEIGHT or one side, multiples of 32 (default: the model's native size)",
+) -> None:
     p.add_argument("prompt", help="the text prompt")
     p.add_argument(
         "-o",
@@ -138,7 +141,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
         "--size",
         type=size_arg,
         default=None,
-        help="WIDTHxHEIGHT or one side, multiples of 32 (default: the model's native size)",
+        help=size_help,
     )
     add_knob_arguments(p)
     add_model_arguments(p)

@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the decoded pixels outside the mask instead of the input's own pixels",
     )
-    add_sampling_arguments(p)
+    add_sampling_arguments(
+        p, size_help="the size of --image, the only one an edit takes (default: the image's)"
+    )
 
 
 def read_image(args: argparse.Namespace, flag: str, path: str) -> Image.Image:
@@ -48,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
     mask = mask_to_tensor(read_image(args, "--mask", args.mask))
     paths = output_paths(args.output, args.n)
     check_outputs(args, paths)
+    if args.size is not None and tuple(args.size) != image.size:  # it was silently replaced by the image's
+        fail(
+            args,
+            f"--size: an edit keeps the size of --image ({image.size[0]}x{image.size[1]}); "
+            f"got {args.size[0]}x{args.size[1]}: resize the image and the mask instead",
+        )
     pipe = load_pipeline(args)
     args.size = image.size
     try:

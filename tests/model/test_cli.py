@@ -380,3 +380,15 @@ def test_eval_refuses_what_it_cannot_use_with_one_line(argv, message, tmp_path, 
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert message.replace("{tmp}", str(tmp_path)) in line, line
+
+
+def test_edit_refuses_a_size_other_than_the_images(tmp_path, capsys):
+    """--size was accepted and silently replaced by the input image's size."""
+    Image.new("RGB", (128, 128)).save(tmp_path / "in.png")
+    Image.new("L", (128, 128)).save(tmp_path / "m.png")
+    argv = ["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png"), "x"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--size", "64", "-o", str(tmp_path / "out.png"), "--weights", "preset:tiny"])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "--size: an edit keeps the size of --image (128x128); got 64x64" in line
+    assert main([*argv, "--size", "128", "-o", str(tmp_path / "out.png"), "--weights", "preset:tiny"]) == 0
