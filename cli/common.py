@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from dcar.cli.argtypes import int_at_least
+from dcar.model.devices import device_problem, resolve_device
 from dcar.model.knobs import KNOBS, Knob, KnobError, parse_knob, parse_size
 from dcar.model.pipeline import Pipeline
 from dcar.weights import embedded_weights
@@ -83,15 +84,6 @@ def device_arg(text: str) -> str:
     return text
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else unchanged."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 positive_int = int_at_least(1)
 
 
@@ -151,23 +143,6 @@ def fail(args: argparse.Namespace, message: str) -> NoReturn:
     """End the command as a bad flag value does: one line on stderr (no traceback), status 2."""
     print(f"dcar {args.command}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def device_problem(device: str) -> str | None:
-    """Why ``device`` (resolved, e.g. ``cuda:1``) cannot be used by this torch, or None when it can."""
-    import torch
-
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            return (
-                f"{device} is not available (no CUDA device, or a CPU-only torch); use --device cpu or auto"
-            )
-        index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
-        if index >= count:
-            return f"{device} does not exist: this machine has {count} CUDA device(s)"
-    if device == "mps" and not torch.backends.mps.is_available():
-        return "mps is not available on this machine; use --device cpu or auto"
-    return None
 
 
 def load_pipeline(args: argparse.Namespace) -> Pipeline:

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from dcar.model.devices import resolve_device
 from dcar.model.loading import LoadError
 from dcar.model.pipeline import Pipeline
 from dcar.model.sampler import SamplerOptions
@@ -25,12 +26,6 @@ from dcar.server.settings import Settings, parse_size
 from dcar.server.tracing import Tracing
 
 log = logging.getLogger("dcar.server")
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def load_pipeline(settings: Settings) -> Pipeline:

@@ -4,7 +4,8 @@ uvicorn's own SIGTERM handling closes the listening socket at once, so a load ba
 connections rather than a failing readiness probe. Here the first SIGTERM (or Ctrl-C) only starts a drain:
 ``/readyz`` turns 503, new work gets 503, accepted rows finish (up to ``drain_timeout_s``); then uvicorn
 shuts down as usual and the process exits 0. A second signal exits at once. Exit status 1 means the model
-failed to load (the reason is logged).
+failed to load (the reason is logged); 2 means bad settings, a device this machine lacks included (refused
+before the port opens).
 """
 
 from __future__ import annotations
@@ -145,6 +146,14 @@ def run(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
     except ValidationError as e:
         print(f"dcar serve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    from dcar.model.devices import device_problem, resolve_device
+
+    # Before the port opens: a pod scheduled on a node without the GPU it asks for should say so and stop,
+    # not start listening and then fail its model load with a traceback.
+    problem = device_problem(resolve_device(settings.device))
+    if problem:
+        print(f"dcar serve: invalid settings: device: {problem}", file=sys.stderr)
         return 2
     log_config = logs.configure(settings.log_format, settings.log_level)
     from dcar.server.app import create_app

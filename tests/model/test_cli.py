@@ -262,6 +262,23 @@ def test_a_bad_log_level_is_one_line_without_traceback():
     assert line.startswith("dcar serve: error: --log-level:") and "'foo'" in line and "'debug'" in line, line
 
 
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_serve_refuses_a_device_this_machine_lacks_before_the_port_opens(how, capsys, monkeypatch):
+    """It used to open the port, then fail the model load with a traceback and exit 1."""
+    for k in [k for k in os.environ if k.startswith("DCAR_")]:
+        monkeypatch.delenv(k)
+    argv = ["serve", "--port", "1"]  # a port it may not bind: reaching uvicorn would fail differently
+    if how == "flag":
+        argv += ["--device", "cuda:99"]
+    else:
+        monkeypatch.setenv("DCAR_DEVICE", "cuda:99")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    [line] = err.strip().splitlines()
+    assert line.startswith("dcar serve: invalid settings: device: cuda:99 "), line
+    assert "Uvicorn" not in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
