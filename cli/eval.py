@@ -15,7 +15,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see cli/train.py
 
-from dcar.cli.common import add_device_argument, resolve_device  # noqa: E402
+from dcar.cli.common import add_device_argument  # noqa: E402
+from dcar.model.devices import device_problem, resolve_device  # noqa: E402
 
 CARD_PROMPTS = (
     "a red circle",
@@ -89,7 +90,6 @@ def _load(args: argparse.Namespace):
     or None after one line on stderr when WEIGHTS or --device cannot be used."""
     import torch
 
-    from dcar.cli.common import device_problem
     from dcar.model.pipeline import Pipeline
 
     device = resolve_device(args.device)
