@@ -129,6 +129,8 @@ def _train_tokenizer(
     random codebook would be worthless); a longer run stopped later is used as it stands. A probe the
     deadline stops is refused. No ceiling on the GPU host: ``dcar eval W --tokenizer-ceiling`` afterwards.
     """
+    from dcar.training.lineage import run_seconds
+    from dcar.training.runlog import mark_done
     from dcar.training.train_tokenizer import train_tokenizer
 
     start = time.monotonic()
@@ -161,6 +163,8 @@ def _train_tokenizer(
             status = f"stopped by the deadline at step {done}" if stopped else "finished"
             tok.update(steps_done=done, status=status)
             run, used = work / "tokenizer", final
+            if stopped:  # final here: the generator trainer takes only a run marked done (its time kept)
+                mark_done(run, {"stopped_at": done, "used_as_it_stands": True, "seconds": run_seconds(run)})
         else:
             tok.update(
                 steps_done=probe_recipe.total_steps,

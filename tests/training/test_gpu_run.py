@@ -243,6 +243,26 @@ def test_gpu_run_trains_its_own_tokenizer_first_when_asked(tmp_path, ci_preset, 
     assert torch.isfinite(image).all()
 
 
+def test_a_tokenizer_the_deadline_stops_past_stage_1_is_used_as_it_stands(
+    tmp_path, ci_preset, ci_weights, monkeypatch
+):
+    """The generator trainer refused it (no 'done' file), so a slow host's run failed after its tokenizer."""
+    from dataclasses import replace
+
+    # a schedule far longer than 12 s: the deadline stops it in stage 2, past the seeded codebook
+    monkeypatch.setattr(
+        gpu, "scaled_recipe", lambda recipe, *_: replace(recipe, stage_steps=(2, 10**6, 10**6))
+    )
+    cfg = GpuRunConfig(weights=ci_weights, minutes=5, tokenizer_minutes=0.2, scenes=8, batch=2, probe_steps=2,
+                       max_steps=3, reserve_s=0)  # fmt: skip
+    report = gpu.gpu_run(ci_preset, cfg, tmp_path / "work", tmp_path / "OUT", SINGLE)
+    tok = report["tokenizer"]
+    assert tok["status"] == f"stopped by the deadline at step {tok['steps_done']}" and tok["steps_done"] > 2
+    assert report["status"] == "finished" and report["steps_done"] == 3
+    record = json.loads((unpack(tmp_path / "OUT", tmp_path / "w") / "training.json").read_text())
+    assert record["tokenizer_seconds"] > 0
+
+
 def test_a_tokenizer_probe_the_deadline_stops_is_refused(tmp_path, ci_preset, ci_weights):
     cfg = GpuRunConfig(
         weights=ci_weights, minutes=5, tokenizer_minutes=1e-4, scenes=8, batch=2, probe_steps=2
