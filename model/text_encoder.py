@@ -67,12 +67,25 @@ class TextEncoder(torch.nn.Module):
             raise LoadError(f"text encoder directory {path} has no config.json")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            encoder = T5EncoderModel.from_pretrained(str(path), local_files_only=True)
+            encoder, info = T5EncoderModel.from_pretrained(
+                str(path), local_files_only=True, output_loading_info=True
+            )
         except (OSError, ValueError, SafetensorError) as e:  # transformers' own words, which name no file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LoadError(
                 f"text encoder directory {path}: not loadable (truncated or corrupt?): {first}"
             ) from e
+        # transformers fills a key the file lacks with random values and only warns; every other
+        # component here refuses such a file, so this one does too. Keys tied to one present in the file
+        # (shared.weight / encoder.embed_tokens.weight) are not reported missing, and a whole T5's decoder
+        # keys are only "unexpected": a full t5-base checkpoint loads.
+        missing = sorted(info["missing_keys"])
+        if missing:
+            more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
+            raise LoadError(
+                f"text encoder directory {path}: its weights lack {len(missing)} keys of the model: "
+                f"{', '.join(missing[:10])}{more}"
+            )
         return cls(encoder.eval(), tokenizer, max_length)
 
     def save_pretrained(self, path: str | Path) -> None:

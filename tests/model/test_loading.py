@@ -242,3 +242,32 @@ def test_a_truncated_or_missing_text_encoder_is_named(saved):
     shutil.rmtree(saved / "text_encoder")
     with pytest.raises(LoadError, match=r"text_encoder has no config\.json"):
         Pipeline.from_pretrained(saved)
+
+
+def test_a_text_encoder_missing_a_weight_is_refused_not_filled_at_random(saved):
+    """transformers fills a key its file lacks with random values and only logs it; the pipeline then
+    encoded every prompt with a random layer. The refusal names the directory and the key."""
+    f = saved / "text_encoder" / "model.safetensors"
+    state = load_file(str(f))
+    dropped = next(k for k in state if k.endswith("SelfAttention.q.weight"))
+    del state[dropped]
+    save_file(state, str(f), metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=rf"text_encoder: its weights lack 1 keys of the model: {dropped}"):
+        Pipeline.from_pretrained(saved)
+
+
+def test_a_whole_t5_checkpoint_loads_into_the_text_encoder(saved):
+    """The official text encoder comes from a whole T5 (encoder, decoder, lm_head, and the input embedding
+    saved as encoder.embed_tokens.weight beside shared.weight): its extra keys are not a refusal, and the
+    embedding, tied to shared.weight, is not reported missing."""
+    f = saved / "text_encoder" / "model.safetensors"
+    state = load_file(str(f))
+    before = TextEncoder.from_pretrained(saved / "text_encoder", max_length=16)
+    state["encoder.embed_tokens.weight"] = state["shared.weight"].clone()
+    state["lm_head.weight"] = torch.zeros_like(state["shared.weight"])
+    state["decoder.final_layer_norm.weight"] = torch.ones(state["shared.weight"].shape[1])
+    save_file(state, str(f), metadata={"format": "pt"})
+    after = TextEncoder.from_pretrained(saved / "text_encoder", max_length=16)
+    a, _ = before(["a red circle"])
+    b, _ = after(["a red circle"])
+    assert torch.equal(a, b)
