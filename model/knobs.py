@@ -154,6 +154,8 @@ def check_knob(name: str, value: Any, cap: float | None = None) -> None:
         raise KnobError(
             name, f"{name} must be {'an integer' if k.type is int else 'a number'}, got {value!r}"
         )
+    if not math.isfinite(value):  # inf passed "at least 0" and reached the logits
+        raise KnobError(name, f"{name} must be a finite number, got {value!r}")
     high = k.high if cap is None else cap if k.high is None else min(k.high, cap)
     low = -math.inf if k.low is None else k.low
     if high is None:

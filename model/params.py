@@ -29,8 +29,21 @@ class SamplingParams(SamplingKnobs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 <= self.seed <= MAX_SEED:
-            raise KnobError("seed", f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        # Checked here, where a Python caller builds them, rather than deep in the tokenizer or torch.full:
+        # a prompt of None or 5, a seed of 1.5 or True and a height of 64.0 failed there with messages
+        # naming no field, or (an int prompt, a float seed) were silently drawn.
+        if not isinstance(self.prompt, str):
+            raise KnobError("prompt", f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise KnobError("seed", f"seed must be an integer between 0 and {MAX_SEED}, got {self.seed!r}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                raise KnobError(name, f"{name} must be a positive integer (pixels), got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, eq=False)

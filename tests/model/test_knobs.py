@@ -64,7 +64,9 @@ def test_a_models_stored_defaults_reach_its_params(tiny_pipe, tmp_path):
     [
         ({"steps": 0}, "steps", "steps must be at least 1, got 0"),
         ({"guidance_scale": -1.0}, "guidance_scale", "at least 0"),
-        ({"guidance_scale": math.nan}, "guidance_scale", "guidance_scale must be at least 0, got nan"),
+        ({"guidance_scale": math.nan}, "guidance_scale", "guidance_scale must be a finite number, got nan"),
+        ({"guidance_scale": math.inf}, "guidance_scale", "guidance_scale must be a finite number, got inf"),
+        ({"residual_temperature": -math.inf}, "residual_temperature", "a finite number, got -inf"),
         ({"randomize_temperature": 11.0}, "randomize_temperature", "between 0 and 10, got 11.0"),
         (
             {"guidance_decay": "cosine"},
@@ -86,6 +88,28 @@ def test_bad_values_name_the_field_and_the_limit(values, field, text):
     assert err.value.field == field
 
 
+@pytest.mark.parametrize(
+    "kwargs,field,text",
+    [
+        ({"prompt": None}, "prompt", "prompt must be a string, got NoneType"),
+        ({"prompt": 5}, "prompt", "prompt must be a string, got int"),
+        ({"seed": 1.5}, "seed", "seed must be an integer between 0 and"),
+        ({"seed": True}, "seed", "seed must be an integer between 0 and .*, got True"),
+        ({"seed": -1}, "seed", "seed must be an integer between 0 and .*, got -1"),
+        ({"height": 64.0}, "height", r"height must be a positive integer \(pixels\), got 64.0"),
+        ({"width": 0}, "width", "width must be a positive integer"),
+        ({"width": False}, "width", "width must be a positive integer"),
+    ],
+)
+def test_pipeline_params_refuse_a_prompt_seed_or_size_of_the_wrong_kind(tiny_pipe, kwargs, field, text):
+    """A prompt of 5 and a seed of 1.5 were drawn silently; a height of 64.0 failed deep in torch.full."""
+    kwargs = {"prompt": "a red circle", **kwargs}
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(KnobError, match=text) as err:
+        tiny_pipe.params(prompt, **kwargs)
+    assert err.value.field == field
+
+
 def test_knob_text_is_parsed_by_the_knobs_type_then_checked():
     assert parse_knob("steps", "8") == 8 and isinstance(parse_knob("steps", "8"), int)
     assert parse_knob("guidance_scale", " 1.5 ") == 1.5
@@ -95,7 +119,8 @@ def test_knob_text_is_parsed_by_the_knobs_type_then_checked():
         ("steps", "8.0", "steps must be an integer, got '8.0'"),
         ("steps", "0", "steps must be at least 1, got 0"),
         ("guidance_scale", "strong", "guidance_scale must be a number, got 'strong'"),
-        ("guidance_scale", "nan", "guidance_scale must be at least 0, got nan"),
+        ("guidance_scale", "nan", "guidance_scale must be a finite number, got nan"),
+        ("guidance_scale", "inf", "guidance_scale must be a finite number, got inf"),
         ("use_residuals", "maybe", "use_residuals must be true or false, got 'maybe'"),
         ("guidance_decay", "cosine", "guidance_decay must be one of constant, linear, power-cosine"),
     ]:
