@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dcar.model.pipeline import Pipeline
 from dcar.server.auth import refusal
 from dcar.server.errors import ApiError, install_handlers, json_error
-from dcar.server.logs import AccessLog
+from dcar.server.logs import OUTCOME, AccessLog, outcome
 from dcar.server.routes import router
 from dcar.server.routes_openai import router as openai_router
 from dcar.server.routes_ui import router as ui_router
@@ -51,7 +51,7 @@ class EdgeMiddleware:
         rid = incoming if REQUEST_ID.match(incoming) else f"req-{uuid.uuid4().hex[:16]}"
         scope.setdefault("state", {})["request_id"] = rid
         limit = self.runtime.settings.max_body_bytes
-        status = {"code": 500, "started": False}
+        status = {"code": 500, "started": False, "ended": False, "failed": False}
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
@@ -59,6 +59,8 @@ class EdgeMiddleware:
                 status["started"] = True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                status["ended"] = True
             await send(message)
 
         try:
@@ -78,10 +80,16 @@ class EdgeMiddleware:
         except BodyTooLarge as e:
             if not status["started"]:
                 await self._too_large(send_wrapper, e.size, limit, rid)
+        except Exception:
+            status["failed"] = True
+            raise
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "other"
-            self.runtime.metrics.request(endpoint, status["code"], time.perf_counter() - t0)
+            # a stream's 200 went out first: count how it ended (its error event, or 499 if the client left)
+            code = outcome(scope, status["started"], status["ended"], status["failed"], status["code"])
+            scope["state"][OUTCOME] = code  # for the access record (server/logs.py)
+            self.runtime.metrics.request(endpoint, code, time.perf_counter() - t0)
 
     async def _refuse(self, send, err: ApiError, rid: str, has_body: bool) -> None:
         self.runtime.metrics.rejected(err.reason or "unauthorized")

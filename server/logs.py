@@ -19,6 +19,9 @@ from datetime import datetime, timezone
 
 access_log = logging.getLogger("dcar.access")
 NOTES = "dcar_log"  # key of the notes in scope["state"]
+# key in scope["state"] of the status a request ended with where that is not the one its response started with
+# (an event stream: 200 on the wire, then an error event or a client that left); read by the metrics too
+OUTCOME = "dcar_outcome"
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -93,6 +96,24 @@ def note(request, **fields) -> None:
     request.scope.setdefault("state", {}).setdefault(NOTES, {}).update(fields)
 
 
+def set_outcome(request, status: int) -> None:
+    """The status this request ended with, for the metrics and the access record: an event stream that sent
+    an ``error`` event records that error's status instead of its 200."""
+    request.scope.setdefault("state", {})[OUTCOME] = status
+
+
+def outcome(scope, started: bool, ended: bool, failed: bool, sent: int) -> int:
+    """The status to record for a finished request: ``set_outcome``'s if a route set one; for a response that
+    started but never ended (a stream cut off), 500 if the app raised, else 499 (the client left); else the
+    status ``sent`` in the response (500 when none was sent: the app raised before answering)."""
+    chosen = scope.get("state", {}).get(OUTCOME)
+    if chosen is not None:
+        return chosen
+    if started and not ended:
+        return 500 if failed else 499
+    return sent
+
+
 def key_fingerprint(headers: dict[bytes, bytes]) -> str | None:
     """A short sha256 of the bearer token presented: tells keys apart in logs without revealing any."""
     scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
@@ -137,7 +158,9 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self._record(scope, status["code"], time.perf_counter() - t0)
+            # the edge middleware inside this one has stored the outcome (a stream's, for one)
+            code = scope.get("state", {}).get(OUTCOME, status["code"])
+            self._record(scope, code, time.perf_counter() - t0)
 
     def _record(self, scope, status: int, seconds: float) -> None:
         state = scope.get("state", {})

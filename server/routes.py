@@ -24,7 +24,7 @@ from dcar.server.engine import Engine
 from dcar.server.errors import ApiError, error_body
 from dcar.server.imaging import decode_base64, encode_image, media_type
 from dcar.server.jobs import Job
-from dcar.server.logs import note
+from dcar.server.logs import note, set_outcome
 from dcar.server.provenance import Mark, parameters
 from dcar.server.runtime import Runtime
 from dcar.server.schemas import (
@@ -175,10 +175,10 @@ def queued_event(engine: Engine, job: Job, first: bool = False) -> str | None:
     return sse("queued", {"position": ahead + 1, "queued_rows": engine.queued_rows})
 
 
-async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | None):
+async def stream_events(request: Request, runtime: Runtime, job: Job, fmt: str, quality: int | None):
     """SSE: ``queued`` while waiting (again when the place changes; keep-alive comments in between), then
-    ``progress`` per row and step (with a preview if asked), then ``images`` (or ``error``). The place is
-    checked at the start and at every keep-alive tick."""
+    ``progress`` per row and step (with a preview if asked), then ``images`` (or ``error``, whose status the
+    metrics and the access record count). The place is checked at the start and at every keep-alive tick."""
     engine = runtime.engine
     assert engine is not None  # the job was submitted to it
     try:
@@ -208,6 +208,7 @@ async def stream_events(runtime: Runtime, job: Job, fmt: str, quality: int | Non
         try:
             results = job.future.result()
         except ApiError as e:
+            set_outcome(request, e.status)
             yield sse("error", error_body(e.status, e.code, e.message, e.param, job.id))
             return
         runtime.tracing.job_spans(job, time.monotonic())
@@ -233,7 +234,7 @@ async def run_native(request: Request, runtime: Runtime, job: Job, fmt: str, qua
     engine.submit(job)
     if job.stream:
         return StreamingResponse(
-            stream_events(runtime, job, fmt, quality),
+            stream_events(request, runtime, job, fmt, quality),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

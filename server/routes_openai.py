@@ -30,7 +30,7 @@ from dcar.server.engine import Engine
 from dcar.server.errors import ApiError, check_unicode, error_body, invalid
 from dcar.server.imaging import encode_image
 from dcar.server.jobs import Job
-from dcar.server.logs import note
+from dcar.server.logs import note, set_outcome
 from dcar.server.provenance import parameters
 from dcar.server.routes import Authorized, RuntimeDep, encode_all, request_id, wait_for
 from dcar.server.runtime import Runtime
@@ -188,7 +188,7 @@ async def respond(request: Request, runtime: Runtime, limits: Limits, job: Job, 
     use = usage(limits, runtime, p, len(job.params), job.edit is not None)
     if plan.stream:
         return StreamingResponse(
-            stream(runtime, job, plan, use),
+            stream(request, runtime, job, plan, use),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -221,8 +221,9 @@ def _reencode(png_b64: str, plan: Plan) -> str:
     return base64.b64encode(encode_image(image, plan.fmt, plan.compression)).decode("ascii")
 
 
-async def stream(runtime: Runtime, job: Job, plan: Plan, use: Usage):
-    """``<kind>.partial_image`` events, then one ``<kind>.completed`` per image (or an ``error`` event).
+async def stream(request: Request, runtime: Runtime, job: Job, plan: Plan, use: Usage):
+    """``<kind>.partial_image`` events, then one ``<kind>.completed`` per image (or an ``error`` event, whose
+    status the metrics and the access record count).
 
     Partial image k of every image goes out once all n images reached it, in image order, so a client can
     tell them apart by position; ``partial_image_index`` counts per image.
@@ -261,6 +262,7 @@ async def stream(runtime: Runtime, job: Job, plan: Plan, use: Usage):
         try:
             results = job.future.result()
         except ApiError as e:
+            set_outcome(request, e.status)
             yield sse("error", {"type": "error", **error_body(e.status, e.code, e.message, e.param, job.id)})
             return
         runtime.tracing.job_spans(job, time.monotonic())

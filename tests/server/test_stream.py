@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import httpx
@@ -113,3 +114,49 @@ async def test_a_queued_stream_sends_its_place_and_keep_alive_comments(pipe, mon
             "images",
         ]
         assert (await first).status_code == 200
+
+
+def test_a_stream_is_counted_and_logged_with_the_status_of_its_outcome(pipe, monkeypatch, caplog):
+    """A stream's status line is always 200; the metrics and the access record say how it ended: 499 when
+    its client left before the end, an ``error`` event's status, else 200 (as a plain request would)."""
+
+    def explode(state):
+        if state.rows[0].params.prompt == "fragile" and state.rows[0].step == 1:
+            raise RuntimeError("broke at step 2")
+
+    hook = StepHook(pipe, monkeypatch, fail=explode)
+    caplog.set_level(logging.INFO, logger="dcar.access")
+    with live_server(pipe, max_wait_ms=0) as (url, app):
+        hook.delay = 0.05
+        left = {}
+        for path, extra, first in (
+            ("/v1/generate", {}, "event: progress"),
+            ("/v1/images/generations", {"partial_images": 3}, "event: image_generation.partial_image"),
+        ):
+            request = {"prompt": "bye", "steps": 30, "stream": True, **extra}
+            with httpx.stream("POST", f"{url}{path}", json=request, timeout=30) as r:
+                left[path] = r.headers["x-request-id"]
+                for line in r.iter_lines():
+                    if line.startswith(first):
+                        break  # leave at the first event
+        failed = httpx.post(f"{url}/v1/generate", json={"prompt": "fragile", "steps": 5, "stream": True})
+        assert [k for k, _ in parse_sse(failed.text)][-1] == "error"
+        hook.delay = 0.0
+        ok = httpx.post(f"{url}/v1/generate", json={"prompt": "fine", "steps": 2, "stream": True})
+        assert [k for k, _ in parse_sse(ok.text)][-1] == "images"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the server ends a stream when it notices the client left
+            text = httpx.get(f"{url}/metrics").text
+            if metric(text, "dcar_dropped_rows_total", reason="disconnected") == 2:
+                break
+            time.sleep(0.05)
+    assert metric(text, "dcar_requests_total", endpoint="/v1/generate", status="499") == 1
+    assert metric(text, "dcar_requests_total", endpoint="/v1/images/generations", status="499") == 1
+    assert metric(text, "dcar_requests_total", endpoint="/v1/generate", status="500") == 1
+    assert metric(text, "dcar_requests_total", endpoint="/v1/generate", status="200") == 1
+    assert metric(text, "dcar_requests_total", endpoint="/v1/images/generations", status="200") == 0
+    status = {
+        getattr(rec, "request_id", None): rec.status for rec in caplog.records if rec.name == "dcar.access"
+    }
+    assert status[left["/v1/generate"]] == status[left["/v1/images/generations"]] == 499
+    assert status[failed.headers["x-request-id"]] == 500 and status[ok.headers["x-request-id"]] == 200
