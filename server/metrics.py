@@ -51,7 +51,7 @@ STAGES = ("text_encode", "unmask", "residual", "decode", "image_encode")
 TASKS = ("generate", "edit")
 REJECTIONS = ("invalid", "unauthorized", "too_large", "queue_full", "deadline", "not_ready", "draining")
 DROPS = ("disconnected", "deadline", "failed", "shutdown")
-FAILURES = ("error", "out_of_memory")
+FAILURES = ("error", "out_of_memory", "non_finite_output")  # server/failures.py failure_reason
 
 
 def build_info() -> dict[str, str]:

@@ -67,6 +67,9 @@ async def test_metrics_after_traffic(pipe):
         == 1
     )
     names = {name for name, _ in samples(text)}
+    # every documented reason exists from the start (zeros, not gaps), although none happened here
+    for reason in ("error", "out_of_memory", "non_finite_output"):
+        assert ("dcar_failed_rows_total", (("reason", reason),)) in samples(text), reason
     for name in (
         "dcar_dropped_rows_total",
         "dcar_wasted_seconds_total",
