@@ -15,6 +15,7 @@ import copy
 import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError
@@ -67,8 +68,10 @@ class TextEncoder(torch.nn.Module):
             raise LoadError(f"text encoder directory {path} has no config.json")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            encoder, info = T5EncoderModel.from_pretrained(
-                str(path), local_files_only=True, output_loading_info=True
+            # with output_loading_info it returns (model, info), which its annotation does not say
+            encoder, info = cast(
+                "tuple[T5EncoderModel, dict]",
+                T5EncoderModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True),
             )
         except (OSError, ValueError, SafetensorError) as e:  # transformers' own words, which name no file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

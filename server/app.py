@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dcar.model.pipeline import Pipeline
 from dcar.server.auth import refusal
 from dcar.server.errors import ApiError, install_handlers, json_error
+from dcar.server.idempotency import IdempotencyMiddleware
 from dcar.server.logs import OUTCOME, AccessLog, outcome
 from dcar.server.routes import router
 from dcar.server.routes_openai import router as openai_router
@@ -169,6 +170,8 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     app.include_router(router)
     app.include_router(openai_router)
     app.include_router(ui_router)
+    # inside the edge: the API key and the body limit are checked before it reads a body
+    app.add_middleware(IdempotencyMiddleware, runtime=runtime)
     app.add_middleware(EdgeMiddleware, runtime=runtime)
     # outside the edge, so that it sees its request id and its refusals, and times everything
     app.add_middleware(AccessLog, log_prompts=settings.log_prompts)

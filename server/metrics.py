@@ -52,6 +52,7 @@ TASKS = ("generate", "edit")
 REJECTIONS = ("invalid", "unauthorized", "too_large", "queue_full", "deadline", "not_ready", "draining")
 DROPS = ("disconnected", "deadline", "failed", "shutdown")
 FAILURES = ("error", "out_of_memory", "non_finite_output")  # server/failures.py failure_reason
+IDEMPOTENCY_OUTCOMES = ("first", "replayed", "conflict")
 
 
 def build_info() -> dict[str, str]:
@@ -179,6 +180,13 @@ class Metrics:
             registry=r,
         )
         self.oom = Counter("dcar_oom", "Out-of-memory errors caught by the engine.", registry=r)
+        self.idempotency = Counter(
+            "dcar_idempotent_requests",
+            "Requests with an Idempotency-Key, by outcome (first: drawn; replayed: a kept response sent "
+            "again; conflict: the key came with another body).",
+            ["outcome"],
+            registry=r,
+        )
         self.splits = Counter("dcar_batch_splits", "Batches split in halves after out-of-memory.", registry=r)
         self.ready = Gauge(
             "dcar_ready", "1 when the server accepts work (loaded, warmed up, not draining).", registry=r
@@ -193,6 +201,8 @@ class Metrics:
             self.images.labels(task)
         for reason in REJECTIONS:
             self.rejections.labels(reason)
+        for outcome in IDEMPOTENCY_OUTCOMES:
+            self.idempotency.labels(outcome)
         for reason in DROPS:
             self.dropped_rows.labels(reason)
             self.wasted.labels(reason)
@@ -223,6 +233,9 @@ class Metrics:
 
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason).inc()
+
+    def idempotent(self, outcome: str) -> None:
+        self.idempotency.labels(outcome).inc()
 
     def image_encoded(self, seconds: float) -> None:
         self.stage_duration.labels("image_encode").observe(seconds)

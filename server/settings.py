@@ -128,6 +128,17 @@ class Settings(BaseSettings):
         512, ge=1, description="open connections at most; more get 503 and are closed"
     )
 
+    # --- retries (server/idempotency.py) -----------------------------------------------------------
+    idempotency_ttl_s: float = Field(
+        3600.0,
+        ge=0,
+        description="how long a response to a request with an Idempotency-Key is replayed to its retries "
+        "(0 = the header is ignored)",
+    )
+    idempotency_max_bytes: int = Field(
+        64 * 2**20, ge=0, description="memory for those responses at most; the oldest go first"
+    )
+
     # --- request limits ----------------------------------------------------------------------------
     allowed_sizes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="servable WIDTHxHEIGHT sizes; empty = the model's native size only"
