@@ -228,6 +228,7 @@ def install_handlers(app: FastAPI, metrics) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        # Starlette answers this from its outermost middleware, outside the edge that adds X-Request-Id
         rid = request_id_of(request)
         log.exception("request %s: unexpected error", rid)
         return json_error(
@@ -236,4 +237,5 @@ def install_handlers(app: FastAPI, metrics) -> None:
             f"internal error ({type(exc).__name__}); quote request id {rid} when reporting it",
             None,
             rid,
+            {"X-Request-Id": rid} if rid else None,
         )

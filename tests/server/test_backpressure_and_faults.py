@@ -13,6 +13,8 @@ import pytest
 import torch
 from server_harness import StepHook, decode, live_server, metric, metrics_text, same_image, serve
 
+from dcar.server import routes
+
 pytestmark = pytest.mark.anyio
 
 
@@ -174,3 +176,21 @@ async def test_out_of_memory_splits_the_batch_retries_and_lowers_the_cap(pipe, m
         assert huge.status_code == 500 and huge.json()["error"]["code"] == "out_of_memory"
         assert metric(await metrics_text(client), "dcar_failed_rows_total", reason="out_of_memory") == 1
         assert (await client.post("/v1/generate", json={"prompt": "small", "steps": 2})).status_code == 200
+
+
+def test_an_unexpected_error_is_a_500_with_its_request_id_in_the_header_too(pipe, monkeypatch):
+    """An exception no handler expects (here the image encoder's) is answered outside the edge middleware
+    that adds ``X-Request-Id``; the header must still be there, equal to the body's ``request_id``."""
+
+    def broken_encoder(*args, **kwargs):
+        raise RuntimeError("the encoder broke")
+
+    monkeypatch.setattr(routes, "encode_image", broken_encoder)
+    with live_server(pipe) as (url, app):
+        for sent in ({"X-Request-Id": "trace-500"}, {}):
+            r = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "steps": 2}, headers=sent, timeout=30)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+            assert r.headers.get("x-request-id") == r.json()["error"]["request_id"]
+            assert r.headers["x-request-id"] == sent.get("X-Request-Id", r.headers["x-request-id"])
+        text = httpx.get(f"{url}/metrics").text
+        assert metric(text, "dcar_requests_total", endpoint="/v1/generate", status="500") == 2
