@@ -1,9 +1,12 @@
-"""argparse ``type=`` converters that import nothing heavy (``dcar train --help`` must not wait for torch)."""
+"""argparse helpers that import nothing heavy (``dcar train --help`` must not wait for torch): ``type=``
+converters, and ``fail``, the one-line refusal of a value found unusable after parsing."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -19,3 +22,13 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return convert
+
+
+def fail(args: argparse.Namespace, message: str) -> NoReturn:
+    """End the command as a bad flag value does: one line on stderr (no traceback), status 2.
+
+    For input the user gave that turns out unusable (a missing file, an unknown name): ``message`` starts
+    with the flag or argument it came from, e.g. ``--weights: ...`` or ``PATH: ...``. A failure of the work
+    itself (a download that breaks off) is not this: it ends with status 1."""
+    print(f"dcar {args.command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)

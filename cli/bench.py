@@ -1,4 +1,10 @@
-"""``dcar bench NAME [args]``: run ``benchmarks/NAME.py`` (sampler, load, peers, gpu) with its arguments."""
+"""``dcar bench NAME [args]``: run ``benchmarks/NAME.py`` (sampler, load, peers, gpu) with its arguments.
+
+``--dir`` is dcar's own option, before or after NAME (no benchmark script has a ``--dir``); every other
+argument after NAME goes to the script. A ``--dir`` that is not a folder or a NAME it does not hold ends
+the command with one line ``dcar bench: error: ...`` and status 2; the script's own exit status is the
+command's.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import argparse
 import runpy
 import sys
 from pathlib import Path
+
+from dcar.cli.argtypes import fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,21 +23,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dir",
         type=Path,
         default=Path("benchmarks"),
-        help="the benchmarks/ folder of a dcar source checkout (default: ./benchmarks)",
+        help="the benchmarks/ folder of a dcar source checkout, before or after NAME (default: ./benchmarks)",
     )
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script (all but --dir)")
+
+
+def take_dir(args: argparse.Namespace) -> None:
+    """Move a ``--dir X`` / ``--dir=X`` that followed NAME from the script's arguments into ``args.dir``.
+
+    argparse hands everything after NAME to the script (REMAINDER), so ``dcar bench load --dir X`` used to
+    pass ``--dir X`` to load.py and look for it in ./benchmarks. The last ``--dir`` wins, as in argparse.
+    """
+    rest: list[str] = []
+    it = iter(args.args)
+    for arg in it:
+        if arg == "--dir":
+            value = next(it, None)
+            if value is None:
+                fail(args, "argument --dir: expected one argument")
+            args.dir = Path(value)
+        elif arg.startswith("--dir="):
+            args.dir = Path(arg.removeprefix("--dir="))
+        else:
+            rest.append(arg)
+    args.args = rest
 
 
 def run(args: argparse.Namespace) -> int:
+    take_dir(args)
     if not args.dir.is_dir():
-        raise SystemExit(
-            f"dcar bench: {args.dir} is not a folder; run from a dcar source checkout or pass "
-            "--dir PATH/TO/benchmarks (the scripts are not part of the installed package)"
+        fail(
+            args,
+            f"--dir: {args.dir} is not a folder; run from a dcar source checkout or pass "
+            "--dir PATH/TO/benchmarks (the scripts are not part of the installed package)",
         )
     script = args.dir / f"{args.name}.py"
     if not script.is_file():
         names = sorted(p.stem for p in args.dir.glob("*.py"))
-        raise SystemExit(f"dcar bench: no benchmark {args.name!r}; available: {names}")
+        fail(args, f"NAME: no benchmark {args.name!r} in {args.dir}; available: {', '.join(names) or 'none'}")
     sys.argv = [str(script), *args.args]
     sys.path.insert(
         0, str(script.parent)

@@ -8,9 +8,8 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import NoReturn
 
-from dcar.cli.argtypes import int_at_least
+from dcar.cli.argtypes import fail, int_at_least
 from dcar.model.devices import device_problem, resolve_device
 from dcar.model.knobs import KNOBS, Knob, KnobError, parse_knob, parse_size
 from dcar.model.pipeline import Pipeline
@@ -137,12 +136,6 @@ def add_sampling_arguments(
     )
     add_knob_arguments(p)
     add_model_arguments(p)
-
-
-def fail(args: argparse.Namespace, message: str) -> NoReturn:
-    """End the command as a bad flag value does: one line on stderr (no traceback), status 2."""
-    print(f"dcar {args.command}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def load_pipeline(args: argparse.Namespace) -> Pipeline:

@@ -2,11 +2,17 @@
 
 Writes the official layout that ``Pipeline.from_pretrained(DIR)`` loads: ``DIR/dc-ht``, ``DIR/dc-ar-512``,
 ``DIR/t5-base``; then verifies every key and shape against our presets.
+
+Exit status: 2 with one line ``dcar fetch-weights: error: DIR: ...`` (or ``--revision: ...``) for input that
+cannot be used: a DIR that is a file or cannot be created, a ``--revision`` the Hub does not have, and with
+``--verify-only`` a DIR whose files fail the check (naming the file). 1 with one line when the work itself
+fails: a download that breaks off, or downloaded files that fail the check.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 REPOS = {
@@ -34,22 +40,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dcar.cli.argtypes import fail
     from dcar.model.inspect import verify_official
-    from dcar.model.loading import LoadError
 
     root = Path(args.dir)
-    if not args.verify_only:
-        from huggingface_hub import snapshot_download
+    if root.exists() and not root.is_dir():
+        fail(args, f"DIR: {root} is not a folder")
+    if args.verify_only:
+        if not root.is_dir():
+            fail(args, f"DIR: {root}: no such folder (--verify-only checks an earlier download)")
+    else:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(args, f"DIR: cannot create {root}: {e.strerror or e}")
+        if not os.access(root, os.W_OK | os.X_OK):
+            fail(args, f"DIR: {root} is not writable")
+        download(args, root)
+    try:
+        lines = verify_official(root)
+    except (ValueError, OSError) as e:  # LoadError names the file (config.json, a checkpoint)
+        if args.verify_only:  # the user's own folder
+            fail(args, f"DIR: verification failed: {e}")
+        raise SystemExit(f"dcar fetch-weights: verification of the download failed: {e}") from None
+    for line in lines:
+        print(line)
+    print(f"verified; serve with: DCAR_WEIGHTS={root} dcar serve  (or dcar generate --weights {root} ...)")
+    return 0
 
-        for sub, (repo, patterns) in REPOS.items():
-            print(f"fetching {repo} -> {root / sub}")
+
+def download(args: argparse.Namespace, root: Path) -> None:
+    """The three repositories into ``root``; an unknown --revision is status 2, any other failure 1."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    from dcar.cli.argtypes import fail
+
+    for sub, (repo, patterns) in REPOS.items():
+        print(f"fetching {repo} -> {root / sub}")
+        try:
             snapshot_download(
                 repo_id=repo, local_dir=str(root / sub), allow_patterns=patterns, revision=args.revision
             )
-    try:
-        for line in verify_official(root):
-            print(line)
-    except (LoadError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"dcar fetch-weights: verification failed: {e}") from e
-    print(f"verified; serve with: DCAR_WEIGHTS={root} dcar serve  (or dcar generate --weights {root} ...)")
-    return 0
+        except RevisionNotFoundError as e:
+            fail(args, f"--revision: {repo} has no revision {args.revision!r} ({first_line(e)})")
+        except Exception as e:  # network, Hub or disk: the download failed, not the input
+            raise SystemExit(
+                f"dcar fetch-weights: downloading {repo} failed: {type(e).__name__}: {first_line(e)}"
+            ) from None
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

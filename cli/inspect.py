@@ -1,8 +1,14 @@
-"""``dcar inspect --preset NAME`` / ``dcar inspect PATH``: print ``name<TAB>shape`` per state-dict entry."""
+"""``dcar inspect --preset NAME`` / ``dcar inspect PATH``: print ``name<TAB>shape`` per state-dict entry.
+
+An unknown preset or a PATH that is missing or holds no readable checkpoint ends the command before it
+prints anything, with one line ``dcar inspect: error: --preset: ...`` / ``... PATH: ...`` and status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+from dcar.cli.argtypes import fail
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,21 +19,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dcar.model.inspect import file_entries, preset_entries, weight_files
-    from dcar.model.loading import LoadError
 
-    try:
-        if args.preset:
-            print("name\tshape")
-            for name, shape in preset_entries(args.preset):
-                print(f"{name}\t{shape}")
-            return 0
-        files = weight_files(args.path)
-        for f in files:
-            if len(files) > 1:
-                print(f"# {f}")
-            print("name\tshape")
-            for name, shape in file_entries(f):
-                print(f"{name}\t{shape}")
-    except (LoadError, ValueError) as e:
-        raise SystemExit(f"dcar inspect: {e}") from e
+    if args.preset:
+        try:
+            entries = preset_entries(args.preset)
+        except ValueError as e:  # an unknown name, with the known ones
+            fail(args, f"--preset: {e}")
+        print("name\tshape")
+        for name, shape in entries:
+            print(f"{name}\t{shape}")
+        return 0
+    try:  # every file is read before anything is printed: a bad one refuses the whole PATH
+        listed = [(f, file_entries(f)) for f in weight_files(args.path)]
+    except ValueError as e:  # LoadError: missing, unreadable or not a checkpoint, naming the file
+        fail(args, f"PATH: {e}")
+    except OSError as e:  # a folder that cannot be listed, a file that cannot be opened
+        fail(args, f"PATH: {e.filename or args.path}: {e.strerror or e}")
+    for f, entries in listed:
+        if len(listed) > 1:
+            print(f"# {f}")
+        print("name\tshape")
+        for name, shape in entries:
+            print(f"{name}\t{shape}")
     return 0

@@ -6,13 +6,13 @@ Entries are ``(name, shape)`` with shapes written as in tests/golden/official-ke
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from dcar.model.config import DC_AR_512, GeneratorConfig, TokenizerConfig, preset
 from dcar.model.loading import LoadError, check_keys, find_weights, read_state_dict, state_dict_shapes
+from dcar.model.pipeline import official_tokenizer_config
 from dcar.model.tokenizer import DCHT
 from dcar.model.transformer import DCARTransformer
 
@@ -66,7 +66,7 @@ def verify_official(
     root = Path(root)
     lines = []
     tdir = root / "dc-ht"
-    tcfg = TokenizerConfig.from_official(json.loads((tdir / "config.json").read_text()), autoencoder)
+    tcfg = official_tokenizer_config(tdir, autoencoder)  # LoadError names config.json when it is unusable
     for cfg, wfile in ((tcfg, find_weights(tdir)), (generator, find_weights(root / "dc-ar-512"))):
         state = read_state_dict(wfile)
         check_keys(state_dict_shapes(build_on_meta(cfg)), state, wfile)

@@ -79,6 +79,16 @@ def _parse(source: Path, build: Callable[[], T]) -> T:
         raise LoadError(f"{source}: {e}") from e
 
 
+def official_tokenizer_config(tdir: Path, dc_ae: dict | None = None) -> TokenizerConfig:
+    """The TokenizerConfig of an official DC-HT folder's config.json (``dc_ae`` overrides the DC-AE
+    structure); LoadError names the file when it is missing, not JSON, not DC-HT's or not supported."""
+    source = tdir / "config.json"
+    dcht = _json(source)
+    if dcht.get("model_type") != "dc_ht":
+        raise LoadError(f"{source}: model_type={dcht.get('model_type')!r}, expected 'dc_ht'")
+    return _parse(source, lambda: TokenizerConfig.from_official(dcht, dc_ae))
+
+
 def build_tokenizer(cfg: TokenizerConfig, state: dict | None, source: str | Path = "") -> DCHT:
     if state is None:
         return DCHT(cfg)
@@ -223,12 +233,7 @@ class Pipeline:
     @classmethod
     def _from_official(cls, path: Path, device, dtype, gcfg: GeneratorConfig, dc_ae: dict | None) -> Pipeline:
         tdir = path / OFFICIAL_DIRS["tokenizer"]
-        dcht = _json(tdir / "config.json")
-        if dcht.get("model_type") != "dc_ht":
-            raise LoadError(
-                f"{tdir / 'config.json'}: model_type={dcht.get('model_type')!r}, expected 'dc_ht'"
-            )
-        tcfg = _parse(tdir / "config.json", lambda: TokenizerConfig.from_official(dcht, dc_ae))
+        tcfg = official_tokenizer_config(tdir, dc_ae)
         gdir = path / OFFICIAL_DIRS["generator"]
         tw, gw = find_weights(tdir), find_weights(gdir)
         tok = build_tokenizer(tcfg, read_state_dict(tw), tw)
