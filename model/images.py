@@ -19,13 +19,34 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+# Modes whose transparency may live outside an "A" band: a palette's tRNS entries, or a PNG colour key
+# ("transparency" in the image's info); Pillow's conversion to RGBA turns either into the alpha channel.
+_KEYED_MODES = ("1", "L", "I", "I;16", "P", "PA", "RGB")
+
+
+def mask_alpha_bands(mask: Image.Image) -> Image.Image:
+    """``mask`` with its transparency, wherever the file format keeps it, as an ``A`` band.
+
+    Image editors often save a mask as a palette PNG (mode P, transparent entries in its tRNS chunk): its
+    getbands() is ("P",) and the transparency is only in ``info``, so the alpha rules below would not see
+    it. A palette image with transparency (or a PA one), and a bilevel, grey (8 or 16 bits) or RGB image
+    with a colour key, become RGBA; anything else is left as is (a P image without transparency converts to
+    L as it stands, and has no alpha).
+    """
+    if mask.mode in _KEYED_MODES and ("transparency" in mask.info or mask.mode == "PA"):
+        return mask.convert("RGBA")
+    return mask
+
+
 def mask_to_tensor(mask: Image.Image, transparent_means_edit: bool = False) -> torch.Tensor:
     """Mask image -> (1, H, W) float {0, 1}, 1 = regenerate.
 
     Default convention: white pixels are regenerated (luminance above half), and where the mask has an
     alpha channel only opaque ones (alpha above half): white strokes on black or on transparency both
     work. With ``transparent_means_edit`` (OpenAI's convention) fully transparent pixels are regenerated.
+    A palette's transparency (tRNS) and a PNG colour key count as alpha, as an A band does.
     """
+    mask = mask_alpha_bands(mask)
     if transparent_means_edit:
         if "A" not in mask.getbands():
             raise ValueError("the mask has no alpha channel; transparent areas mark what to edit")

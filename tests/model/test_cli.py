@@ -79,6 +79,24 @@ def test_edit_keeps_unmasked_pixels(tmp_path):
     assert a.crop((64, 0, 128, 128)).tobytes() == b.crop((64, 0, 128, 128)).tobytes()
 
 
+def test_edit_reads_a_palette_mask_s_transparency(tmp_path):
+    """A palette PNG (mode P) keeps its transparency in a tRNS chunk, not in an A band: white-but-transparent
+    palette pixels were marked, so the whole image was regenerated; now they are not, as in an RGBA mask."""
+    src, mask, out = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "out.png"
+    main(["generate", "x", "--weights", "preset:tiny", "-o", str(src)])
+    m = Image.new("P", (128, 128), 0)
+    m.putpalette([255, 255, 255] * 2)  # both entries white; entry 0 is transparent
+    m.paste(1, (0, 0, 64, 128))
+    m.save(mask, transparency=0)
+    with Image.open(mask) as saved:
+        assert saved.mode == "P" and saved.getbands() == ("P",) and saved.info["transparency"] == 0
+    argv = ["edit", "--image", str(src), "--mask", str(mask), "y", "--weights", "preset:tiny"]
+    assert main([*argv, "-o", str(out), "--seed", "9"]) == 0
+    a, b = Image.open(src), Image.open(out)
+    assert a.crop((64, 0, 128, 128)).tobytes() == b.crop((64, 0, 128, 128)).tobytes()
+    assert a.crop((0, 0, 64, 128)).tobytes() != b.crop((0, 0, 64, 128)).tobytes()
+
+
 def test_inspect_a_saved_directory(tiny_pipe, tmp_path, capsys):
     tiny_pipe.save_pretrained(tmp_path / "w")
     assert main(["inspect", str(tmp_path / "w" / "generator" / "model.safetensors")]) == 0

@@ -43,6 +43,7 @@ IMAGE = png_bytes(Image.new("RGB", (128, 128), (10, 120, 200)))
 MASK = png_bytes(Image.new("L", (128, 128), 255))
 SMALL = png_bytes(Image.new("RGB", (64, 64), (10, 120, 200)))
 SMALL_MASK = png_bytes(Image.new("L", (64, 64), 255))
+PALETTE_MASK = png_bytes(Image.new("L", (128, 128), 255).convert("P"))  # mode P, no tRNS: nothing transparent
 NOISE = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)))
 B64_IMAGE = base64.b64encode(IMAGE).decode()
 B64_MASK = base64.b64encode(MASK).decode()
@@ -289,6 +290,14 @@ OPENAI_CASES = [
         400,
         "mask",
         "alpha",
+    ),
+    (
+        "openai edit: palette mask without transparency",
+        {"data": {"prompt": "p"}, "files": files(mask=PALETTE_MASK)},
+        "/v1/images/edits",
+        400,
+        "mask",
+        "no alpha channel",
     ),
     (
         "openai edit: extension of the wrong type",

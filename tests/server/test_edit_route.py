@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 
 import numpy as np
 import pytest
@@ -150,3 +151,69 @@ async def test_concurrent_edits_with_one_request_id_each_edit_their_own_image(pi
     for r, colour in zip(responses, colours):
         assert r.status_code == 200, r.text
         assert tuple(decode(r.json()["images"][0]["b64_json"])[100, 100]) == colour  # outside the mask
+
+
+def palette_mask(box, inside: tuple[int, int], outside: tuple[int, int]) -> bytes:
+    """A palette (mode P) PNG, as image editors save masks: two entries, (grey, alpha) each, ``inside``
+    painted in ``box``; an entry with alpha 0 is written to the tRNS chunk."""
+    m = Image.new("P", (128, 128), 0)
+    m.putpalette([outside[0]] * 3 + [inside[0]] * 3)
+    m.paste(1, box)
+    return png_bytes_with(m, transparency=bytes([outside[1], inside[1]]))
+
+
+def png_bytes_with(image: Image.Image, **params) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG", **params)
+    return out.getvalue()
+
+
+def rgba_mask(box, inside: tuple[int, int], outside: tuple[int, int]) -> bytes:
+    m = Image.new("RGBA", (128, 128), (outside[0],) * 3 + (outside[1],))
+    m.paste((inside[0],) * 3 + (inside[1],), box)
+    return png_bytes(m)
+
+
+async def openai_edit(client, files: dict) -> np.ndarray:
+    fields = {"prompt": "a yellow star", "seed": "9", "steps": "4"}
+    r = await client.post("/v1/images/edits", data=fields, files=files)
+    assert r.status_code == 200, r.text
+    return decode(r.json()["data"][0]["b64_json"])
+
+
+async def test_palette_and_other_mask_modes_mark_what_their_rgba_twin_marks(pipe):
+    """A palette PNG's transparency lives in its tRNS chunk, not in an A band: the native route counted
+    white-but-transparent palette pixels as marked (the whole image regenerated), and the OpenAI route
+    refused a palette mask or image ('no alpha channel'). LA and bilevel masks are held to the same rule."""
+    box = (0, 0, 64, 64)
+    bilevel = Image.new("1", (128, 128), 0)
+    bilevel.paste(1, box)
+    la = Image.new("LA", (128, 128), (0, 255))
+    la.paste((0, 0), box)
+    async with serve(pipe) as client:
+        # native: white and opaque = regenerate; white but transparent is not marked
+        want = await edit(client, rgba_mask(box, inside=(255, 255), outside=(255, 0)))
+        assert same_image(await edit(client, palette_mask(box, inside=(255, 255), outside=(255, 0))), want)
+        assert same_image(await edit(client, png_bytes(bilevel)), want)
+        # OpenAI: transparent = regenerate, as a mask and as the image's own transparency
+        want = await openai_edit(
+            client,
+            {
+                "image": ("in.png", IMAGE, "image/png"),
+                "mask": ("m.png", rgba_mask(box, inside=(0, 0), outside=(0, 255)), "image/png"),
+            },
+        )
+        for mask_bytes in (palette_mask(box, inside=(0, 0), outside=(0, 255)), png_bytes(la)):
+            files = {"image": ("in.png", IMAGE, "image/png"), "mask": ("m.png", mask_bytes, "image/png")}
+            assert same_image(await openai_edit(client, files), want)
+        palette_image = Image.fromarray(STRIPES).quantize(64)  # a P image, its transparency in tRNS
+        transparent = len(palette_image.getpalette()) // 3
+        palette_image.putpalette(palette_image.getpalette() + [0, 0, 0])
+        palette_image.paste(transparent, box)
+        own = await openai_edit(
+            client,
+            {"image": ("in.png", png_bytes_with(palette_image, transparency=transparent), "image/png")},
+        )
+        kept = np.ones((128, 128), bool)
+        kept[:64, :64] = False
+        assert np.array_equal(own[kept], np.asarray(palette_image.convert("RGB"))[kept])
