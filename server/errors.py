@@ -161,6 +161,8 @@ def describe_validation(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str |
         return "the body must be a JSON object", None
     got = e.get("input")
     shown = repr(got) if not isinstance(got, dict | list) else type(got).__name__
+    if isinstance(got, bool):  # as the client wrote it: JSON's true/false, not Python's True/False
+        shown = str(got).lower()
     if isinstance(got, str) and len(shown) > 60:
         shown = shown[:57] + "...'"
     return f"{param}: {e.get('msg', 'invalid value')}, got {shown}", param

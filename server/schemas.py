@@ -15,9 +15,10 @@ import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic_core import PydanticCustomError
 
 from dcar.model import knobs as model_knobs
 from dcar.model.knobs import KNOB_NAMES, KNOBS, KnobError
@@ -33,11 +34,34 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 # --- requests ------------------------------------------------------------------------------------------
 
+
+def _refuse_bool(kind: str):
+    """A before-validator: JSON true/false is not a number. pydantic's lax mode reads them as 1 and 0
+    (``"n": true`` drew one image, ``"steps": true`` took one step); a numeric string stays accepted, as a
+    multipart form, where every value is text, needs (``-F steps=12``)."""
+
+    def check(value: object) -> object:
+        if isinstance(value, bool):
+            raise PydanticCustomError(f"{kind}_type", f"Input should be a valid {kind}, not true or false")
+        return value
+
+    return check
+
+
+# The number types of every request field (native and OpenAI): int / float without the bool coercion.
+Integer = Annotated[int, BeforeValidator(_refuse_bool("integer"))]
+Number = Annotated[float, BeforeValidator(_refuse_bool("number"))]
+_NUMBER_TYPES: dict[type, Any] = {int: Integer, float: Number}
+
 # Every sampling knob as an optional field (unset: the served model's default), typed so that multipart
 # strings are parsed like JSON values; bounds are checked by ``to_params``, not by pydantic, so that a value
 # out of range is a 400 naming the limit. The native and the OpenAI requests both inherit these fields.
 _KNOB_FIELDS: dict[str, Any] = {
-    k.name: (k.type | None, Field(None, description=f"{k.describe()}; default: the model's")) for k in KNOBS
+    k.name: (
+        _NUMBER_TYPES.get(k.type, k.type) | None,
+        Field(None, description=f"{k.describe()}; default: the model's"),
+    )
+    for k in KNOBS
 }
 SamplingFields: Any = create_model("SamplingFields", **_KNOB_FIELDS)
 
@@ -48,12 +72,14 @@ class Knobs(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(description="what to draw; at most the text encoder's token limit")
-    n: int = Field(1, description="images to generate (rows), seeds seed, seed+1, ...")
+    n: Integer = Field(1, description="images to generate (rows), seeds seed, seed+1, ...")
     size: str | None = Field(None, description="WIDTHxHEIGHT, one of the allowed sizes; default: native size")
-    seed: int | None = Field(None, description="seed of the first image; random when omitted (echoed back)")
+    seed: Integer | None = Field(
+        None, description="seed of the first image; random when omitted (echoed back)"
+    )
     output_format: OutputFormat = "png"
-    quality: int | None = Field(None, description="JPEG/WebP quality 1..100 (default 95)")
-    timeout: float | None = Field(
+    quality: Integer | None = Field(None, description="JPEG/WebP quality 1..100 (default 95)")
+    timeout: Number | None = Field(
         None, description="seconds; may only shorten the server's request_timeout_s"
     )
     stream: bool = Field(False, description="answer with Server-Sent Events: progress per step, then images")

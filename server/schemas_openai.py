@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dcar.server.schemas import SamplingFields
+from dcar.server.schemas import Integer, Number, SamplingFields
 
 OpenAIQuality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
 Quality = Literal["low", "medium", "high"]
@@ -34,7 +34,7 @@ class OpenAIImageRequest(SamplingFields):
 
     prompt: str
     model: str | None = Field(None, description="the served model's id, 'dcar', or a DCAR_MODEL_ALIASES name")
-    n: int = Field(1, description="images to generate (1..max_n)")
+    n: Integer = Field(1, description="images to generate (1..max_n)")
     size: str | None = Field(
         None, description="WIDTHxHEIGHT, one of the allowed sizes; auto: the native size"
     )
@@ -48,20 +48,20 @@ class OpenAIImageRequest(SamplingFields):
         None, description="accepted; this server filters nothing"
     )
     output_format: OpenAIOutputFormat | None = Field(None, description="png, jpeg or webp (gif, svg refused)")
-    output_compression: int | None = Field(None, description="0..100: JPEG/WebP quality")
+    output_compression: Integer | None = Field(None, description="0..100: JPEG/WebP quality")
     response_format: Literal["url", "b64_json"] | None = Field(None, description="b64_json only")
     stream: bool | None = Field(None, description="Server-Sent Events: partial images, then the images")
-    partial_images: int | None = Field(None, description="0..3 partial images per image, with stream")
+    partial_images: Integer | None = Field(None, description="0..3 partial images per image, with stream")
     user: str | None = Field(None, description="end-user id: logged, echoed as safety_identifier")
     safety_identifier: str | None = Field(None, description="end-user id; wins over user")
     style: Literal["vivid", "natural"] | None = Field(None, description="refused (DALL-E 3 only)")
     complexity: Literal["low", "medium", "high"] | None = Field(None, description="refused")
-    frame_count: int | None = Field(None, description="refused (GIF output only)")
-    frame_duration_ms: int | None = Field(None, description="refused (GIF output only)")
+    frame_count: Integer | None = Field(None, description="refused (GIF output only)")
+    frame_duration_ms: Integer | None = Field(None, description="refused (GIF output only)")
     svg: dict | None = Field(None, description="refused (SVG output only)")
     # extensions: the sampling knobs of /v1/generate come from SamplingFields (server/schemas.py)
-    seed: int | None = None
-    timeout: float | None = None
+    seed: Integer | None = None
+    timeout: Number | None = None
 
     @field_validator("n", mode="before")
     @classmethod

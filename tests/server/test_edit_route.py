@@ -217,3 +217,28 @@ async def test_palette_and_other_mask_modes_mark_what_their_rgba_twin_marks(pipe
         kept = np.ones((128, 128), bool)
         kept[:64, :64] = False
         assert np.array_equal(own[kept], np.asarray(palette_image.convert("RGB"))[kept])
+
+
+@pytest.mark.parametrize("route", ["/v1/edit", "/v1/images/edits"])
+async def test_numbers_in_a_multipart_form_are_text_and_still_read(pipe, route):
+    """Every multipart value is a string: refusing JSON's true/false in number fields must not refuse these."""
+    if route == "/v1/edit":
+        the_mask = mask(box=(0, 0, 32, 32))
+    else:
+        the_mask = rgba_mask((0, 0, 32, 32), inside=(0, 0), outside=(0, 255))
+    fields = {
+        "prompt": "p",
+        "n": "1",
+        "seed": "3",
+        "steps": "2",
+        "residual_steps": "4",
+        "guidance_scale": "1.5",
+        "residual_temperature": "0.5",
+        "timeout": "60",
+        "use_residuals": "true",
+    }
+    files = {"image": ("in.png", IMAGE, "image/png"), "mask": ("mask.png", the_mask, "image/png")}
+    async with serve(pipe) as client:
+        r = await client.post(route, data=fields, files=files)
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["guidance_scale"] == 1.5 and r.json()["parameters"]["residual_steps"] == 4
