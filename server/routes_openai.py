@@ -182,8 +182,9 @@ def make_job(
 
 
 async def respond(request: Request, runtime: Runtime, limits: Limits, job: Job, plan: Plan) -> Response:
-    engine_of(runtime).submit(job)
+    # before submit: a refused request's access record still says what it asked, and for whom
     note(request, job=job, **({"user": plan.user} if plan.user else {}))
+    engine_of(runtime).submit(job)
     p = job.params[0]
     use = usage(limits, runtime, p, len(job.params), job.edit is not None)
     if plan.stream:

@@ -83,3 +83,21 @@ async def test_prompts_are_logged_only_when_asked(pipe, caplog, log_prompts):
     rid = r.headers["x-request-id"]
     [record] = [x for x in caplog.records if getattr(x, "request_id", None) == rid]
     assert getattr(record, "prompt", None) == ("a private idea" if log_prompts else None)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "path, user", [("/v1/generate", None), ("/v1/images/generations", "u-9")], ids=["native", "openai"]
+)
+async def test_a_request_the_engine_refuses_is_logged_with_what_it_asked(pipe, caplog, path, user):
+    """Admission's refusals (here 400 timeout_too_short; under load 429) are logged with n, size, steps and
+    the OpenAI user, so that refused traffic can be told apart and attributed."""
+    caplog.set_level(logging.INFO, logger="dcar.access")
+    request = {"prompt": "x", "n": 2, "steps": 3, "timeout": 1e-4, **({"user": user} if user else {})}
+    async with serve(pipe) as client:
+        r = await client.post(path, json=request)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "timeout_too_short"
+    rid = r.headers["x-request-id"]
+    [record] = [x for x in caplog.records if getattr(x, "request_id", None) == rid]
+    assert (record.status, getattr(record, "n", None), getattr(record, "steps", None)) == (400, 2, 3)
+    assert getattr(record, "size", None) == "128x128" and getattr(record, "user", None) == user
