@@ -9,6 +9,7 @@ command's.
 from __future__ import annotations
 
 import argparse
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -49,6 +50,14 @@ def take_dir(args: argparse.Namespace) -> None:
     args.args = rest
 
 
+MAIN_BLOCK = re.compile(r"^if __name__ == [\"']__main__[\"']\s*:", re.MULTILINE)
+
+
+def _is_script(path: Path) -> bool:
+    """A benchmark is a script (it has a ``__main__`` block); the others are modules its scripts share."""
+    return bool(MAIN_BLOCK.search(path.read_text(errors="replace")))
+
+
 def run(args: argparse.Namespace) -> int:
     take_dir(args)
     if not args.dir.is_dir():
@@ -58,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
             "--dir PATH/TO/benchmarks (the scripts are not part of the installed package)",
         )
     script = args.dir / f"{args.name}.py"
+    names = ", ".join(p.stem for p in sorted(args.dir.glob("*.py")) if _is_script(p)) or "none"
     if not script.is_file():
-        names = sorted(p.stem for p in args.dir.glob("*.py"))
-        fail(args, f"NAME: no benchmark {args.name!r} in {args.dir}; available: {', '.join(names) or 'none'}")
+        fail(args, f"NAME: no benchmark {args.name!r} in {args.dir}; available: {names}")
+    if not _is_script(script):  # `dcar bench plotting` ran the module, printed nothing and said 0
+        fail(args, f"NAME: {script} is a helper of the benchmarks (no __main__ block); available: {names}")
     sys.argv = [str(script), *args.args]
     sys.path.insert(
         0, str(script.parent)

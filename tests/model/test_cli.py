@@ -187,7 +187,15 @@ def no_hub(monkeypatch):
             ["fetch-weights", "{tmp}/other", "--verify-only"],
             "DIR: verification failed: {tmp}/other/dc-ht/config.json: model_type='t5', expected 'dc_ht'",
         ),
-        (["bench", "nope", "--dir", "{tmp}/benchmarks"], "dcar bench: error: NAME: no benchmark 'nope' in "),
+        (
+            ["bench", "nope", "--dir", "{tmp}/benchmarks"],
+            "dcar bench: error: NAME: no benchmark 'nope' in {tmp}/benchmarks; available: echo",
+        ),
+        (
+            ["bench", "shared", "--dir", "{tmp}/benchmarks"],
+            "dcar bench: error: NAME: {tmp}/benchmarks/shared.py is a helper of the benchmarks "
+            "(no __main__ block); available: echo",
+        ),
         (
             ["bench", "echo", "--dir", "{tmp}/absent"],
             "dcar bench: error: --dir: {tmp}/absent is not a folder",
@@ -209,6 +217,7 @@ def no_hub(monkeypatch):
         "fetch-list",
         "fetch-model-type",
         "bench-name",
+        "bench-helper-module",
         "bench-dir-after",
         "bench-dir-before",
         "bench-dir-no-value",
@@ -223,7 +232,8 @@ def test_inspect_fetch_and_bench_refuse_bad_input_with_status_2(argv, message, t
     official_folder(tmp_path / "list", "[]")
     official_folder(tmp_path / "other", '{"model_type": "t5"}')
     (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "echo.py").write_text("print('ran')\n")
+    (tmp_path / "benchmarks" / "echo.py").write_text("if __name__ == '__main__':\n    print('ran')\n")
+    (tmp_path / "benchmarks" / "shared.py").write_text("print('ran')\n")  # a helper module, no __main__
     with pytest.raises(SystemExit) as exit_:
         main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     out, err = capsys.readouterr()
@@ -303,7 +313,8 @@ def test_bench_takes_dir_after_the_name_and_passes_the_rest_to_the_script(tmp_pa
     bench = tmp_path / "mine"
     bench.mkdir()
     (bench / "echo.py").write_text(
-        "import sys\nprint('argv', sys.argv[1:])\nif '--fail' in sys.argv:\n    sys.exit(3)\n"
+        "import sys\nif __name__ == '__main__':\n    print('argv', sys.argv[1:])\n"
+        "    if '--fail' in sys.argv:\n        sys.exit(3)\n"
     )
     for argv in (
         ["bench", "echo", "--dir", str(bench), "--steps", "2"],
