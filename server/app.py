@@ -10,10 +10,12 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from dcar.model.pipeline import Pipeline
 from dcar.server.auth import refusal
@@ -36,12 +38,14 @@ class EdgeMiddleware:
     refused request that announced a body gets ``Connection: close``, so the server never reads it either.
 
     The endpoint label is the matched route's path template (``other`` for unknown paths), so it stays
-    bounded whatever clients send.
+    bounded whatever clients send; a request refused here is counted under its route too (``routes``: the
+    app's routes, each with its template).
     """
 
-    def __init__(self, app, runtime: Runtime):
+    def __init__(self, app, runtime: Runtime, routes: Sequence[BaseRoute] = ()):
         self.app = app
         self.runtime = runtime
+        self.routes = routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -85,8 +89,7 @@ class EdgeMiddleware:
             status["failed"] = True
             raise
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "other"
+            endpoint = _endpoint(scope, self.routes)
             # a stream's 200 went out first: count how it ended (its error event, or 499 if the client left)
             code = outcome(scope, status["started"], status["ended"], status["failed"], status["code"])
             scope["state"][OUTCOME] = code  # for the access record (server/logs.py)
@@ -119,6 +122,14 @@ class BodyTooLarge(StarletteHTTPException):
             413, f"the request body is over {limit} bytes (read {size}); the limit is max_body_bytes={limit}"
         )
         self.size = size
+
+
+def _endpoint(scope, routes: Sequence[BaseRoute]) -> str:
+    """The request's route template, ``other`` for an unknown path. A request refused here (401, 413) never
+    reached the router, which sets ``scope["route"]``: its route is looked up, and set for the access record."""
+    if scope.get("route") is None:
+        scope["route"] = next((r for r in routes if r.matches(scope)[0] != Match.NONE), None)
+    return getattr(scope.get("route"), "path", None) or "other"
 
 
 async def _no_receive():
@@ -172,7 +183,9 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     app.include_router(ui_router)
     # inside the edge: the API key and the body limit are checked before it reads a body
     app.add_middleware(IdempotencyMiddleware, runtime=runtime)
-    app.add_middleware(EdgeMiddleware, runtime=runtime)
+    routes = [r for r in app.routes if hasattr(r, "path")]  # FastAPI's own (/docs, ...); ours, included:
+    routes += [*router.routes, *openai_router.routes, *ui_router.routes]
+    app.add_middleware(EdgeMiddleware, runtime=runtime, routes=routes)
     # outside the edge, so that it sees its request id and its refusals, and times everything
     app.add_middleware(AccessLog, log_prompts=settings.log_prompts)
     return app

@@ -5,6 +5,7 @@ connection is closed instead of draining the rest."""
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 from reliability_harness import connect, live_dcar, read_until_closed, status_of
@@ -26,7 +27,8 @@ def announce(url: str, path: str, content_type: str, authorization: str | None):
     return s
 
 
-def test_a_32_mib_body_without_a_key_is_refused_unread_on_every_route(pipe):
+def test_a_32_mib_body_without_a_key_is_refused_unread_on_every_route(pipe, caplog):
+    caplog.set_level(logging.INFO, logger="dcar.access")
     with live_dcar(pipe, api_keys=KEY, max_body_bytes=BIG) as (url, app):
         routes = [
             ("/v1/generate", "application/json"),
@@ -47,6 +49,15 @@ def test_a_32_mib_body_without_a_key_is_refused_unread_on_every_route(pipe):
         text = httpx.get(f"{url}/metrics").text
         assert metric(text, "dcar_rejections_total", reason="unauthorized") == 8
         assert metric(text, "dcar_rejections_total", reason="invalid") == 0  # no body was parsed
+        for path, _ in routes:  # counted under their route, although refused before the router ran
+            assert metric(text, "dcar_requests_total", endpoint=path, status="401") == 2, path
+        assert metric(text, "dcar_requests_total", endpoint="other", status="401") == 0
+        nowhere = httpx.post(f"{url}/v1/nowhere", json={})
+        assert nowhere.status_code == 401  # an unknown /v1 path is refused alike, and stays "other"
+        text = httpx.get(f"{url}/metrics").text
+        assert metric(text, "dcar_requests_total", endpoint="other", status="401") == 1
+        logged = [(r.route, r.status) for r in caplog.records if r.name == "dcar.access" and r.status == 401]
+        assert sorted(logged, key=str) == sorted([(p, 401) for p, _ in routes] * 2 + [(None, 401)], key=str)
         ok = httpx.post(
             f"{url}/v1/generate",
             json={"prompt": "a key", "steps": 2},
