@@ -231,6 +231,13 @@ def test_service_podmonitor_and_pvc_point_at_the_deployment():
     )
 
 
+def test_the_autoscaled_deployment_leaves_replicas_to_the_autoscaler():
+    """A Deployment that an HPA (here KEDA's) scales must not set ``spec.replicas``: every ``kubectl apply`` of
+    the file would otherwise reset the count to it, draining the pods the autoscaler added, under load."""
+    assert M["ScaledObject"]["spec"]["scaleTargetRef"]["name"] == M["Deployment"]["metadata"]["name"]
+    assert "replicas" not in M["Deployment"]["spec"], "spec.replicas fights the ScaledObject's HPA"
+
+
 def test_scaledobject_scales_the_deployment_on_exported_queue_series():
     spec = M["ScaledObject"]["spec"]
     assert spec["scaleTargetRef"]["name"] == M["Deployment"]["metadata"]["name"]
