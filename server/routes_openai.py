@@ -234,12 +234,15 @@ async def stream(request: Request, runtime: Runtime, job: Job, plan: Plan, use: 
     order = sorted(job.preview_steps or ())
     pending: dict[int, dict[int, str | None]] = {}
     sent = 0
+    keepalive_s = runtime.settings.sse_keepalive_s
+    wrote = time.monotonic()  # when something last went out: most steps send nothing
     try:
-        async for ev in job_events(job, runtime.settings.sse_keepalive_s):
-            if ev is None:
+        async for ev in job_events(job, keepalive_s):
+            # a keep-alive after keepalive_s without events, and after as long without a partial image
+            if ev is None or time.monotonic() - wrote >= keepalive_s:
+                wrote = time.monotonic()
                 yield KEEPALIVE
-                continue
-            if ev.step not in order:
+            if ev is None or ev.step not in order:
                 continue
             pending.setdefault(order.index(ev.step), {})[ev.index] = ev.preview  # None if the preview failed
             while len(pending.get(sent, {})) == n:
@@ -256,6 +259,7 @@ async def stream(request: Request, runtime: Runtime, job: Job, plan: Plan, use: 
                         quality=plan.quality,
                         size=size,
                     )
+                    wrote = time.monotonic()
                     yield sse(partial.type, partial.model_dump())
                 del pending[sent]
                 sent += 1

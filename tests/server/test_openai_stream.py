@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 
 import httpx
 import numpy as np
@@ -145,3 +146,21 @@ def test_edit_streams_image_edit_events(pipe):
         out = decode(events[1].b64_json)
         assert np.array_equal(out[64:, :], source[64:, :])  # outside the transparent area: kept
         assert events[1].usage.input_tokens_details.image_tokens == 16  # the edited image's tokens
+
+
+def test_a_running_stream_without_partial_images_still_sends_keep_alive_comments(pipe, monkeypatch):
+    """Progress of steps that carry no partial image is not sent; the connection must not fall silent for
+    longer than sse_keepalive_s meanwhile, or a proxy's idle timeout cuts a long generation."""
+    hook = StepHook(pipe, monkeypatch)
+    with live_server(pipe, max_wait_ms=0, sse_keepalive_s=0.2) as (url, app):
+        hook.delay = 0.1  # 20 steps of 0.1 s: about 2 s of unmasking, with a progress event at each step
+        request = {"prompt": "quiet", "steps": 20, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/images/generations", json=request, timeout=60) as r:
+            arrivals, lines = [time.monotonic()], []
+            for line in r.iter_lines():
+                arrivals.append(time.monotonic())
+                lines.append(line)
+        assert lines[-2].startswith("data: ") and "image_generation.completed" in lines[-3]
+        assert lines.count(": keep-alive") >= 4
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+        assert max(gaps) < 1.0, gaps  # not 2 s of silence
