@@ -285,6 +285,8 @@ class Engine:
         if job.stream:
             job.events = asyncio.Queue()
         self._jobs.add(job)
+        # a deadline may pass while the job's rows wait and the worker keeps stepping the running batch
+        job.expiry = self._loop.call_later(max(0.0, job.deadline - now), self._expire, job)
         self._waiting.extend(Ticket(next(self._row_ids), job, i, grid, now) for i in range(n))
         self._attention.set()
         self._wake.set()  # type: ignore[union-attr]  # submit() comes after start()
@@ -312,6 +314,8 @@ class Engine:
         self, job: Job, results: list[RowResult] | None = None, error: ApiError | None = None
     ) -> None:
         self._jobs.discard(job)
+        if job.expiry is not None:
+            job.expiry.cancel()
         if job.edit is not None:
             self._released.append(job.edit_key)
         assert job.future is not None  # set by submit()
@@ -335,7 +339,6 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
-            self._expire_waiting(time.monotonic())
             if not self._running:
                 if self._stopping and not self._waiting:
                     return
@@ -355,8 +358,11 @@ class Engine:
             if self._trimmer.due(not self._running and not self._waiting):
                 await self.call(self._trimmer.trim)
 
-    def _expire_waiting(self, now: float) -> None:
-        for job in {t.job for t in self._waiting if t.job.deadline < now}:
+    def _expire(self, job: Job) -> None:
+        """Its deadline passed (the timer set by submit): 504 now if no row of it runs, else at the next step."""
+        if any(t.job is job for t in self._running.values()):
+            self._attention.set()  # the worker returns after this step; _plan ends the job as it drops its rows
+        elif not job.done:
             self._close(job, "deadline", self.deadline_error(job))
 
     async def _iterate(self) -> bool:

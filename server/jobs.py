@@ -68,6 +68,7 @@ class Job:
     enqueued: float | None = None  # time.monotonic() when its rows entered the queue
     predicted_s: float | None = None  # admission's forecast of seconds from enqueued to done
     admitted: list[float | None] = field(default_factory=list)  # per row: when it entered the running batch
+    expiry: asyncio.TimerHandle | None = None  # ends the job at its deadline (set by Engine.submit)
     # the key of its prepared edit input in the worker's cache: unique per job, never the request id, which
     # comes from the client's X-Request-Id and may be shared by concurrent requests
     edit_key: str = field(default_factory=lambda: f"edit-{next(_EDIT_KEYS)}")

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from server_harness import StepHook, decode, live_server, metric, same_image, serve
+from server_harness import StepHook, decode, live_server, metric, metrics_text, same_image, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -160,3 +160,23 @@ def test_a_stream_is_counted_and_logged_with_the_status_of_its_outcome(pipe, mon
     }
     assert status[left["/v1/generate"]] == status[left["/v1/images/generations"]] == 499
     assert status[failed.headers["x-request-id"]] == 500 and status[ok.headers["x-request-id"]] == 200
+
+
+async def test_a_queued_stream_gets_its_504_when_its_deadline_passes(pipe, monkeypatch):
+    """A stream waiting for a slot has no route watching its deadline (a plain request's route has one): the
+    engine must end it when the deadline passes, not when the running rows free a slot much later."""
+    hook = StepHook(pipe, monkeypatch)
+    async with serve(pipe, max_batch_size=1, max_wait_ms=0) as client:
+        hook.delay, hook.calls = 0.1, []  # warm-up measured fast steps: both requests are admitted
+        first = asyncio.create_task(client.post("/v1/generate", json={"prompt": "first", "steps": 30}))
+        while not hook.calls:
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        request = {"prompt": "second", "steps": 2, "stream": True, "timeout": 0.8}
+        r = await client.post("/v1/generate", json=request)
+        waited = time.monotonic() - t0
+        events = parse_sse(r.text)
+        assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "deadline_exceeded"
+        assert waited < 2.0, waited  # the first request holds the slot for about 3 s
+        assert metric(await metrics_text(client), "dcar_dropped_rows_total", reason="deadline") == 1
+        assert (await first).status_code == 200
