@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from docker_files import stages
 from k8s_schemas import K8S_VERSIONS, problems
 from prometheus_client import generate_latest
 from promql import ALERTS, selectors
@@ -205,6 +206,28 @@ def pod_labels() -> dict[str, str]:
     return M["Deployment"]["spec"]["template"]["metadata"]["labels"]
 
 
+def pod_volumes() -> dict[str, dict]:
+    return {v["name"]: v for v in M["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_root_filesystem_is_read_only_and_what_the_server_writes_is_on_volumes():
+    """The server writes only through tempfile (/tmp: torch's inductor cache directory at start-up, which
+    fails the boot on a read-only /tmp; uploads over 1 MiB spooled while parsing) and under $HOME (Triton's and
+    CUDA's kernel caches), so a read-only root needs a writable volume at both: the image's user's home is
+    its WORKDIR in the Dockerfile."""
+    c = container()
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    stage = stages()["common"]
+    [home] = [rest for word, rest in stage if word == "WORKDIR"]
+    user = next(rest for word, rest in stages()["runtime"] if word == "USER")
+    assert home == f"/home/{user}" and any(w == "RUN" and "--create-home" in r for w, r in stage)
+    volumes = pod_volumes()
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    for path in ("/tmp", home):
+        assert path in mounts, f"nothing writable at {path} under a read-only root"
+        assert not mounts[path].get("readOnly") and "emptyDir" in volumes[mounts[path]["name"]], path
+
+
 def test_service_podmonitor_and_pvc_point_at_the_deployment():
     labels = pod_labels()
     assert M["Deployment"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -220,9 +243,9 @@ def test_service_podmonitor_and_pvc_point_at_the_deployment():
     assert relabel["targetLabel"] == "job"
     jobs = set(re.findall(r'\bjob\s*=\s*"([^"]*)"', ALERTS.read_text()))
     assert jobs == {relabel["replacement"]}
-    [volume] = M["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    [volume] = [v for v in pod_volumes().values() if "persistentVolumeClaim" in v]
     assert volume["persistentVolumeClaim"]["claimName"] == M["PersistentVolumeClaim"]["metadata"]["name"]
-    [mount] = container()["volumeMounts"]
+    [mount] = [m for m in container()["volumeMounts"] if m["name"] == volume["name"]]
     assert mount["readOnly"] and Path(env()["DCAR_WEIGHTS"]).is_relative_to(mount["mountPath"])
     [job_mount] = container("Job")["volumeMounts"]
     assert container("Job")["command"][-1] == env()["DCAR_WEIGHTS"]
