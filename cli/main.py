@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from dcar import __version__
@@ -110,7 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         from dcar.cli.serve_flags import check_settings
 
         check_settings(args, parser.commands["serve"])
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    except BrokenPipeError:
+        # `dcar inspect ... | head` closed the pipe: end quietly, as a command killed by SIGPIPE would (the
+        # traceback was noise), and point stdout at /dev/null so that the interpreter's final flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

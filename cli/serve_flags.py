@@ -63,7 +63,7 @@ def check_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from dcar.server.serve import settings_from_args
 
     try:
-        settings_from_args(args)
+        settings = settings_from_args(args)
         if getattr(args, "ray", False):
             from dcar.server.ray_serve import options_from_args
 
@@ -72,3 +72,11 @@ def check_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error(_one_line(e, args, parser))
     except ValueError as e:  # RayOptions: the message names the option and the fix
         parser.error(str(e))
+    if not getattr(args, "ray", False):
+        from dcar.model.devices import device_problem, resolve_device
+
+        # Before the port opens: a pod scheduled on a node without the GPU it asks for should say so and
+        # stop, not start listening and then fail its model load with a traceback.
+        problem = device_problem(resolve_device(settings.device))
+        if problem:
+            parser.error(f"{'--device' if args.device is not None else 'DCAR_DEVICE'}: {problem}")

@@ -158,7 +158,12 @@ class Limits:
 
 def check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:  # also refuses NaN
-        raise invalid(name, f"{name} must be between {low:g} and {high:g}, got {value!r}")
+        raise invalid(name, f"{name} must be between {_number(low)} and {_number(high)}, got {value!r}")
+
+
+def _number(x: float) -> str:
+    # integers in full: the seed's bound 2**63 - n shown as 9.22337e+18 hid what the client may send
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def check_prompt(prompt: str, limits: Limits) -> None:

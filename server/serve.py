@@ -32,7 +32,7 @@ log = logging.getLogger("dcar.server")
 # CLI flag -> settings field; every flag defaults to None so that DCAR_* variables and defaults stay in force.
 FLAGS = {
     "weights": ("--weights", str, "weights directory, or preset:tiny for a random tiny model"),
-    "device": ("--device", str, "auto, cpu, cuda, cuda:N"),
+    "device": ("--device", str, "auto, cpu, cuda, cuda:N, mps"),
     "dtype": ("--dtype", str, "float32, float16 or bfloat16"),
     "host": ("--host", str, "address to bind (default 127.0.0.1)"),
     "port": ("--port", int, "port to bind (default 8000)"),
@@ -42,7 +42,7 @@ FLAGS = {
     "request_timeout_s": ("--request-timeout", float, "default request deadline in seconds"),
     "drain_timeout_s": ("--drain-timeout", float, "seconds in-flight rows may take after SIGTERM"),
     "allowed_sizes": ("--allowed-sizes", str, "comma-separated WIDTHxHEIGHT sizes (default: native only)"),
-    "log_level": ("--log-level", str, "debug, info, warning, error"),
+    "log_level": ("--log-level", str, "debug, info, warning, error, critical"),
 }
 
 
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     # not start listening and then fail its model load with a traceback.
     problem = device_problem(resolve_device(settings.device))
     if problem:
-        print(f"dcar serve: invalid settings: device: {problem}", file=sys.stderr)
+        print(f"dcar serve: error: device: {problem}", file=sys.stderr)
         return 2
     log_config = logs.configure(settings.log_format, settings.log_level)
     from dcar.server.app import create_app

@@ -19,6 +19,9 @@ from dcar.model.knobs import parse_size
 from dcar.weights import embedded_weights
 
 DEFAULT_WEIGHTS = embedded_weights()
+# The names model/loading.py's parse_dtype reads; not imported from there, which would import torch before
+# the flags are checked (tests/server/test_server_settings.py keeps the two lists equal).
+DTYPES = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 __all__ = ["DEFAULT_WEIGHTS", "Settings", "parse_size"]
 
 
@@ -177,6 +180,14 @@ class Settings(BaseSettings):
         True,
         description="write parameters, weights digest and IPTC DigitalSourceType into every image's metadata",
     )
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        # checked with the other settings, before the port opens (it failed the model load after it)
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"dtype {value!r} is not supported; expected one of {', '.join(DTYPES)}")
+        return value
 
     @field_validator("api_keys", "allowed_sizes", "model_aliases", mode="before")
     @classmethod

@@ -254,6 +254,26 @@ def test_a_bad_inspect_path_is_status_2_as_a_process(tmp_path):
     assert out.stderr.strip() == f"dcar inspect: error: PATH: {tmp_path}/absent: no such file or directory"
 
 
+def test_output_into_a_pipe_closed_early_ends_quietly():
+    """`dcar inspect --preset dc-ar-512 | head -2` ended in a BrokenPipeError traceback. The pipe here holds
+    4 KiB (less than the listing), so the command is still writing when the reader goes."""
+    import fcntl
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcar.cli.main", "inspect", "--preset", "dc-ar-512"],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        assert reader.read(64).startswith(b"name\tshape")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and err == "", (proc.returncode, err)
+
+
 def test_fetch_weights_failures_of_the_download_itself_stay_status_1(tmp_path, capsys, monkeypatch, no_hub):
     """A download that breaks off, or a download whose config.json is broken, is the work failing (status
     1), in one line that names the repository or the file; an unknown --revision is the user's (status 2)."""
@@ -502,10 +522,13 @@ def test_serve_refuses_a_device_this_machine_lacks_before_the_port_opens(how, ca
         argv += ["--device", "cuda:99"]
     else:
         monkeypatch.setenv("DCAR_DEVICE", "cuda:99")
-    assert main(argv) == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     [line] = err.strip().splitlines()
-    assert line.startswith("dcar serve: invalid settings: device: cuda:99 "), line
+    where = "--device" if how == "flag" else "DCAR_DEVICE"
+    assert line.startswith(f"dcar serve: error: {where}: cuda:99 "), line
     assert "Uvicorn" not in err and "Traceback" not in err
 
 

@@ -115,7 +115,15 @@ GENERATE_CASES = [
         "power-cosine",
     ),
     ("seed negative", gen(seed=-1), "/v1/generate", 400, "seed", "between 0 and"),
-    ("seed beyond int64", gen(seed=2**64), "/v1/generate", 400, "seed", "between 0 and"),
+    ("seed beyond int64", gen(seed=2**64), "/v1/generate", 400, "seed", "between 0 and 9223372036854775807,"),
+    (
+        "seed + n beyond int64",
+        gen(seed=2**63 - 1, n=2),
+        "/v1/generate",
+        400,
+        "seed",
+        "and 9223372036854775806,",
+    ),
     (
         "residual steps zero",
         gen(residual_steps=0),

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dcar.server.settings import DEFAULT_WEIGHTS, Settings, parse_size
+from dcar.model.loading import parse_dtype
+from dcar.server.settings import DEFAULT_WEIGHTS, DTYPES, Settings, parse_size
 
 
 def test_defaults_point_at_the_embedded_weights():
@@ -37,11 +38,24 @@ def test_environment_lists_and_numbers(monkeypatch):
         ("weights", "preset:nope", "unknown pipeline preset 'nope'"),
         ("max_queue", 2, "max_queue=2 is below max_n=8"),
         ("unknown_knob", 1, "unknown_knob"),
+        ("dtype", "float8", "dtype 'float8' is not supported; expected one of float32, fp32, float16"),
     ],
 )
 def test_invalid_settings_name_the_field(field, value, text):
     with pytest.raises(ValidationError, match=text):
         Settings(**{field: value})
+
+
+def test_the_dtypes_settings_accept_are_the_ones_the_loader_reads():
+    """The settings check dtype without importing torch; the two lists must not drift apart."""
+    for name in (*DTYPES, "float8", "half", "FP16", "int8", "float64"):
+        try:
+            parse_dtype(name)
+        except ValueError:
+            with pytest.raises(ValidationError, match="dtype"):
+                Settings(dtype=name)
+        else:
+            assert Settings(dtype=name).dtype == name
 
 
 def test_parse_size():
