@@ -202,6 +202,79 @@ def test_probes_answer_on_a_live_server(deploy_pipe):
             assert r.status_code == 200, (p, r.text)
 
 
+# Pod Security Standards, `restricted` profile (kubernetes.io/docs/concepts/security/pod-security-standards):
+# the volume types it allows, and the capability a container may add back after dropping ALL.
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_problems(pod: dict) -> list[str]:
+    """What the ``restricted`` profile refuses in a pod spec (a namespace enforcing it creates no such pod)."""
+    found = []
+    pod_ctx = pod.get("securityContext", {})
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            found.append(flag)
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']}: {kinds - RESTRICTED_VOLUMES}")
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        ctx = c.get("securityContext", {})
+        name = c["name"]
+        if ctx.get("privileged"):
+            found.append(f"{name}: privileged")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = ctx.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            found.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities {caps['add']}")
+        if not ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
+            found.append(f"{name}: runAsNonRoot is not true")
+        if ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0:
+            found.append(f"{name}: runAsUser 0")
+        seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile {seccomp}")
+    return found
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Job"])
+def test_pods_meet_the_restricted_pod_security_standard(kind):
+    assert restricted_problems(M[kind]["spec"]["template"]["spec"]) == []
+
+
+def test_restricted_check_catches_what_it_names():
+    pod = copy.deepcopy(M["Deployment"]["spec"]["template"]["spec"])
+    del pod["securityContext"]["seccompProfile"]
+    c = pod["containers"][0]
+    c["securityContext"] = {"capabilities": {"add": ["SYS_ADMIN"], "drop": ["ALL"]}}
+    pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    assert restricted_problems(pod) == [
+        "volume host: {'hostPath'}",
+        "dcar: allowPrivilegeEscalation is not false",
+        "dcar: adds capabilities ['SYS_ADMIN']",
+        "dcar: seccompProfile None",
+    ]
+
+
+def test_the_weights_job_runs_the_deployments_image_the_same_way():
+    """Applied with ``-f``, outside the kustomization; without a pull policy an untagged image is always pulled."""
+    job, server = container("Job"), container()
+    assert job["image"] == server["image"]
+    assert job["imagePullPolicy"] == server["imagePullPolicy"] == "IfNotPresent"
+
+
 def pod_labels() -> dict[str, str]:
     return M["Deployment"]["spec"]["template"]["metadata"]["labels"]
 
