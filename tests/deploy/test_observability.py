@@ -40,7 +40,7 @@ from promql import (
 )
 from server_harness import live_server, png_bytes, samples
 
-from dcar.server.metrics import Metrics
+from dcar.server.metrics import IDEMPOTENCY_OUTCOMES, Metrics
 
 HERE = Path(__file__).resolve().parent
 EXPORTED_PREFIXES = ("dcar_", "process_")  # what dcar's /metrics serves (process_*: the process collector)
@@ -123,6 +123,13 @@ def traffic(url: str, round_: int) -> None:
         assert list(pool.map(call, range(9))) == [200] * 9
     bad = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "steps": 0}, timeout=10)
     assert bad.status_code == 400, bad.text
+    # A client's retry with an Idempotency-Key: answered with the kept response, no second image.
+    key = {"Idempotency-Key": f"deploy-retry-{round_}"}
+    body = {"prompt": "a green circle", "seed": 7 + round_, "steps": 4}
+    first = httpx.post(f"{url}/v1/generate", json=body, headers=key, timeout=60)
+    again = httpx.post(f"{url}/v1/generate", json=body, headers=key, timeout=60)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert again.headers["idempotent-replayed"] == "true" and again.content == first.content
 
 
 def wait_for_scrapes(stack_query, count: int, timeout: float = 30.0) -> None:
@@ -294,6 +301,7 @@ def test_dashboard_has_the_panels_and_alerts_the_deployment_promises():
         "GPU memory",
         "Process memory",
         "Builds",
+        "Retries with an Idempotency-Key",
     ):
         assert title in titles, title
     # Every panel filters on the job and server variables, so one dashboard serves several deployments.
@@ -359,6 +367,18 @@ def test_prometheus_answers_the_dashboard_throughput_and_p95_queries(stack):
     assert images and all(math.isfinite(v) for v in images) and sum(images) > 0, (throughput, images)
     latency = positive_values(stack.query(p95))
     assert len(latency) == 1 and math.isfinite(latency[0]) and 0 < latency[0] < 120, (p95, latency)
+
+
+def test_prometheus_shows_replayed_retries_on_the_dashboard(stack):
+    """Replays are 200s in Requests/s and nearly free in the latency histogram, without an image: the
+    dashboard shows them by outcome, so a retry storm is not read as fast, cheap traffic."""
+    dash = dashboard()
+    values = dashboard_variables(dash, rate_interval="10m")  # the whole module's traffic, however slow
+    expr = substitute(panel_target(dash, "Retries with an Idempotency-Key"), values)
+    assert "sum by (outcome)" in expr
+    rates = {r["metric"]["outcome"]: float(r["value"][1]) for r in stack.query(expr)}
+    assert set(rates) == set(IDEMPOTENCY_OUTCOMES), rates
+    assert rates["first"] > 0 and rates["replayed"] > 0 and rates["conflict"] == 0, rates
 
 
 def test_every_dashboard_and_alert_query_evaluates(stack):
