@@ -5,7 +5,8 @@ the Kubernetes OpenAPI schemas it ships, in their strict form (an unknown field 
 dropped as the API server would). The custom resources are checked against JSON schemas written here from
 their CRDs, closed the same way: KEDA ``ScaledObject`` (keda.sh/v1alpha1, KEDA 2.17's ScaledObject
 specification and the Prometheus scaler's documented metadata), Prometheus Operator ``PodMonitor``
-(monitoring.coreos.com/v1, its ``PodMonitorSpec`` / ``PodMetricsEndpoint`` types) and KubeRay ``RayService``
+(monitoring.coreos.com/v1, its ``PodMonitorSpec`` / ``PodMetricsEndpoint`` types) and ``PrometheusRule`` (its
+CRD's ``RuleGroup`` / ``Rule``, operator 0.82), and KubeRay ``RayService``
 (ray.io/v1, KubeRay 1.7's API reference). Every embedded Kubernetes type in them (pod templates, label
 selectors, HPA behaviour, resource requirements) is the core schema itself, so a pod template inside a
 RayService is held to the same rules as one inside a Deployment.
@@ -257,6 +258,39 @@ POD_MONITOR = resource(
 )
 
 
+# --- Prometheus Operator PrometheusRule -----------------------------------------------------------------------
+
+RULE = closed(
+    {
+        "alert": STR,
+        "record": STR,
+        "expr": {"type": ["integer", "string"]},
+        "for": DURATION,
+        "keep_firing_for": {**DURATION, "minLength": 1},
+        "labels": STR_MAP,
+        "annotations": STR_MAP,
+    },
+    ("expr",),
+)
+RULE_GROUP = closed(
+    {
+        "name": {"type": "string", "minLength": 1},
+        "interval": DURATION,
+        "labels": STR_MAP,
+        "limit": {"type": "integer"},
+        "partial_response_strategy": {"type": "string", "pattern": r"^((?i:abort|warn))?$"},
+        "query_offset": DURATION,
+        "rules": {"type": "array", "items": RULE},
+    },
+    ("name",),
+)
+PROMETHEUS_RULE = resource(
+    "monitoring.coreos.com/v1",
+    "PrometheusRule",
+    closed({"groups": {"type": "array", "items": RULE_GROUP}}),
+)
+
+
 # --- KubeRay RayService -------------------------------------------------------------------------------------
 
 POD_TEMPLATE = core("api.core.v1.PodTemplateSpec")
@@ -363,6 +397,7 @@ RAY_SERVICE = resource(
 CUSTOM = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("monitoring.coreos.com/v1", "PodMonitor"): POD_MONITOR,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE,
     ("ray.io/v1", "RayService"): RAY_SERVICE,
 }
 

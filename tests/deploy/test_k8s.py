@@ -74,6 +74,7 @@ def test_the_expected_kinds_are_there():
         "Service",
         "PersistentVolumeClaim",
         "PodMonitor",
+        "PrometheusRule",
         "ScaledObject",
         "Job",
         "RayService",
@@ -125,6 +126,14 @@ def test_the_expected_kinds_are_there():
             "'resource' was unexpected",
         ),
         ("RayService", ["spec", "rayClusterConfig", "enableInTreeAutoScaling"], True, "was unexpected"),
+        ("PrometheusRule", ["spec", "groups", 0, "rules", 0, "for"], "2 min", "does not match"),
+        (
+            "PrometheusRule",
+            ["spec", "groups", 0, "rules", 0, "annotation"],
+            {},
+            "'annotation' was unexpected",
+        ),
+        ("PrometheusRule", ["spec", "rules"], [], "'rules' was unexpected"),
         ("Job", ["spec", "template", "spec", "restartPolicy"], 3, "is not of type"),
     ],
     ids=lambda v: ".".join(map(str, v)) if isinstance(v, list) else None,
@@ -332,6 +341,11 @@ def test_the_autoscaled_deployment_leaves_replicas_to_the_autoscaler():
     the file would otherwise reset the count to it, draining the pods the autoscaler added, under load."""
     assert M["ScaledObject"]["spec"]["scaleTargetRef"]["name"] == M["Deployment"]["metadata"]["name"]
     assert "replicas" not in M["Deployment"]["spec"], "spec.replicas fights the ScaledObject's HPA"
+
+
+def test_prometheusrule_carries_the_shipped_alert_rules_unchanged():
+    """The rules compose's Prometheus evaluates (and promtool tests) are the ones the cluster gets."""
+    assert M["PrometheusRule"]["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
 
 
 def test_scaledobject_scales_the_deployment_on_exported_queue_series():
