@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 from collections import Counter, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -118,20 +119,26 @@ class Lateness:
         self.quantile, self.least, self.max_age_s = quantile, least, max_age_s
         self._errors: deque[tuple[float, float]] = deque(maxlen=window)  # (when it finished, error)
         self._margin: float | None = 0.0  # None: to compute again
+        # The event loop observes and reads; a scrape of dcar_admission_margin_seconds reads too, and under
+        # Ray's metrics_port that scrape runs on prometheus_client's own thread ("deque mutated during
+        # iteration", or an IndexError after another thread's popleft).
+        self._lock = threading.Lock()
 
     def observe(self, predicted: float, actual: float, now: float) -> None:
-        self._errors.append((now, actual - predicted))
-        self._margin = None
+        with self._lock:
+            self._errors.append((now, actual - predicted))
+            self._margin = None
 
     def margin(self, now: float) -> float:
-        while self._errors and self._errors[0][0] < now - self.max_age_s:
-            self._errors.popleft()
-            self._margin = None
-        if self._margin is None:
-            errors = sorted(e for _, e in self._errors)
-            n = len(errors)
-            self._margin = max(0.0, errors[math.ceil(self.quantile * n) - 1]) if n >= self.least else 0.0
-        return self._margin
+        with self._lock:
+            while self._errors and self._errors[0][0] < now - self.max_age_s:
+                self._errors.popleft()
+                self._margin = None
+            if self._margin is None:
+                errors = sorted(e for _, e in self._errors)
+                n = len(errors)
+                self._margin = max(0.0, errors[math.ceil(self.quantile * n) - 1]) if n >= self.least else 0.0
+            return self._margin
 
 
 @dataclass(frozen=True)

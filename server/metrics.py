@@ -163,7 +163,7 @@ class Metrics:
         self.rejections = Counter("dcar_rejections", "Requests refused, by reason.", ["reason"], registry=r)
         self.dropped_rows = Counter(
             "dcar_dropped_rows",
-            "Rows removed before finishing, by reason (disconnected, deadline, shutdown).",
+            "Rows removed before finishing, by reason (disconnected, deadline, failed, shutdown).",
             ["reason"],
             registry=r,
         )

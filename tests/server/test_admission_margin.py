@@ -5,7 +5,9 @@ then the margin learnt by a served model from requests that finish later than fo
 from __future__ import annotations
 
 import re
+import threading
 import time
+from collections import deque
 
 import pytest
 from server_harness import StepHook, metric, metrics_text, serve
@@ -30,6 +32,33 @@ def test_the_margin_is_zero_until_enough_requests_then_the_quantile_of_their_lat
     assert late.margin(now=30) == 0.0  # never negative: early finishes do not loosen the limits
     with pytest.raises(ValueError, match="quantile"):
         Lateness(quantile=1.0)
+
+
+def test_the_margin_can_be_read_from_another_thread_while_the_loop_observes():
+    """Under Ray's metrics_port, prometheus_client scrapes dcar_admission_margin_seconds on its own thread
+    while the event loop observes finished requests: a read that met a write failed the scrape ("deque
+    mutated during iteration"). Here the loop's write is made to land in the middle of the read."""
+    late = Lateness(quantile=0.5, window=100, least=1, max_age_s=1e9)
+    for i in range(10):
+        late.observe(predicted=1.0, actual=1.0 + i / 10, now=i)
+
+    class WriteMidRead(deque):
+        def __iter__(self):
+            it = super().__iter__()
+            yield next(it)
+            writer = threading.Thread(
+                target=late.observe, kwargs={"predicted": 1.0, "actual": 9.0, "now": 10}
+            )
+            writer.start()
+            writer.join(timeout=0.5)  # a write that must wait for the read ends after it, as it should
+            yield from it
+
+    late._errors = WriteMidRead(late._errors, maxlen=100)
+    assert late.margin(now=10) == pytest.approx(0.4)  # the ten requests the read began with
+    deadline = time.monotonic() + 5
+    while len(late._errors) < 11 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert late.margin(now=10) == pytest.approx(0.5)  # the write landed after the read
 
 
 def test_the_margin_forgets_requests_older_than_its_age_limit():
