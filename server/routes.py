@@ -38,7 +38,7 @@ from dcar.server.schemas import (
     check_timeout,
     to_params,
 )
-from dcar.server.sse import KEEPALIVE, job_events, sse
+from dcar.server.sse import KEEPALIVE, ending_in_an_error_event, job_events, sse
 
 router = APIRouter()
 DEADLINE_GRACE_S = 1.0  # the engine ends late jobs at a step boundary; the route is only the backstop
@@ -175,6 +175,10 @@ def queued_event(engine: Engine, job: Job, first: bool = False) -> str | None:
     return sse("queued", {"position": ahead + 1, "queued_rows": engine.queued_rows})
 
 
+def native_error_event(e: ApiError, request_id: str) -> str:
+    return sse("error", error_body(e.status, e.code, e.message, e.param, request_id))
+
+
 async def stream_events(request: Request, runtime: Runtime, job: Job, fmt: str, quality: int | None):
     """SSE: ``queued`` while waiting (again when the place changes; keep-alive comments in between), then
     ``progress`` per row and step (with a preview if asked), then ``images`` (or ``error``, whose status the
@@ -209,7 +213,7 @@ async def stream_events(request: Request, runtime: Runtime, job: Job, fmt: str, 
             results = job.future.result()
         except ApiError as e:
             set_outcome(request, e.status)
-            yield sse("error", error_body(e.status, e.code, e.message, e.param, job.id))
+            yield native_error_event(e, job.id)
             return
         runtime.tracing.job_spans(job, time.monotonic())
         encoded = await encode_all(runtime, job, results, fmt, quality)
@@ -234,7 +238,9 @@ async def run_native(request: Request, runtime: Runtime, job: Job, fmt: str, qua
     engine.submit(job)
     if job.stream:
         return StreamingResponse(
-            stream_events(request, runtime, job, fmt, quality),
+            ending_in_an_error_event(
+                stream_events(request, runtime, job, fmt, quality), request, job, native_error_event
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -45,7 +45,7 @@ from dcar.server.schemas_openai import (
     TokenDetails,
     Usage,
 )
-from dcar.server.sse import KEEPALIVE, job_events, sse
+from dcar.server.sse import KEEPALIVE, ending_in_an_error_event, job_events, sse
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 UNSUPPORTED = {  # OpenAI fields this model cannot honour, and why
@@ -189,7 +189,9 @@ async def respond(request: Request, runtime: Runtime, limits: Limits, job: Job, 
     use = usage(limits, runtime, p, len(job.params), job.edit is not None)
     if plan.stream:
         return StreamingResponse(
-            stream(request, runtime, job, plan, use),
+            ending_in_an_error_event(
+                stream(request, runtime, job, plan, use), request, job, openai_error_event
+            ),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -220,6 +222,10 @@ def _reencode(png_b64: str, plan: Plan) -> str:
         return png_b64
     image = Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB")
     return base64.b64encode(encode_image(image, plan.fmt, plan.compression)).decode("ascii")
+
+
+def openai_error_event(e: ApiError, request_id: str) -> str:
+    return sse("error", {"type": "error", **error_body(e.status, e.code, e.message, e.param, request_id)})
 
 
 async def stream(request: Request, runtime: Runtime, job: Job, plan: Plan, use: Usage):
@@ -268,7 +274,7 @@ async def stream(request: Request, runtime: Runtime, job: Job, plan: Plan, use: 
             results = job.future.result()
         except ApiError as e:
             set_outcome(request, e.status)
-            yield sse("error", {"type": "error", **error_body(e.status, e.code, e.message, e.param, job.id)})
+            yield openai_error_event(e, job.id)
             return
         runtime.tracing.job_spans(job, time.monotonic())
         encoded = await encode_all(runtime, job, results, plan.fmt, plan.compression)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 
+from dcar.server.errors import ApiError
 from dcar.server.jobs import Job, Progress
+from dcar.server.logs import set_outcome
+
+log = logging.getLogger("dcar.server")
 
 KEEPALIVE = ": keep-alive\n\n"
 
@@ -33,3 +38,19 @@ async def job_events(job: Job, keepalive_s: float) -> AsyncIterator[Progress | N
         if item is None:
             return
         yield item
+
+
+async def ending_in_an_error_event(
+    events: AsyncIterator[str], request, job: Job, error_event: Callable[[ApiError, str], str]
+) -> AsyncIterator[str]:
+    """``events``; if they raise (a failed image encoding, a bug) after the 200 went out, the stream's
+    ``error`` event (500 ``internal_error`` with the request id) ends it, as the API promises, rather than a
+    body cut off mid-stream. A departing client is a cancellation, not an Exception: it is not caught."""
+    try:
+        async for chunk in events:
+            yield chunk
+    except Exception:
+        log.exception("request %s: the event stream failed", job.id)
+        set_outcome(request, 500)
+        failure = ApiError(500, "internal_error", f"the event stream failed; see the server log for {job.id}")
+        yield error_event(failure, job.id)

@@ -180,3 +180,40 @@ async def test_a_queued_stream_gets_its_504_when_its_deadline_passes(pipe, monke
         assert waited < 2.0, waited  # the first request holds the slot for about 3 s
         assert metric(await metrics_text(client), "dcar_dropped_rows_total", reason="deadline") == 1
         assert (await first).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path,module,body",
+    [
+        ("/v1/generate", "dcar.server.routes", {"prompt": "x", "steps": 2, "stream": True}),
+        ("/v1/images/generations", "dcar.server.routes_openai", {"prompt": "x", "stream": True}),
+    ],
+)
+async def test_a_stream_that_fails_after_its_200_ends_in_an_error_event(
+    pipe, monkeypatch, path, module, body
+):
+    """An exception in the stream's own code (here the image encoding) after the 200 went out cut the body
+    off mid-stream, with no ``error`` event though the API promises one; the server keeps serving."""
+    import importlib
+
+    routes = importlib.import_module(module)
+    real = routes.encode_all
+
+    async def broken(runtime, job, results, *args):
+        if job.stream:
+            raise OSError("the encoder broke")
+        return await real(runtime, job, results, *args)
+
+    monkeypatch.setattr(routes, "encode_all", broken)
+    async with serve(pipe) as client:
+        r = await client.post(path, json=body)
+        assert r.status_code == 200
+        kind, data = parse_sse(r.text)[-1]
+        assert kind == "error"
+        err = data["error"]
+        assert err["code"] == "internal_error" and err["request_id"] == r.headers["x-request-id"]
+        assert r.headers["x-request-id"] in err["message"]
+        text = await metrics_text(client)
+        assert metric(text, "dcar_requests_total", endpoint=path, status="500") == 1
+        fine = await client.post(path, json={**body, "stream": False})
+        assert fine.status_code == 200
