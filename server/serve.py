@@ -103,6 +103,19 @@ class DrainingServer(uvicorn.Server):
             log.error("exiting with status 1 (the model did not load)")
             self.exit_code = 1
             self.should_exit = True
+            return
+        if not self.runtime.settings.exit_on_engine_failure:
+            return
+        # Kubernetes restarts a process whose /healthz fails, but docker compose's restart policy (and
+        # systemd's) only acts on an exit: a failed engine would otherwise answer 503 until someone came.
+        while self.runtime.status != "failed" and not self.should_exit:
+            await asyncio.sleep(0.1)
+        if self.runtime.status == "failed":
+            engine = self.runtime.engine
+            log.error("exiting with status 1: the engine failed for good (%s)", engine and engine.failure)
+            await asyncio.sleep(0.5)  # the 503s and 500s already decided go out first
+            self.exit_code = 1
+            self.should_exit = True
 
     def handle_exit(self, sig: int, frame) -> None:
         if self._draining or self._loop is None:

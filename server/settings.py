@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         60.0, ge=0, description="on SIGTERM, how long in-flight rows may take to finish"
     )
+    exit_on_engine_failure: bool = Field(
+        True,
+        description="end dcar serve with status 1 once the engine failed for good (a batch error, then a "
+        "failed health probe), so that a restart policy replaces it; false keeps it up, answering 503",
+    )
     # Bounds the backlog in seconds of predicted work (docs/reliability.md): an accepted request waits at most
     # this long for a slot, then takes one image's time in the batch; after an overload the server is back to
     # normal latency within about this much. 2 s is a few steps of a full batch, enough to keep the batch full
