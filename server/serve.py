@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from dcar.server import logs
 from dcar.server.guard import ConnectionGuard
+from dcar.server.ops_port import OpsListener
 from dcar.server.settings import Settings
 
 if TYPE_CHECKING:  # the app and the runtime import the model (torch, transformers: seconds); bad flags
@@ -36,6 +37,7 @@ FLAGS = {
     "dtype": ("--dtype", str, "float32, float16 or bfloat16"),
     "host": ("--host", str, "address to bind (default 127.0.0.1)"),
     "port": ("--port", int, "port to bind (default 8000)"),
+    "ops_port": ("--ops-port", int, "a second port for /healthz, /readyz and /metrics only (default: none)"),
     "max_batch_size": ("--max-batch-size", int, "rows (images) in flight at once"),
     "max_wait_ms": ("--max-wait-ms", float, "how long an idle engine collects rows before starting"),
     "max_queue": ("--max-queue", int, "rows waiting before 429"),
@@ -85,11 +87,23 @@ class DrainingServer(uvicorn.Server):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._tasks: set[asyncio.Task] = set()
+        self._ops: OpsListener | None = None
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        settings = self.runtime.settings
+        if settings.ops_port is not None and not self.should_exit:
+            self._ops = OpsListener(
+                self.config.app, settings.host, settings.ops_port, settings.keepalive_timeout_s
+            )
+            await self._ops.start()
         self._spawn(self._watch_boot())
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self._ops is not None:  # last: the probes see "draining", not a refused connection, until the end
+            await self._ops.stop()
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     # --- network -----------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    ops_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="a second port serving only /healthz, /readyz and /metrics, outside max_connections "
+        "(server/ops_port.py); unset = those routes on the main port only",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer keys (comma-separated); empty = no auth"
     )
@@ -229,6 +236,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross(self) -> Settings:
+        if self.ops_port is not None and self.ops_port == self.port:
+            raise ValueError(
+                f"ops_port={self.ops_port} is the main port; give the probes a port of their own"
+            )
         if self.max_queue < self.max_n:
             raise ValueError(
                 f"max_queue={self.max_queue} is below max_n={self.max_n}: "

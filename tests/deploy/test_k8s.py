@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+import socket
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,7 @@ from docker_files import stages
 from k8s_schemas import K8S_VERSIONS, problems
 from prometheus_client import generate_latest
 from promql import ALERTS, selectors
-from server_harness import live_server, samples
+from server_harness import draining_server, free_port, samples
 
 from dcar.server.metrics import Metrics
 from dcar.server.ray_serve import RayOptions, deployment_options
@@ -202,13 +203,18 @@ def test_probes_answer_on_a_live_server(deploy_pipe):
         "readinessProbe": "/readyz",
         "livenessProbe": "/healthz",
     }
-    assert {p["port"] for p in probes.values()} == {"http"} and port["http"] == Settings().port == 8000
+    # the probes go to the ops port (outside max_connections), the one DCAR_OPS_PORT opens
+    assert {p["port"] for p in probes.values()} == {"ops"} and port["http"] == Settings().port == 8000
+    assert port["ops"] == Settings(ops_port=env()["DCAR_OPS_PORT"]).ops_port
     # Loading and warm-up may take minutes: the startup probe allows at least 10 of them.
     assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 600
-    with live_server(deploy_pipe) as (url, _app):
-        for p in probes.values():
-            r = httpx.get(url + p["path"], timeout=10)
-            assert r.status_code == 200, (p, r.text)
+    ops = free_port()
+    with draining_server(deploy_pipe, ops_port=ops, max_connections=1) as (url, _server, _thread):
+        host, main_port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(main_port))):  # a client holds the one main connection
+            for p in probes.values():
+                r = httpx.get(f"http://127.0.0.1:{ops}{p['path']}", timeout=10)
+                assert r.status_code == 200, (p, r.text)
 
 
 # Pod Security Standards, `restricted` profile (kubernetes.io/docs/concepts/security/pod-security-standards):
@@ -320,6 +326,7 @@ def test_service_podmonitor_and_pvc_point_at_the_deployment():
     assert monitor["selector"]["matchLabels"].items() <= labels.items()
     [endpoint] = monitor["podMetricsEndpoints"]
     assert endpoint["port"] in {p["name"] for p in container()["ports"]} and endpoint["path"] == "/metrics"
+    assert endpoint["port"] == container()["readinessProbe"]["httpGet"]["port"] == "ops"  # not behind the cap
     # The job label the shipped alert rules select.
     [relabel] = endpoint["relabelings"]
     assert relabel["targetLabel"] == "job"

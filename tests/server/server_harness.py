@@ -80,6 +80,29 @@ def live_server(pipe: Pipeline, **overrides):
         sock.close()
 
 
+@contextmanager
+def draining_server(pipe: Pipeline, **overrides):
+    """What ``dcar serve`` runs (``DrainingServer``: the connection guard, the exit rules, the ops port) on
+    ``pipe``, in a thread; yields (base URL, server, thread) once ready, and stops it at the end."""
+    from dcar.server.serve import DrainingServer, uvicorn_config
+
+    s = settings(**overrides)
+    app = create_app(s, pipeline=pipe)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = DrainingServer(uvicorn_config(app, s, log_level="warning"), app.state.runtime)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        wait_until_ready(url, timeout=60)
+        yield url, server, thread
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
 # --- helpers -------------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from server_harness import StepHook, metric, metrics_text, serve, start_dcar_serve
+from server_harness import StepHook, draining_server, metric, metrics_text, serve, start_dcar_serve
 
 from dcar.server.serve import add_arguments, settings_from_args
 
@@ -132,27 +132,6 @@ async def test_the_drain_timeout_is_waited_once_and_client_outcomes_log_below_er
     ]
 
 
-def _serve_in_thread(pipe, **overrides):
-    """A real ``DrainingServer`` (what ``dcar serve`` runs) on ``pipe``, in a thread: (url, server, thread)."""
-    import socket
-
-    from server_harness import settings, wait_until_ready
-
-    from dcar.server.app import create_app
-    from dcar.server.serve import DrainingServer, uvicorn_config
-
-    s = settings(**overrides)
-    app = create_app(s, pipeline=pipe)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = DrainingServer(uvicorn_config(app, s, log_level="warning"), app.state.runtime)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    wait_until_ready(url, timeout=60)
-    return url, server, thread
-
-
 def broken_after_warm_up(state):
     if state.rows[0].params.prompt != "warm-up":  # every batch fails, and so does the health probe
         raise RuntimeError("the device is gone")
@@ -164,8 +143,7 @@ def test_an_engine_that_failed_for_good_ends_the_process_with_status_1(pipe, mon
     restarts such a pod through /healthz, but docker compose's restart policy only acts on an exit, so the
     process ends with status 1 (DCAR_EXIT_ON_ENGINE_FAILURE=false keeps it up, answering 503)."""
     StepHook(pipe, monkeypatch, fail=broken_after_warm_up)
-    url, server, thread = _serve_in_thread(pipe, exit_on_engine_failure=exits)
-    try:
+    with draining_server(pipe, exit_on_engine_failure=exits) as (url, server, thread):
         r = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "steps": 2}, timeout=30)
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         thread.join(timeout=10)
@@ -176,6 +154,3 @@ def test_an_engine_that_failed_for_good_ends_the_process_with_status_1(pipe, mon
             assert httpx.get(f"{url}/healthz", timeout=5).json()["status"] == "failed"
             r = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "steps": 2}, timeout=30)
             assert r.status_code == 503 and r.json()["error"]["code"] == "engine_failed"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
