@@ -447,4 +447,6 @@ class Engine:
             self.status = "failed"
             self.metrics.set_ready(False)
             for job in list(self._jobs):
-                self._close(job, "failed", self._refusal())
+                error = self._refusal()
+                error.reason = None  # accepted work: counted as dropped rows (failed), not as a refusal
+                self._close(job, "failed", error)

@@ -194,3 +194,34 @@ def test_an_unexpected_error_is_a_500_with_its_request_id_in_the_header_too(pipe
             assert r.headers["x-request-id"] == sent.get("X-Request-Id", r.headers["x-request-id"])
         text = httpx.get(f"{url}/metrics").text
         assert metric(text, "dcar_requests_total", endpoint="/v1/generate", status="500") == 2
+
+
+async def test_requests_accepted_before_the_engine_failed_for_good_are_not_counted_as_refused(
+    pipe, monkeypatch
+):
+    """A batch error whose probe generation also fails ends every accepted job with 503 engine_failed; those
+    jobs were accepted, so their rows count as dropped (failed), not in dcar_rejections_total, which counted
+    them as not_ready refusals. Requests sent after that are refusals."""
+    gate = threading.Event()
+
+    def broken(state):
+        if state.rows[0].params.prompt != "warm-up":
+            gate.wait(30)  # the second request is queued behind this batch before it fails
+            raise RuntimeError("the device is gone")
+
+    StepHook(pipe, monkeypatch, fail=broken)
+    async with serve(pipe, max_batch_size=1, max_wait_ms=0) as client:
+        first = asyncio.create_task(client.post("/v1/generate", json={"prompt": "a", "steps": 2}))
+        second = asyncio.create_task(client.post("/v1/generate", json={"prompt": "b", "steps": 2}))
+        deadline = time.monotonic() + 10
+        while metric(await metrics_text(client), "dcar_queue_size") < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        gate.set()
+        ran, queued = sorted([await first, await second], key=lambda r: r.status_code)  # either may run
+        assert ran.status_code == 500 and queued.status_code == 503, (ran.text, queued.text)
+        assert queued.json()["error"]["code"] == "engine_failed"
+        later = await client.post("/v1/generate", json={"prompt": "c", "steps": 2})
+        assert later.status_code == 503
+        text = await metrics_text(client)
+        assert metric(text, "dcar_dropped_rows_total", reason="failed") == 1
+        assert metric(text, "dcar_rejections_total", reason="not_ready") == 1  # the later one only
