@@ -121,7 +121,8 @@ class Runtime:
                     "name": info["name"],
                     "device": info["device"],
                     "dtype": info["dtype"],
-                    "native_size": info["native_size"],
+                    # WIDTHxHEIGHT, as in `sizes` and /v1/models (the bare side "256" read differently)
+                    "native_size": f"{info['native_size']}x{info['native_size']}",
                     "sizes": ",".join(f"{w}x{h}" for w, h in self.sizes),
                 }
             )

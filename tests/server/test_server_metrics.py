@@ -61,7 +61,7 @@ async def test_metrics_after_traffic(pipe):
             name="tiny-random",
             device="cpu",
             dtype="float32",
-            native_size="128",
+            native_size="128x128",
             sizes="128x128",
         )
         == 1
