@@ -33,6 +33,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from starlette.responses import Response
+
 from dcar.server.errors import json_error
 
 ROUTES = frozenset({"/v1/generate", "/v1/edit", "/v1/images/generations", "/v1/images/edits"})
@@ -133,8 +135,8 @@ class IdempotencyMiddleware:
                 rid,
             )(scope, receive, send)
         body = await _read_body(receive)
-        if body is None:  # the client left while sending its body
-            return None
+        if body is None:  # the client left while sending its body: 499, as errors.py answers without a key
+            return await Response(status_code=499)(scope, receive, send)
         tenant = hashlib.sha256(headers.get(b"authorization", b"")).hexdigest()
         scoped = (tenant, scope["path"], key)
         fingerprint = _fingerprint(headers.get(b"content-type", b""), body)

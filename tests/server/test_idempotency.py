@@ -173,3 +173,28 @@ async def test_a_streamed_response_is_not_kept_and_its_retry_streams_anew(pipe, 
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             assert "idempotent-replayed" not in r.headers and "event: images" in r.text
         assert generated(hook, "a streamed triangle") == 4
+
+
+def test_a_keyed_request_whose_client_leaves_mid_body_ends_as_499_not_as_a_server_error(pipe):
+    """Its body never arrived, so nothing ran: the request ended because its client left (499, as the
+    ClientDisconnect handler answers without a key), not with a server error (500)."""
+    import socket
+
+    with live_server(pipe) as (url, _app):
+        host, port = url.removeprefix("http://").split(":")
+        head = "POST /v1/generate HTTP/1.1\r\nHost: dcar\r\nContent-Type: application/json\r\n"
+        head += "Content-Length: 100\r\nIdempotency-Key: order-half-sent\r\n\r\n"
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(head.encode() + b'{"prompt": "a half')
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            text = httpx.get(f"{url}/metrics").text
+            counted = {
+                code: metric(text, "dcar_requests_total", endpoint="/v1/generate", status=code)
+                for code in ("499", "500")
+            }
+            if sum(counted.values()):
+                break
+            time.sleep(0.05)
+        assert counted == {"499": 1, "500": 0}
