@@ -5,16 +5,23 @@ timeouts) also lock out the kubelet's probes and Prometheus: the pod is restarte
 go missing exactly when they matter. Triton answers metrics on a port of their own for the same reason.
 This listener serves only ``GET``/``HEAD`` of ``/healthz``, ``/readyz`` and ``/metrics`` (404 for anything
 else, so it is no way around the main port's limits), from the same app and process, with no lifespan of
-its own: ``dcar serve`` starts it after the main server and stops it last, so readiness can say "draining"
-until the end. Keep it off the clients' network (a NetworkPolicy, or no Service port for it).
+its own: ``dcar serve`` binds its port first (a taken port stops it before the model loads), listens once
+the main server started, and stops it last, so readiness can say "draining" until the end. Keep it off the
+clients' network (a NetworkPolicy, or no Service port for it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
+import sys
 
 import uvicorn
+from uvicorn.server import STARTUP_FAILURE
+
+log = logging.getLogger("uvicorn.error")
 
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -74,14 +81,30 @@ class OpsListener:
         )
         self.server = uvicorn.Server(config)
         self._loop_task: asyncio.Task | None = None
+        self._sock: socket.socket | None = None
+
+    def bind(self) -> None:
+        """Bind the port, not listening yet: called before the main server starts (its port, the model
+        load), so that a taken port stops the process at once, with uvicorn's status for a taken port."""
+        host, port = self.server.config.host, self.server.config.port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            log.error("the ops port: %s", exc)
+            sys.exit(STARTUP_FAILURE)
+        self._sock = sock
 
     async def start(self) -> None:
-        """Bind and listen (uvicorn exits the process with status 1 when the port cannot be bound)."""
+        """Listen on the port ``bind`` took."""
         config = self.server.config
         if not config.loaded:
             config.load()
         self.server.lifespan = config.lifespan_class(config)  # "off": nothing starts
-        await self.server.startup()
+        assert self._sock is not None, "bind() first"
+        await self.server.startup(sockets=[self._sock])
         self._loop_task = asyncio.ensure_future(self.server.main_loop())  # the Date header's ticks
 
     async def stop(self) -> None:
@@ -90,3 +113,5 @@ class OpsListener:
             await self._loop_task
         if self.server.started:
             await self.server.shutdown()
+        if self._sock is not None:
+            self._sock.close()

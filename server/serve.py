@@ -91,12 +91,14 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
         settings = self.runtime.settings
-        if settings.ops_port is not None and not self.should_exit:
+        if settings.ops_port is not None:  # bound first: a taken port stops us before the model loads
             self._ops = OpsListener(
                 self.config.app, settings.host, settings.ops_port, settings.keepalive_timeout_s
             )
+            self._ops.bind()
+        await super().startup(sockets)
+        if self._ops is not None and not self.should_exit:
             await self._ops.start()
         self._spawn(self._watch_boot())
 

@@ -4,11 +4,13 @@ of the main port (max_connections), and that port serves nothing else."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
-from server_harness import draining_server, free_port, metric
+from server_harness import REPO, draining_server, free_port, metric
 
 from dcar.server.settings import Settings
 
@@ -47,3 +49,26 @@ def test_probes_and_metrics_answer_on_the_ops_port_while_clients_hold_every_conn
 def test_the_ops_port_must_differ_from_the_main_port():
     with pytest.raises(ValueError, match="ops_port=8000 is the main port"):
         Settings(ops_port=8000)
+
+
+def test_a_taken_ops_port_stops_dcar_serve_before_the_main_port_opens_or_the_model_loads(tmp_path):
+    """A configuration error: it must stop the process at once, not after the main port listened and the
+    model loaded (the exit then waits for the load), with the lifespan cancelled and its traceback logged."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ops = taken.getsockname()[1]
+        port = free_port()
+        proc = subprocess.run(
+            [sys.executable, "-m", "dcar.server.serve", "--weights", "preset:tiny", "--port", str(port)]
+            + ["--ops-port", str(ops)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log
+    assert "address already in use" in log.lower(), log
+    assert "Application startup" not in log and f":{port}" not in log, log
+    assert "Traceback" not in log, log
