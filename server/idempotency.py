@@ -8,7 +8,8 @@ IETF httpapi draft's name, as Stripe and others use it) on ``POST`` to ``/v1/gen
 * the first request runs as usual, and its successful (2xx) response is kept for ``idempotency_ttl_s``;
 * a request with the same key and the same body gets that response again, byte for byte, with
   ``Idempotent-Replayed: true``; if the first is still running it waits for it instead of drawing again;
-* the same key with a different body is a 422 ``idempotency_key_reused`` (the key names one request);
+* the same key with a different body (or ``Accept``) is a 422 ``idempotency_key_reused`` (the key names one
+  request);
 * a refused or failed first request (4xx, 5xx) is not kept: its retry runs anew;
 * a request with a key runs to the end even when its client leaves (only then can a retry find it); the
   routes otherwise drop a departed client's rows;
@@ -139,14 +140,14 @@ class IdempotencyMiddleware:
             return await Response(status_code=499)(scope, receive, send)
         tenant = hashlib.sha256(headers.get(b"authorization", b"")).hexdigest()
         scoped = (tenant, scope["path"], key)
-        fingerprint = _fingerprint(headers.get(b"content-type", b""), body)
+        fingerprint = _fingerprint(headers.get(b"content-type", b""), headers.get(b"accept", b""), body)
         while (entry := self.store.get(scoped)) is not None:
             if entry.fingerprint != fingerprint:
                 self.runtime.metrics.idempotent("conflict")
                 return await json_error(
                     422,
                     "idempotency_key_reused",
-                    f"{HEADER} {key!r} was sent with a different request body within "
+                    f"{HEADER} {key!r} was sent with a different request (body or Accept) within "
                     f"idempotency_ttl_s={self.store.ttl_s:g}; a key names one request",
                     HEADER,
                     rid,
@@ -197,17 +198,20 @@ class IdempotencyMiddleware:
 BOUNDARY_RE = re.compile(rb";\s*boundary=\"?([^\";]+)\"?", re.IGNORECASE)
 
 
-def _fingerprint(content_type: bytes, body: bytes) -> bytes:
-    """The request's identity: its content type and body, a multipart boundary aside.
+def _fingerprint(content_type: bytes, accept: bytes, body: bytes) -> bytes:
+    """The request's identity: its content type, what it accepts and its body, a multipart boundary aside.
 
-    Clients draw a new random boundary each time they build a multipart body (httpx, hence the openai SDK's
-    own retries of an edit), so the same form sent twice differs in its boundary only.
+    ``Accept`` chooses the response's form (``image/png`` is the raw image, else JSON), so a retry that asks
+    for another form is another request. Clients draw a new random boundary each time they build a
+    multipart body (httpx, hence the openai SDK's own retries of an edit), so the same form sent twice
+    differs in its boundary only.
     """
     match = BOUNDARY_RE.search(content_type)
     if match:
         body = body.replace(b"--" + match.group(1), b"--<boundary>")
         content_type = content_type[: match.start()] + content_type[match.end() :]
-    return hashlib.sha256(content_type.strip().lower() + b"\0" + body).digest()
+    head = content_type.strip().lower() + b"\0" + accept.strip().lower()
+    return hashlib.sha256(head + b"\0" + body).digest()
 
 
 async def _read_body(receive) -> bytes | None:

@@ -65,10 +65,15 @@ async def test_the_same_key_with_another_body_is_refused_and_names_the_header(pi
         err = r.json()["error"]
         assert err["code"] == "idempotency_key_reused" and err["param"] == "Idempotency-Key"
         assert "order-7f3a" in err["message"] and "idempotency_ttl_s=3600" in err["message"]
+        # asking for the raw image instead of JSON is another request too
+        r = await client.post(
+            "/v1/generate", json={"prompt": "one", "steps": 2}, headers={**KEY, "Accept": "image/png"}
+        )
+        assert r.status_code == 422 and r.json()["error"]["code"] == "idempotency_key_reused"
         # the same key on another route is another request; another tenant's key space is its own
         r = await client.post("/v1/images/generations", json={"prompt": "another"}, headers=KEY)
         assert r.status_code == 200, r.text
-        assert metric(await metrics_text(client), "dcar_idempotent_requests_total", outcome="conflict") == 1
+        assert metric(await metrics_text(client), "dcar_idempotent_requests_total", outcome="conflict") == 2
 
 
 async def test_keys_are_scoped_by_api_key(pipe):
