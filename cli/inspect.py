@@ -7,6 +7,7 @@ prints anything, with one line ``dcar inspect: error: --preset: ...`` / ``... PA
 from __future__ import annotations
 
 import argparse
+import os
 
 from dcar.cli.argtypes import fail
 
@@ -18,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.path and not os.path.lexists(args.path):  # before importing torch: a typo answers in ms, not 8 s
+        fail(args, f"PATH: {args.path}: no such file or directory")
     from dcar.model.inspect import file_entries, preset_entries, weight_files
 
     if args.preset:

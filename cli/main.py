@@ -97,6 +97,19 @@ def build_parser(only: str | None = None) -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # output still buffered (argparse's --help exits with it) meets a closed pipe here
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # `dcar inspect ... | head` closed the pipe: end quietly, as a command killed by SIGPIPE would (the
+        # traceback was noise), and point stdout at /dev/null so that the interpreter's final flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     # Before torch is imported: OpenMP's busy-waiting threads slow a CPU generation ~100x when another
     # process shares the cores (measured on a 2-core machine); passive waiting costs nothing alone.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -111,13 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         from dcar.cli.serve_flags import check_settings
 
         check_settings(args, parser.commands["serve"])
-    try:
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
-    except BrokenPipeError:
-        # `dcar inspect ... | head` closed the pipe: end quietly, as a command killed by SIGPIPE would (the
-        # traceback was noise), and point stdout at /dev/null so that the interpreter's final flush is silent.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -255,21 +255,18 @@ def test_a_bad_inspect_path_is_status_2_as_a_process(tmp_path):
 
 
 def test_output_into_a_pipe_closed_early_ends_quietly():
-    """`dcar inspect --preset dc-ar-512 | head -2` ended in a BrokenPipeError traceback. The pipe here holds
-    4 KiB (less than the listing), so the command is still writing when the reader goes."""
-    import fcntl
-
+    """`dcar inspect --preset dc-ar-512 | head -2` ended in a BrokenPipeError traceback, or, for output still
+    buffered at exit, "Exception ignored ... BrokenPipeError" and status 120. The reader here leaves before
+    the command writes, so any output size meets it."""
     read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.close(read_end)  # every write now fails with EPIPE, whatever the output's size
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dcar.cli.main", "inspect", "--preset", "dc-ar-512"],
+        [sys.executable, "-m", "dcar.cli.main", "inspect", "--preset", "tiny-ht"],
         stdout=write_end,
         stderr=subprocess.PIPE,
         text=True,
     )
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        assert reader.read(64).startswith(b"name\tshape")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141 and err == "", (proc.returncode, err)
 
