@@ -60,7 +60,7 @@ def _one_line(error: ValidationError, args: argparse.Namespace, parser: argparse
 
 def check_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Validate the flags and DCAR_* variables together before anything starts; exit 2 with one line if bad."""
-    from dcar.server.serve import settings_from_args
+    from dcar.server.serve import device_refusal, settings_from_args
 
     try:
         settings = settings_from_args(args)
@@ -73,10 +73,6 @@ def check_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     except ValueError as e:  # RayOptions: the message names the option and the fix
         parser.error(str(e))
     if not getattr(args, "ray", False):
-        from dcar.model.devices import device_problem, resolve_device
-
-        # Before the port opens: a pod scheduled on a node without the GPU it asks for should say so and
-        # stop, not start listening and then fail its model load with a traceback.
-        problem = device_problem(resolve_device(settings.device))
+        problem = device_refusal(settings, args)
         if problem:
-            parser.error(f"{'--device' if args.device is not None else 'DCAR_DEVICE'}: {problem}")
+            parser.error(problem)

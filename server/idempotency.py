@@ -55,6 +55,10 @@ class Entry:
     kept: bool = False
     expires: float = float("inf")
 
+    def size(self) -> int:
+        """Bytes it holds against ``idempotency_max_bytes``: the body and the headers."""
+        return len(self.body) + sum(len(k) + len(v) for k, v in self.headers)
+
 
 class IdempotencyStore:
     """Entries by (tenant, route, key): in-flight ones always, finished ones up to ``max_bytes`` and ``ttl_s``."""
@@ -80,10 +84,9 @@ class IdempotencyStore:
 
     def finish(self, key: tuple[str, str, str], entry: Entry, keep: bool) -> None:
         """The first request ended: keep its response (``keep``) within the byte budget, or forget the key."""
-        size = len(entry.body) + sum(len(k) + len(v) for k, v in entry.headers)
-        if keep and size <= self.max_bytes:
+        if keep and entry.size() <= self.max_bytes:
             entry.kept, entry.expires = True, self.clock() + self.ttl_s
-            self.kept_bytes += size
+            self.kept_bytes += entry.size()
             self.entries.move_to_end(key)
             self._evict()
         elif self.entries.get(key) is entry:
@@ -99,8 +102,7 @@ class IdempotencyStore:
             self._drop(oldest)
 
     def _drop(self, key: tuple[str, str, str]) -> None:
-        entry = self.entries.pop(key)
-        self.kept_bytes -= len(entry.body) + sum(len(k) + len(v) for k, v in entry.headers)
+        self.kept_bytes -= self.entries.pop(key).size()
 
 
 class IdempotencyMiddleware:

@@ -13,13 +13,14 @@ clients' network (a NetworkPolicy, or no Service port for it).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import sys
 
 import uvicorn
 from uvicorn.server import STARTUP_FAILURE
+
+from dcar.server.errors import json_error
 
 log = logging.getLogger("uvicorn.error")
 
@@ -40,20 +41,8 @@ class OpsOnly:
                 scope = {**scope, "method": "GET"}
                 send = _without_body(send)
             return await self.app(scope, receive, send)
-        body = json.dumps(
-            {
-                "error": {
-                    "code": "not_found",
-                    "message": f"the ops port serves only GET {', '.join(sorted(OPS_PATHS))}",
-                    "param": None,
-                    "type": "invalid_request_error",
-                }
-            }
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 404, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return None
+        message = f"the ops port serves only GET {', '.join(sorted(OPS_PATHS))}"
+        return await json_error(404, "not_found", message)(scope, receive, send)
 
 
 def _without_body(send):

@@ -72,6 +72,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ray_serve.add_arguments(parser)
 
 
+def device_refusal(settings: Settings, args: argparse.Namespace) -> str | None:
+    """``--device: why`` (or ``DCAR_DEVICE: why``) when this machine lacks the device, else None.
+
+    Checked before the port opens: a pod scheduled on a node without the GPU it asks for should say so and
+    stop, not start listening and then fail its model load with a traceback.
+    """
+    from dcar.model.devices import device_problem, resolve_device  # torch: after the flags were read
+
+    problem = device_problem(resolve_device(settings.device))
+    if not problem:
+        return None
+    return f"{'--device' if getattr(args, 'device', None) is not None else 'DCAR_DEVICE'}: {problem}"
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     fields = [*FLAGS, "api_keys", "warmup"]
     return Settings(**{f: getattr(args, f) for f in fields if getattr(args, f, None) is not None})
@@ -176,13 +190,9 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"dcar serve: invalid settings:\n{e}", file=sys.stderr)
         return 2
-    from dcar.model.devices import device_problem, resolve_device
-
-    # Before the port opens: a pod scheduled on a node without the GPU it asks for should say so and stop,
-    # not start listening and then fail its model load with a traceback.
-    problem = device_problem(resolve_device(settings.device))
+    problem = device_refusal(settings, args)
     if problem:
-        print(f"dcar serve: error: device: {problem}", file=sys.stderr)
+        print(f"dcar serve: error: {problem}", file=sys.stderr)
         return 2
     log_config = logs.configure(settings.log_format, settings.log_level)
     from dcar.server.app import create_app
