@@ -116,12 +116,10 @@ def _run_ceiling_only(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
     device = resolve_device(args.device)
     if (path / "checkpoint.pt").is_file():
         if args.write_card:
-            print("--write-card needs a weights directory, not a tokenizer run", file=sys.stderr)
-            return 2
+            return _error(f"--write-card: needs a weights directory, and {path} is a tokenizer run")
         ckpt = load_checkpoint(path)
         if ckpt is None or ckpt.get("kind") != "tokenizer":
-            print(f"{path}: not a tokenizer run directory", file=sys.stderr)
-            return 2
+            return _error(f"WEIGHTS: {path} holds a checkpoint.pt that is not a tokenizer run's")
         tok = load_trained_tokenizer(path, train_preset(ckpt["preset"]["name"])).to(device)
         where = f"stage {ckpt['stage'] + 1}, step {ckpt['step']}"
     else:
@@ -192,11 +190,9 @@ def _sweep(args: argparse.Namespace, seeds: tuple[int, ...]) -> int:
     try:
         grid = parse_sweep(args.sweep)
     except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
+        return _error(str(e))  # names the --sweep value
     if args.write_card:
-        print("--sweep does not write a card: export the chosen defaults, then evaluate", file=sys.stderr)
-        return 2
+        return _error("--write-card: a --sweep writes no card (export the chosen defaults, then evaluate)")
 
     from dcar.training.evaluate import tuning_prompts
     from dcar.training.shapes_eval import EVAL_PROMPTS

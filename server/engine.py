@@ -124,6 +124,13 @@ class Engine:
         self.metrics.set_ready(False)
         for job in list(self._jobs):
             self._close(job, "failed", ApiError(500, "internal_error", self.failure))
+        # No plan will drop the rows that were running: without this the gauge kept them for good.
+        if self._running:
+            self.metrics.rows_dropped(
+                "failed", len(self._running), sum(t.compute_s for t in self._running.values())
+            )
+            self._running.clear()
+        self._publish()
 
     async def call(self, fn: Callable[..., Any], *args) -> Any:
         """Run ``fn`` on the model thread (between iterations, never during one)."""
@@ -197,7 +204,9 @@ class Engine:
         if self._wake is not None:
             self._wake.set()
         if self._task is not None:
-            await self._task
+            # a crashed loop was logged and answered by _loop_ended; raising it again here failed the
+            # shutdown (and with it the process's exit) after the requests had long been answered
+            await asyncio.wait([self._task])
         self._executor.shutdown(wait=True)
         if self.status != "failed":
             self.status = "stopped"
@@ -323,6 +332,7 @@ class Engine:
             job.future.set_exception(error)
         else:
             job.future.set_result(results)
+            self.metrics.delivered(job.task, len(job.params))
             if job.predicted_s is not None and job.enqueued is not None:
                 now = time.monotonic()
                 actual = now - job.enqueued

@@ -211,6 +211,8 @@ def install_handlers(app: FastAPI, metrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         cause = exc.__cause__
+        if isinstance(cause, ClientDisconnect):  # FastAPI's JSON body reading wraps it in a 400
+            return await _client_left(request, cause)
         if exc.status_code == 400 and isinstance(cause, RecursionError | UnicodeDecodeError | ValueError):
             # FastAPI's own body parsing: its message ("There was an error parsing the body") says nothing
             return await _api_error(request, bad_json(cause))

@@ -146,6 +146,7 @@ class IdempotencyMiddleware:
         while (entry := self.store.get(scoped)) is not None:
             if entry.fingerprint != fingerprint:
                 self.runtime.metrics.idempotent("conflict")
+                self.runtime.metrics.rejected("invalid")
                 return await json_error(
                     422,
                     "idempotency_key_reused",

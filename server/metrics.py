@@ -260,12 +260,16 @@ class Metrics:
     def row_started(self, waited: float) -> None:
         self.queue_wait.observe(waited)
 
-    def row_finished(self, task: str, timings: dict[str, float]) -> None:
-        self.images.labels(task).inc()
-        self.recent_images.add()
+    def row_finished(self, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():
             if stage in STAGES:
                 self.stage_duration.labels(stage).observe(seconds)
+
+    def delivered(self, task: str, images: int) -> None:
+        """A job ended with all its images: counted here, not per finished row, so the finished rows of an
+        n > 1 job that then fails (a sibling's error, its deadline) are not counted as delivered."""
+        self.images.labels(task).inc(images)
+        self.recent_images.add(images)
 
     def load(self) -> dict[str, float]:
         """What the playground's status strip shows: rows waiting and running (as on the gauges), and images

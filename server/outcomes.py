@@ -66,7 +66,7 @@ def deliver(
             metrics.rows_dropped(job.closed or "finished", 1, t.compute_s)
             continue
         job.results[t.index] = res
-        metrics.row_finished(job.task, res.timings)
+        metrics.row_finished(res.timings)
         if all(r is not None for r in job.results):
             finish(job, list(job.results))
     real_failure = False

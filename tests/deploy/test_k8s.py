@@ -269,6 +269,15 @@ def test_pods_meet_the_restricted_pod_security_standard(kind):
     assert restricted_problems(M[kind]["spec"]["template"]["spec"]) == []
 
 
+def test_the_ray_pods_meet_the_restricted_pod_security_standard():
+    """Both pod templates KubeRay creates (head and GPU workers): the RayService is the other way to deploy,
+    into the same namespaces as the Deployment."""
+    cluster = M["RayService"]["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]]
+    pods += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    assert [restricted_problems(pod) for pod in pods] == [[], []]
+
+
 def test_restricted_check_catches_what_it_names():
     pod = copy.deepcopy(M["Deployment"]["spec"]["template"]["spec"])
     del pod["securityContext"]["seccompProfile"]

@@ -388,13 +388,39 @@ def test_an_unwritable_output_exits_2_before_any_work(output, message, tmp_path,
         (["eval", "{tmp}/absent", "--json", "{tmp}/no/r.json"], "--json: the folder of {tmp}/no/r.json"),
         (["eval", "{tmp}/cut.json", "--explain"], "{tmp}/cut.json: not a results file (not valid JSON"),
         (["eval", "{tmp}/list.json", "--explain"], "{tmp}/list.json: no per-image ShapesEval results"),
+        (
+            ["eval", "{tmp}/absent", "--sweep", "temperature=1"],
+            "dcar eval: error: --sweep 'temperature=1': unknown knob",
+        ),
+        (
+            ["eval", "{tmp}/absent", "--sweep", "steps=2", "--write-card"],
+            "dcar eval: error: --write-card: a --sweep writes no card",
+        ),
+        (
+            ["eval", "{tmp}/run", "--tokenizer-ceiling", "--write-card"],
+            "dcar eval: error: --write-card: needs a weights directory, and {tmp}/run is a tokenizer run",
+        ),
     ],
-    ids=["weights", "ceiling", "sweep", "device", "seeds", "json", "explain-cut", "explain-list"],
+    ids=[
+        "weights",
+        "ceiling",
+        "sweep",
+        "device",
+        "seeds",
+        "json",
+        "explain-cut",
+        "explain-list",
+        "sweep-knob",
+        "sweep-card",
+        "run-card",
+    ],
 )
 def test_eval_refuses_what_it_cannot_use_with_one_line(argv, message, tmp_path, capsys):
     """Each was a traceback with status 1 (--json's only after the whole evaluation had run)."""
     (tmp_path / "cut.json").write_text('{"shapes_eval": {')
     (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")  # refused before it is read
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert message.replace("{tmp}", str(tmp_path)) in line, line

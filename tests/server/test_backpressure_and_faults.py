@@ -225,3 +225,24 @@ async def test_requests_accepted_before_the_engine_failed_for_good_are_not_count
         text = await metrics_text(client)
         assert metric(text, "dcar_dropped_rows_total", reason="failed") == 1
         assert metric(text, "dcar_rejections_total", reason="not_ready") == 1  # the later one only
+
+
+async def test_a_crashed_engine_loop_fails_its_jobs_and_empties_the_running_gauge(pipe, monkeypatch):
+    """A bug in the loop itself (here: delivering an outcome) ends every job with a 500 naming the crash and
+    leaves the server not ready; the rows that were running are counted as dropped, and dcar_rows_running
+    goes back to 0 (it stayed at the crashed batch's rows, since no later step boundary dropped them)."""
+    import dcar.server.engine as engine_module
+
+    def broken_deliver(*args, **kwargs):
+        raise RuntimeError("a bug in deliver")
+
+    async with serve(pipe, max_wait_ms=200) as client:
+        monkeypatch.setattr(engine_module, "deliver", broken_deliver)
+        r = await client.post("/v1/generate", json={"prompt": "a", "n": 2, "steps": 2})
+        assert r.status_code == 500, r.text
+        assert "engine loop crashed: RuntimeError: a bug in deliver" in r.json()["error"]["message"]
+        text = await metrics_text(client)
+        assert metric(text, "dcar_rows_running") == 0
+        assert metric(text, "dcar_dropped_rows_total", reason="failed") == 2
+        assert metric(text, "dcar_ready") == 0
+        assert (await client.get("/readyz")).status_code == 503

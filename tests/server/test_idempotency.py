@@ -73,7 +73,9 @@ async def test_the_same_key_with_another_body_is_refused_and_names_the_header(pi
         # the same key on another route is another request; another tenant's key space is its own
         r = await client.post("/v1/images/generations", json={"prompt": "another"}, headers=KEY)
         assert r.status_code == 200, r.text
-        assert metric(await metrics_text(client), "dcar_idempotent_requests_total", outcome="conflict") == 2
+        text = await metrics_text(client)
+        assert metric(text, "dcar_idempotent_requests_total", outcome="conflict") == 2
+        assert metric(text, "dcar_rejections_total", reason="invalid") == 2  # refused, like any 4xx
 
 
 async def test_keys_are_scoped_by_api_key(pipe):
@@ -180,15 +182,17 @@ async def test_a_streamed_response_is_not_kept_and_its_retry_streams_anew(pipe, 
         assert generated(hook, "a streamed triangle") == 4
 
 
-def test_a_keyed_request_whose_client_leaves_mid_body_ends_as_499_not_as_a_server_error(pipe):
-    """Its body never arrived, so nothing ran: the request ended because its client left (499, as the
-    ClientDisconnect handler answers without a key), not with a server error (500)."""
+@pytest.mark.parametrize("key", ["Idempotency-Key: order-half-sent\r\n", ""])
+def test_a_request_whose_client_leaves_mid_body_ends_as_499_not_as_an_error(pipe, key):
+    """Its body never arrived, so nothing ran: the request ended because its client left (499), not with a
+    server error (500, with a key) nor as the client's bad request (400, without one: FastAPI turned the
+    disconnect into "There was an error parsing the body")."""
     import socket
 
     with live_server(pipe) as (url, _app):
         host, port = url.removeprefix("http://").split(":")
         head = "POST /v1/generate HTTP/1.1\r\nHost: dcar\r\nContent-Type: application/json\r\n"
-        head += "Content-Length: 100\r\nIdempotency-Key: order-half-sent\r\n\r\n"
+        head += f"Content-Length: 100\r\n{key}\r\n"
         with socket.create_connection((host, int(port))) as s:
             s.sendall(head.encode() + b'{"prompt": "a half')
             time.sleep(0.3)
@@ -197,9 +201,9 @@ def test_a_keyed_request_whose_client_leaves_mid_body_ends_as_499_not_as_a_serve
             text = httpx.get(f"{url}/metrics").text
             counted = {
                 code: metric(text, "dcar_requests_total", endpoint="/v1/generate", status=code)
-                for code in ("499", "500")
+                for code in ("499", "500", "400")
             }
             if sum(counted.values()):
                 break
             time.sleep(0.05)
-        assert counted == {"499": 1, "500": 0}
+        assert counted == {"499": 1, "500": 0, "400": 0}

@@ -15,14 +15,21 @@ from server_harness import metric, metrics_text, serve
 pytestmark = pytest.mark.anyio
 
 
-def poison_rows(pipe, monkeypatch, marker: str = "POISON", value: float = float("nan")) -> list[int]:
-    """Make the decoder return ``value`` in the pixels of rows whose prompt holds ``marker``."""
+def poison_rows(
+    pipe, monkeypatch, marker: str = "POISON", value: float = float("nan"), seed: int | None = None
+) -> list[int]:
+    """Make the decoder return ``value`` in the pixels of rows whose prompt holds ``marker`` (and whose seed
+    is ``seed``, when given)."""
     sampler = pipe.sampler
     original_finish, original_decode = sampler._finish_group, sampler.tokenizer.decode_tokens
     poisoned: list[int] = []
 
     def finish_group(state, idx, steps, use_res):
-        bad = [j for j, i in enumerate(idx) if marker in state.rows[i].params.prompt]
+        bad = [
+            j
+            for j, i in enumerate(idx)
+            if marker in state.rows[i].params.prompt and seed in (None, state.rows[i].params.seed)
+        ]
 
         def decode(ids, grid, residual=None):
             out = original_decode(ids, grid, residual)
@@ -61,6 +68,20 @@ async def test_a_non_finite_row_fails_alone_and_the_server_keeps_serving(pipe, m
         assert (await client.get("/readyz")).status_code == 200
         after = await client.post("/v1/generate", json={"prompt": "afterwards", "steps": 2})
         assert after.status_code == 200
+
+
+async def test_an_image_of_a_failed_request_is_not_counted_as_delivered(pipe, monkeypatch):
+    """n=2 where the second row (seed 6) is non-finite: the request fails with 500, and its first image,
+    finished in the same decode, is not counted in dcar_images_generated_total (it was never delivered)."""
+    poisoned = poison_rows(pipe, monkeypatch, seed=6)
+    async with serve(pipe, max_batch_size=8, max_wait_ms=500) as client:
+        r = await client.post("/v1/generate", json={"prompt": "POISON", "n": 2, "steps": 2, "seed": 5})
+        assert poisoned and r.status_code == 500, r.text
+        ok = await client.post("/v1/generate", json={"prompt": "POISON", "n": 2, "steps": 2, "seed": 1})
+        assert ok.status_code == 200, ok.text
+        text = await metrics_text(client)
+        assert metric(text, "dcar_images_generated_total", task="generate") == 2  # the second request's
+        assert metric(text, "dcar_failed_rows_total", reason="non_finite_output") == 1
 
 
 def test_pipeline_marks_the_row_not_finite(pipe, monkeypatch):
