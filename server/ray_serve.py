@@ -63,6 +63,12 @@ class RayOptions:
             raise ValueError(f"gpus_per_replica must be 0 or more, got {self.gpus_per_replica}")
         if self.cpus_per_replica < 0:
             raise ValueError(f"cpus_per_replica must be 0 or more, got {self.cpus_per_replica}")
+        # Checked here rather than replaced by the default (0) or passed on to Ray (negative), which would
+        # refuse it only after a Ray head had been started.
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < 1:
+            raise ValueError(f"max_ongoing_requests must be at least 1, got {self.max_ongoing_requests}")
+        if self.target_ongoing_requests is not None and self.target_ongoing_requests <= 0:
+            raise ValueError(f"target_ongoing_requests must be above 0, got {self.target_ongoing_requests}")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be between 0 and 65535, got {self.metrics_port}")
 
@@ -84,6 +90,8 @@ def deployment_options(settings: Settings, opts: RayOptions, cluster_gpus: float
     if gpus is None:
         gpus = 1.0 if cluster_gpus > 0 and settings.device != "cpu" else 0.0
     replicas = opts.replicas or (max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
+    if opts.replicas is None and opts.max_replicas is not None:
+        replicas = min(replicas, opts.max_replicas)  # one per GPU, but never above the stated maximum
     max_replicas = opts.max_replicas or replicas
     max_ongoing = opts.max_ongoing_requests or 2 * settings.max_batch_size
     options: dict = {
@@ -108,6 +116,17 @@ def deployment_options(settings: Settings, opts: RayOptions, cluster_gpus: float
     else:
         options["num_replicas"] = replicas
     return options
+
+
+# The proxy listens on --host/--port; a replica has no listener of its own for them, nor for the ops port,
+# which only a plain ``dcar serve`` opens. Passing them on would only let them fail a replica's checks (an
+# ops_port equal to the replica's default port 8000 is refused there).
+NOT_FOR_REPLICAS = {"host", "port", "ops_port"}
+
+
+def replica_settings(settings: Settings) -> dict:
+    """The settings every replica is built with: those set by flags or ``DCAR_*``, less the listeners'."""
+    return settings.model_dump(exclude_unset=True, exclude=NOT_FOR_REPLICAS)
 
 
 def _cluster_gpus() -> float:
@@ -238,7 +257,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    overrides = settings.model_dump(exclude_unset=True, exclude={"host", "port"})
+    if settings.ops_port is not None:
+        log.warning(
+            "ops_port=%d is not opened under Ray: probe the replicas through the proxy", settings.ops_port
+        )
+    overrides = replica_settings(settings)
     started = start(getattr(args, "ray_address", None), settings.host, settings.port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,7 +24,7 @@ import yaml
 from server_harness import metric
 
 from dcar.cli.main import build_parser
-from dcar.server.ray_serve import RayOptions, deployment_options, options_from_args
+from dcar.server.ray_serve import RayOptions, deployment_options, options_from_args, replica_settings
 from dcar.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,11 +91,38 @@ def test_autoscaling_on_ongoing_requests():
     assert options["max_ongoing_requests"] == 16
 
 
+def test_max_replicas_caps_the_default_of_one_replica_per_gpu():
+    """--max-replicas 2 on a 4-GPU cluster once started 4 replicas: the default (one per GPU) ignored it."""
+    settings = Settings(weights="preset:tiny")
+    options = deployment_options(settings, RayOptions(max_replicas=2), cluster_gpus=4)
+    assert options["num_replicas"] == 2 and "autoscaling_config" not in options
+    wider = deployment_options(settings, RayOptions(max_replicas=8), cluster_gpus=4)
+    assert (
+        wider["autoscaling_config"]["min_replicas"] == 4 and wider["autoscaling_config"]["max_replicas"] == 8
+    )
+
+
 def test_bad_options_name_the_fix():
     with pytest.raises(ValueError, match="max_replicas=2 is below replicas=3"):
         RayOptions(replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="replicas must be at least 1"):
         RayOptions(replicas=0)
+    # 0 was silently replaced by the default, a negative number refused by Ray after its head had started
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_ongoing_requests must be at least 1"):
+            RayOptions(max_ongoing_requests=bad)
+        with pytest.raises(ValueError, match="target_ongoing_requests must be above 0"):
+            RayOptions(target_ongoing_requests=bad)
+
+
+def test_replicas_get_the_set_settings_but_no_listener_settings(monkeypatch):
+    """The proxy owns --host/--port and no ops port opens under Ray; an ops port that differs from --port but
+    equals a replica's default port (8000) failed every replica's settings check."""
+    monkeypatch.setenv("DCAR_MAX_QUEUE", "100")
+    settings = Settings(weights="preset:tiny", host="0.0.0.0", port=9000, ops_port=8000, max_n=4)
+    overrides = replica_settings(settings)
+    assert overrides == {"weights": "preset:tiny", "max_n": 4, "max_queue": 100}  # flags and DCAR_* both
+    Settings(**overrides)  # what each replica builds
 
 
 def test_dcar_serve_ray_flags():
