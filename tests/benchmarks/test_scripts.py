@@ -2,16 +2,25 @@
 
 They print tables and assert nothing about speed; these tests check that they run, that every row of
 the table is there with finite numbers, and that the plot is written.
+
+The scripts that measure a model in their own process run inside the test's (``run_in_process``: as
+``python benchmarks/NAME.py``, with the script's folder on ``sys.path``), which saves each one a fresh
+import of torch and transformers (5-10 s on 2 cores); the load test starts the script as a user does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,6 +41,23 @@ def run_script(name: str, *args: str) -> str:
     return proc.stdout
 
 
+def run_in_process(name: str, *args: str) -> str:
+    """``python benchmarks/NAME.py ARGS`` inside this process; its stdout. A non-zero exit fails the test."""
+    path = REPO / "benchmarks" / f"{name}.py"
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys_path, threads = sys.argv, list(sys.path), torch.get_num_threads()
+    sys.argv, sys.path[:0] = [str(path), *args], [str(path.parent)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None), err.getvalue()[-3000:]
+    finally:
+        sys.argv, sys.path[:] = argv, sys_path
+        torch.set_num_threads(threads)
+    return out.getvalue()
+
+
 def table_rows(out: str, first_cell: str) -> list[list[str]]:
     return [
         [c.strip() for c in line.strip("|").split("|")]
@@ -42,7 +68,7 @@ def table_rows(out: str, first_cell: str) -> list[list[str]]:
 
 def test_gpu_script_on_cpu_with_the_tiny_preset(tmp_path):
     plot = tmp_path / "gpu.png"
-    out = run_script(
+    out = run_in_process(
         "gpu",
         "--tiny",
         "--device",
@@ -70,7 +96,7 @@ def test_gpu_script_on_cpu_with_the_tiny_preset(tmp_path):
 
 def test_peers_script_at_toy_sizes(tmp_path):
     plot = tmp_path / "peers.png"
-    out = run_script(
+    out = run_in_process(
         "peers",
         "--width",
         "64",
@@ -104,7 +130,7 @@ def test_peers_script_at_toy_sizes(tmp_path):
 
 
 def test_sampler_script_prints_every_row():
-    out = run_script("sampler", "--no-full", "--repeat", "1")
+    out = run_in_process("sampler", "--no-full", "--repeat", "1")
     rows = table_rows(out, "tiny")
     assert [(r[0], r[1], r[2]) for r in rows] == [
         ("tiny", "256", "1"),
@@ -120,7 +146,7 @@ def test_sampler_script_prints_every_row():
 
 def test_sampler_script_measures_trained_weights_side_by_side():
     weights = str(REPO / "weights" / "dcar-tiny-shapes")
-    out = run_script(
+    out = run_in_process(
         "sampler",
         "--no-presets",
         "--repeat",
@@ -159,7 +185,7 @@ def test_device_check_end_to_end_at_toy_size(tmp_path):
     # "compiled" is left out: inductor's first compilation costs ~70 s on 2 cores, and the compiled
     # sampler's outputs are tested in tests/model/test_optimisations.py. "cuda_graphs" compiles too on
     # CUDA only, so on the CPU it checks that --modes is honoured and a second mode gets its row.
-    out = run_script(
+    out = run_in_process(
         "device_check", "--toy", "--device", "cpu", "--out", str(tmp_path), "--batches", "1", "--repeat", "1",
         "--modes", "eager,cuda_graphs",
     )  # fmt: skip
@@ -182,7 +208,7 @@ def test_device_check_end_to_end_at_toy_size(tmp_path):
 
 
 def test_precision_script_prints_a_row_per_dtype():
-    out = run_script("precision", "--size", "64", "--prompts", "2", "--dtypes", "float32,bfloat16")
+    out = run_in_process("precision", "--size", "64", "--prompts", "2", "--dtypes", "float32,bfloat16")
     rows = {r[0]: r for r in table_rows(out, "")}
     assert rows["float32"][1:4] == ["0", "1.000", "0.0000"]  # the reference row compares with itself
     assert rows["bfloat16"][1] == "0" and 0 <= float(rows["bfloat16"][3]) < 0.2
