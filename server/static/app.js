@@ -18,6 +18,7 @@ const ui = {
   busy: null, // AbortController of the request in flight
   retryTimer: null,
   retry: null, // the action the error panel's "Try again" repeats
+  errorParam: null, // the field the shown error is about
   loadFailed: false, // GET /v1/models failed (shown in the error panel) and is to be retried
   needKey: false, // the server wants an API key: status polling waits for one
   defaultsApplied: false, // the model's default steps and guidance are in the inputs
@@ -93,6 +94,7 @@ async function loadModel() {
 
 function clearError() {
   clearInterval(ui.retryTimer);
+  ui.errorParam = null;
   $("error").hidden = true;
   for (const el of document.querySelectorAll("[aria-invalid]")) el.removeAttribute("aria-invalid");
 }
@@ -126,6 +128,7 @@ function showError(err, retry = null) {
     ui.retryTimer = setInterval(tick, 1000);
   }
   ui.retry = retry;
+  ui.errorParam = err.param;
   $("error").hidden = false;
 }
 
@@ -141,7 +144,8 @@ function numberField(id, parse) {
 function knobs() {
   const out = { prompt: $("prompt").value };
   const seed = numberField("seed", Number);
-  if (seed !== undefined && typeof seed === "number" && !Number.isSafeInteger(seed)) {
+  // A whole number the page cannot send exactly; a fraction goes to the server, which names the problem.
+  if (typeof seed === "number" && Number.isInteger(seed) && !Number.isSafeInteger(seed)) {
     throw new ApiError(0, "page_error", "this page handles seeds up to 2^53 - 1; use the API for larger ones",
                        "seed");
   }
@@ -170,8 +174,9 @@ async function run(action) {
   try {
     await action(controller.signal);
   } catch (e) {
-    if (e.code !== "cancelled") showError(e, () => run(action));
-    viewer.failed();
+    const stopped = e.code === "cancelled";
+    if (!stopped) showError(e, () => run(action));
+    viewer.failed(stopped);
   } finally {
     setBusy(null);
   }
@@ -260,6 +265,7 @@ async function setEditInput(blob, name) {
   $("paint").style.aspectRatio = `${source.width} / ${source.height}`;
   ui.editViewer.reset(source.width, source.height);
   setText("edit-note", note);
+  if (ui.errorParam === "image") clearError(); // an earlier file's problem is solved by this one
 }
 
 function blobOfDataURL(url) {
@@ -273,6 +279,7 @@ function updateCoverage() {
   const c = ui.painter.coverage();
   const percent = c < 0.01 ? "under 1" : String(Math.round(c * 100));
   setText("mask-coverage", c === 0 ? "Nothing painted yet." : `${percent}% of the image marked for regeneration.`);
+  if (c > 0 && ui.errorParam === "mask") clearError(); // "paint ... first" has been done
 }
 
 // --- modes, gallery, wiring ----------------------------------------------------------------------------

@@ -135,7 +135,11 @@ export class Viewer {
     this.state = "done";
   }
 
-  failed() {
+  // The request ended without an image: `stopped` when the user pressed Stop (no message is shown then).
+  failed(stopped = false) {
+    // Refused by the page itself before start(): nothing on screen belongs to that request, so the
+    // previous image stays as it is.
+    if (!["waiting", "running"].includes(this.root.dataset.state)) return;
     if (this.kept) { // refused before any step: show the previous image again
       this.caption.textContent = this.kept.caption;
       this.frame.style.aspectRatio = this.kept.aspect;
@@ -144,7 +148,7 @@ export class Viewer {
       this.state = "done";
       return;
     }
-    this.caption.textContent = "No image (see the message above).";
+    this.caption.textContent = stopped ? "Stopped: no image." : "No image (see the message above).";
     this.state = this.events ? "failed" : "empty";
   }
 }

@@ -127,8 +127,16 @@ def test_edit_keeps_the_unmasked_half(desktop, ui_pipe, tmp_path):
 
     page.click("#tab-edit")
     assert page.locator("#run").inner_text() == "Edit"
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    page.set_input_files("#edit-file", not_an_image)
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.locator("#error-message").inner_text() == "notes.png could not be read as an image"
+    assert page.locator("#edit-file").get_attribute("aria-invalid") == "true"
     page.set_input_files("#edit-file", odd)  # not a served size: resized, with a note
     page.wait_for_function("() => document.getElementById('edit-note').textContent.includes('resized')")
+    assert page.locator("#error").is_hidden()  # the readable file answers the unreadable one's error
+    assert page.locator("#edit-file").get_attribute("aria-invalid") is None
     assert f"resized and cropped to {w}x{h}" in page.locator("#edit-note").inner_text()
     page.set_input_files("#edit-file", source)
     page.wait_for_function("() => document.getElementById('edit-note').textContent.startsWith('input.png')")
@@ -174,6 +182,18 @@ def test_edit_keeps_the_unmasked_half(desktop, ui_pipe, tmp_path):
     )
     assert page.locator("#gallery .card").first.locator(".card-params").inner_text().startswith("edit")
 
+    # Edit with an empty mask: the page refuses it and the result stays; painting answers the refusal.
+    page.click("#mask-clear")
+    page.click("#run")
+    page.wait_for_selector("#error:not([hidden])")
+    assert (
+        page.locator("#error-message").inner_text() == "paint over the part of the image to regenerate first"
+    )
+    assert page.locator("#edit-viewer").get_attribute("data-state") == "done"
+    assert page.locator("#edit-result").is_visible()
+    page.click("#mask-invert")
+    assert page.locator("#error").is_hidden()
+
 
 def test_api_errors_are_shown_in_the_apis_words(desktop, server, tmp_path):
     page, _ = desktop
@@ -215,6 +235,23 @@ def test_api_errors_are_shown_in_the_apis_words(desktop, server, tmp_path):
     assert page.locator("#steps").get_attribute("aria-invalid") is None
     assert page.locator("#gallery .card-prompt").first.inner_text() == "<img src=x onerror=alert(1)>"
     assert page.locator("#gallery img[src=x]").count() == 0
+
+    # A fractional seed is the server's to name (the page once blamed it on the 2^53 limit), and neither it
+    # nor a seed the page refuses itself takes the finished image off the screen.
+    shown = page.locator("#gen-result").get_attribute("src")
+    page.fill("#seed", "1.5")
+    page.click("#run")
+    page.wait_for_selector("#error:not([hidden])")
+    api = httpx.post(f"{server}/v1/generate", json={"prompt": "x", "seed": 1.5}).json()["error"]
+    assert page.locator("#error-message").inner_text() == api["message"]
+    assert "HTTP 422 · invalid_request · field: seed" in page.locator("#error-detail").inner_text()
+    page.fill("#seed", str(2**60))
+    page.click("#run")
+    page.wait_for_function("() => document.getElementById('error-message').textContent.includes('2^53')")
+    assert page.locator("#seed").get_attribute("aria-invalid") == "true"
+    assert page.locator("#gen-viewer").get_attribute("data-state") == "done"
+    assert page.locator("#gen-result").is_visible()
+    assert page.locator("#gen-result").get_attribute("src") == shown
 
 
 def test_phone_sized_screen(browser, server, ui_pipe, tmp_path):
@@ -258,6 +295,8 @@ def test_stop_abandons_a_running_request(desktop, server, step_hook, tmp_path):
     page.wait_for_selector("#gen-viewer[data-state=failed]")
     assert page.locator("#run").is_enabled() and page.locator("#stop").is_hidden()
     assert page.locator("#error").is_hidden()  # stopping is not an error
+    # so the caption points at no message "above"
+    assert page.locator("#gen-viewer .v-caption").inner_text() == "Stopped: no image."
     # The server noticed the client leave and dropped the row (visible on /metrics).
     deadline = time.monotonic() + 10
     while dropped() == before:

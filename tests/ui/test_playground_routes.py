@@ -84,13 +84,33 @@ def test_status_reports_model_queue_and_images_per_second(ui_pipe, hook):
         assert after["images_per_second"] > 0
 
 
-def test_status_needs_the_api_key_when_keys_are_set_but_the_page_does_not(ui_pipe, hook):
-    with live_server(ui_pipe, api_keys=["secret-key-1"]) as (url, _app), httpx.Client(base_url=url) as client:
+def test_status_needs_the_api_key_and_reports_defaults_within_the_caps(ui_pipe, hook):
+    """The key is needed for /v1/status, not for the page. Its defaults are what a request without the knob
+    gets: the model's lowered to the caps (they once were the model's own, and the page, which fills its
+    inputs from them, sent steps the server then refused)."""
+    # max_batch_size=1: a warm-up of one batch size only, this test sends one request at a time
+    caps = {"max_steps": 3, "max_guidance_scale": 1.0, "max_residual_steps": 2, "max_batch_size": 1}
+    model = knob_values(ui_pipe.config.sampling)
+    assert model["steps"] > 3 and model["guidance_scale"] > 1.0 and model["residual_steps"] > 2
+    with (
+        live_server(ui_pipe, api_keys=["secret-key-1"], **caps) as (url, _app),
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
         r = client.get("/v1/status")
         assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
-        ok = client.get("/v1/status", headers={"Authorization": "Bearer secret-key-1"})
+        auth = {"Authorization": "Bearer secret-key-1"}
+        ok = client.get("/v1/status", headers=auth)
         assert ok.status_code == 200
         assert client.get("/").status_code == 200
+        defaults = ok.json()["defaults"]
+        assert (defaults["steps"], defaults["guidance_scale"], defaults["residual_steps"]) == (3, 1.0, 2)
+        # sent back as the page sends them, they are accepted and are what the server resolves by itself
+        page = {"prompt": "a red circle", "seed": 1, "steps": 3, "guidance_scale": 1.0}
+        sent = client.post("/v1/generate", json=page, headers=auth)
+        assert sent.status_code == 200, sent.text
+        alone = client.post("/v1/generate", json={"prompt": "a red circle", "seed": 1}, headers=auth)
+        for name in ("steps", "guidance_scale", "residual_steps"):
+            assert sent.json()["parameters"][name] == alone.json()["parameters"][name] == defaults[name]
 
 
 def test_recent_rate_counts_the_last_minute_only():
