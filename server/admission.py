@@ -59,26 +59,33 @@ def admit_or_refuse(
     costs: CostModel,
     limits: Limits,
     elapsed: float = 0.0,
+    position: int | None = None,
 ) -> float | None:
     """Raise the refusal, or return the predicted seconds until the request is done (None: no measurements yet).
 
-    ``running``: (grid, steps left, steps) per row in flight; ``waiting``: (grid, steps) per queued row, FIFO;
-    ``elapsed``: seconds since the engine state was last reported (see ``forecast``).
+    ``running``: (grid, steps left, steps) per row in flight; ``waiting``: (grid, steps) per queued row, in the
+    order they will be admitted; ``position``: where the request's rows go in that order (None: at the end,
+    first come first served; earlier under priority scheduling); ``elapsed``: seconds since the engine state
+    was last reported (see ``forecast``).
     """
     queued = len(waiting)
+    at = queued if position is None else position
     free = max(0, limits.max_batch_size - len(running))
     fc = forecast(
         running,
-        [*waiting, *[(req.grid, req.steps)] * req.rows],
+        [*waiting[:at], *[(req.grid, req.steps)] * req.rows, *waiting[at:]],
         costs,
         limits.max_batch_size,
         limits.cap,
         elapsed,
     )
+    mine = slice(at, at + req.rows)  # the request's rows in the forecast
     if queued + req.rows - free > limits.max_queue:
         # Passes once the queue is down to max_queue - rows: after the shrink-th queued row is admitted.
         shrink = queued + req.rows - limits.max_queue
-        wait = fc.admitted[shrink - 1] if fc is not None and 0 < shrink <= queued else 0.0
+        # the queued rows' own admission times (behind a priority request's place they are a little late)
+        others = [] if fc is None else fc.admitted[:at] + fc.admitted[at + req.rows :]
+        wait = others[shrink - 1] if 0 < shrink <= len(others) else 0.0
         raise ApiError(
             429,
             "queue_full",
@@ -101,9 +108,9 @@ def admit_or_refuse(
             param="timeout",
             reason="invalid",
         )
-    delay = fc.admitted[-1]
+    delay = fc.admitted[mine][-1]
     allowed = max(0.0, limits.max_queue_delay_s - limits.margin_s)
-    fits_now = queued + req.rows <= free  # all join at the next step boundary: no backlog to bound
+    fits_now = at + req.rows <= free  # it joins at the next step boundary: no backlog to bound
     if delay > allowed and not fits_now:
         raise ApiError(
             429,
@@ -114,7 +121,7 @@ def admit_or_refuse(
             headers=retry_after(delay - allowed),
             reason="queue_full",
         )
-    done = max(fc.finished[-req.rows :])
+    done = max(fc.finished[mine])
     late = done + limits.margin_s
     if late > req.remaining:
         raise ApiError(

@@ -278,6 +278,10 @@ class Engine:
             self.lateness.margin(now),
         )
         running = [(t.grid, t.steps_left, t.params.steps) for t in self._running.values()]
+        # its place: behind every waiting row of its priority or a lower value (always the end under fcfs,
+        # where every priority is 0)
+        at = next((i for i, t in enumerate(self._waiting) if t.job.priority > job.priority), None)
+        at = len(self._waiting) if at is None else at
         predicted = admit_or_refuse(
             Request(grid, n, p.steps, job.timeout, job.deadline - now),
             running,
@@ -285,6 +289,7 @@ class Engine:
             self.costs,
             limits,
             now - self._reported if running else 0.0,
+            at,
         )
         job.predicted_s = predicted
         job.future = self._loop.create_future()
@@ -296,7 +301,14 @@ class Engine:
         self._jobs.add(job)
         # a deadline may pass while the job's rows wait and the worker keeps stepping the running batch
         job.expiry = self._loop.call_later(max(0.0, job.deadline - now), self._expire, job)
-        self._waiting.extend(Ticket(next(self._row_ids), job, i, grid, now) for i in range(n))
+        tickets = [Ticket(next(self._row_ids), job, i, grid, now) for i in range(n)]
+        if at == len(self._waiting):
+            self._waiting.extend(tickets)
+        else:
+            for t in itertools.islice(self._waiting, at, None):
+                t.job.overtaken = True
+            queue = list(self._waiting)
+            self._waiting = deque(queue[:at] + tickets + queue[at:])
         self._attention.set()
         self._wake.set()  # type: ignore[union-attr]  # submit() comes after start()
         self._publish()
@@ -333,7 +345,8 @@ class Engine:
         else:
             job.future.set_result(results)
             self.metrics.delivered(job.task, len(job.params))
-            if job.predicted_s is not None and job.enqueued is not None:
+            # an overtaken job's lateness is the priority's doing, not a forecast error to widen the margin by
+            if job.predicted_s is not None and job.enqueued is not None and not job.overtaken:
                 now = time.monotonic()
                 actual = now - job.enqueued
                 self.lateness.observe(job.predicted_s, actual, now)

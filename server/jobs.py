@@ -60,6 +60,7 @@ class Job:
     # server's preview_size)
     preview_steps: frozenset[int] | None = None
     preview_size: int | None = None
+    priority: int = 0  # lower first, with scheduling_policy=priority (else always 0)
     submitted: float = field(default_factory=time.monotonic)
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
@@ -69,6 +70,8 @@ class Job:
     predicted_s: float | None = None  # admission's forecast of seconds from enqueued to done
     admitted: list[float | None] = field(default_factory=list)  # per row: when it entered the running batch
     expiry: asyncio.TimerHandle | None = None  # ends the job at its deadline (set by Engine.submit)
+    # rows of a later job of a lower priority value were queued ahead of it: its forecast no longer held
+    overtaken: bool = False
     # the key of its prepared edit input in the worker's cache: unique per job, never the request id, which
     # comes from the client's X-Request-Id and may be shared by concurrent requests
     edit_key: str = field(default_factory=lambda: f"edit-{next(_EDIT_KEYS)}")

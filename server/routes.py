@@ -34,6 +34,7 @@ from dcar.server.schemas import (
     GenerateResponse,
     ImageOut,
     check_knobs,
+    check_priority,
     check_size,
     check_timeout,
     to_params,
@@ -275,6 +276,7 @@ async def generate(body: GenerateRequest, request: Request, runtime: RuntimeDep,
         check_timeout(body.timeout, limits),
         stream=body.stream,
         preview=body.preview,
+        priority=check_priority(body.priority, limits),
     )
     return await run_native(request, runtime, job, body.output_format, body.quality)
 
@@ -331,6 +333,7 @@ async def edit(request: Request, runtime: RuntimeDep, _: Authorized) -> Response
         edit=edit_input,
         stream=body.stream,
         preview=body.preview,
+        priority=check_priority(body.priority, limits),
     )
     return await run_native(request, runtime, job, body.output_format, body.quality)
 

@@ -34,7 +34,7 @@ from dcar.server.logs import note, set_outcome
 from dcar.server.provenance import parameters
 from dcar.server.routes import Authorized, RuntimeDep, encode_all, request_id, wait_for
 from dcar.server.runtime import Runtime
-from dcar.server.schemas import Limits, check_range, check_size, check_timeout, to_params
+from dcar.server.schemas import Limits, check_priority, check_range, check_size, check_timeout, to_params
 from dcar.server.schemas_openai import (
     QUALITY_PRESETS,
     CompletedEvent,
@@ -178,6 +178,7 @@ def make_job(
         preview=bool(steps),
         preview_steps=steps,
         preview_size=max(size),
+        priority=check_priority(body.priority, limits),
     )
 
 

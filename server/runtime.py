@@ -114,6 +114,7 @@ class Runtime:
                 s.request_timeout_s,
                 counter,
                 pipe.params,
+                s.scheduling_policy,
             )
             info = pipe.info()
             self.metrics.set_model(

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from dcar.server.schemas_openai import OpenAIImageRequest
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
 
 
 # --- requests ------------------------------------------------------------------------------------------
@@ -81,6 +82,11 @@ class Knobs(SamplingFields):
     quality: Integer | None = Field(None, description="JPEG/WebP quality 1..100 (default 95)")
     timeout: Number | None = Field(
         None, description="seconds; may only shorten the server's request_timeout_s"
+    )
+    priority: Integer | None = Field(
+        None,
+        description=f"{PRIORITY_MIN}..{PRIORITY_MAX}, lower first (default 0); only with the setting "
+        "scheduling_policy=priority",
     )
     stream: bool = Field(False, description="answer with Server-Sent Events: progress per step, then images")
     preview: bool = Field(False, description="with stream: a small PNG preview in every progress event")
@@ -142,6 +148,7 @@ class Limits:
     request_timeout_s: float
     count_tokens: Callable[[str], int]
     defaults: Callable[..., SamplingParams]  # Pipeline.params
+    scheduling_policy: str = "fcfs"
 
     @property
     def native(self) -> tuple[int, int]:
@@ -207,6 +214,21 @@ def check_timeout(timeout: float | None, limits: Limits) -> float:
             f"{limits.request_timeout_s:g} seconds, got {timeout!r}",
         )
     return timeout
+
+
+def check_priority(priority: int | None, limits: Limits) -> int:
+    """The request's place in the queue (lower first); refused unless the server schedules by priority, so
+    that a client never believes it was honoured."""
+    if priority is None:
+        return 0
+    if limits.scheduling_policy != "priority" and priority != 0:
+        raise invalid(
+            "priority",
+            f"priority needs the setting scheduling_policy=priority (DCAR_SCHEDULING_POLICY); this server "
+            f"serves in arrival order (fcfs), got priority={priority!r}",
+        )
+    check_range("priority", priority, PRIORITY_MIN, PRIORITY_MAX)
+    return priority
 
 
 def to_params(

@@ -62,6 +62,7 @@ class OpenAIImageRequest(SamplingFields):
     # extensions: the sampling knobs of /v1/generate come from SamplingFields (server/schemas.py)
     seed: Integer | None = None
     timeout: Number | None = None
+    priority: Integer | None = None
 
     @field_validator("n", mode="before")
     @classmethod

@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     max_queue_delay_s: float = Field(
         2.0, ge=0, description="429 when a request's rows would wait longer for a slot"
     )
+    # vLLM's --scheduling-policy: fcfs keeps the arrival order; priority lets a request's `priority` (lower
+    # first, vLLM's and Triton's sense) move it ahead of waiting rows of a higher value. Off by default: in a
+    # shared service any client could otherwise jump the queue.
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs",
+        description="order of the waiting rows: fcfs (arrival) or priority (a request's priority, lower "
+        "first, then arrival); rows already running are never preempted",
+    )
     # The forecast behind admission is a median: about half of the requests finish after it. Admission adds
     # the margin that covered this share of the recent requests (server/forecast.py Lateness), so the
     # latency bound above holds at about this percentile.
