@@ -100,6 +100,7 @@ def export(
         base_record = json.loads(base_path.read_text()) if base_path.is_file() else {}
     else:
         gen, text, gcfg = load_trained_generator(generator_dir, preset)
+        check_trained_on(generator_dir, tok, tokenizer_dir)
         sampling = preset.pipeline.sampling
     gen_before = read_lineage(generator_dir, "generator") if base is None else None
     if guidance_scale is not None:
@@ -183,6 +184,20 @@ def check_same_tokens(base: torch.nn.Module, tok: torch.nn.Module, source: Path)
             f"the tokenizer's encoder or codebook differ from those {source}'s generator was trained with "
             f"({len(changed)} tensors, e.g. {changed[0]}): its token ids would mean other codewords; refine the "
             "decoder only (stage_steps 0,0,N) or train a generator for this tokenizer"
+        )
+
+
+def check_trained_on(run_dir: Path, tok: torch.nn.Module, source: Path) -> None:
+    """Raise ExportError unless ``tok`` encodes the ids generator run ``run_dir`` was trained on (its
+    pre-tokenized data record the encoder and codebook digest; runs from before that are not checked)."""
+    from dcar.training.pretokenize import tokens_fingerprint
+
+    trained_on = next((m["tokenizer"] for m in data_metas(run_dir) if "tokenizer" in m), None)
+    if trained_on is not None and trained_on != tokens_fingerprint(tok):
+        raise ExportError(
+            f"{source}: its encoder or codebook differ from those of the tokenizer whose ids {run_dir} was "
+            "trained on: the generator's ids would mean other codewords; give the tokenizer it was trained "
+            "with (or one that refines only its decoder)"
         )
 
 

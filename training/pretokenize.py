@@ -14,6 +14,7 @@ encoding time of all shards (each shard keeps its own, so a run resumed across s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -34,10 +35,45 @@ from dcar.training import distributed as dist_utils
 from dcar.training.dataset import stream_rng
 from dcar.training.distributed import Dist
 from dcar.training.render import render
+from dcar.training.runlog import interrupted
 from dcar.training.scenes import Scene, sample_scene, scene_from_dict, scene_to_dict
 
 PRETOKENIZE_STREAM = 5
 META = "meta.json"
+# What the shards are drawn and encoded by, written before the first shard: a run resumed with other
+# flags or another tokenizer would otherwise add shards of other scenes or other ids to the same set.
+PLAN = "plan.json"
+
+
+class DataMismatch(ValueError):
+    """A pre-tokenized directory holds (or was started with) other scenes or another tokenizer's ids."""
+
+
+def tokens_fingerprint(tok: DCHT) -> str:
+    """A digest of what the ids and residuals depend on, the encoder and the codebook (every tensor but the
+    decoder's, as export.check_same_tokens compares them): a refined decoder keeps it."""
+    h = hashlib.sha256()
+    for key, value in sorted(tok.state_dict().items()):
+        if not key.startswith("decoder."):
+            h.update(key.encode())
+            h.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_plan(root: Path, found: dict[str, Any], want: dict[str, Any], source: str) -> None:
+    """Raise ``DataMismatch`` where ``found`` (a plan or a meta.json) records another value than ``want``;
+    keys it lacks (a meta.json from before they were recorded) are not compared."""
+    names = {"tokenizer": "tokenizer (encoder and codebook digest)"}
+    changes = [
+        f"{names.get(k, k)} {found[k]} (this run: {want[k]})"
+        for k in want
+        if k in found and found[k] != want[k]
+    ]
+    if changes:
+        raise DataMismatch(
+            f"{root} holds scenes pre-tokenized otherwise ({source}): {'; '.join(changes)}. Give another "
+            "--data directory for this run, or delete this one to pre-tokenize it again"
+        )
 
 
 def _shard_path(root: Path, index: int) -> Path:
@@ -113,12 +149,28 @@ def pretokenize(
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
+    shards = -(-num_images // shard_size)
+    plan = {
+        "num_images": num_images,
+        "size": size,
+        "shard_size": shard_size,
+        "shards": shards,
+        "seed": seed,
+        "codebook_size": tok.cfg.codebook_size,
+        "tokenizer": tokens_fingerprint(tok),
+    }
     if (root / META).is_file():
-        return json.loads((root / META).read_text())
+        meta = json.loads((root / META).read_text())
+        _check_plan(root, meta, plan, META)
+        return meta
+    if (root / PLAN).is_file():
+        _check_plan(root, json.loads((root / PLAN).read_text()), plan, PLAN)
     if size % tok.compression:
         raise ValueError(f"image size {size} is not a multiple of the tokenizer's {tok.compression}")
+    dist_utils.barrier()  # every rank has read the plan before rank 0 writes it
+    if d.main and not (root / PLAN).is_file():
+        (root / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
     tok.eval()
-    shards = -(-num_images // shard_size)
     mine = [i for i in range(d.rank, shards, d.world) if not _shard_path(root, i).is_file()]
     jobs = [(i, min(shard_size, num_images - i * shard_size)) for i in mine]
     bar = tqdm(mine, desc="pretokenize", disable=not (d.main and show_progress), dynamic_ncols=True)
@@ -127,6 +179,8 @@ def pretokenize(
         for i, shard_drawn in zip(bar, drawn):
             _write_shard(root, i, _shard(tok, shard_drawn), (time.monotonic() - last) / d.world)
             last = time.monotonic()
+            if interrupted():  # Ctrl-C: the shards written so far stay, a rerun writes the others
+                raise KeyboardInterrupt
     dist_utils.barrier()
     meta: dict[str, Any] = {}
     if d.main:
@@ -134,12 +188,8 @@ def pretokenize(
         r = residuals.float()
         grid = size // tok.compression
         meta = {
-            "num_images": num_images,
-            "size": size,
+            **plan,
             "grid": [grid, grid],
-            "shards": shards,
-            "seed": seed,
-            "codebook_size": tok.cfg.codebook_size,
             "residual_std": float(r.std()),
             # every shard's share of the wall time, whichever session and rank wrote it; unknown (null)
             # when a shard from before shards kept their time is among them

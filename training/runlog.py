@@ -12,8 +12,11 @@ import csv
 import json
 import math
 import os
+import signal
+import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +52,45 @@ class RunOptions:
 
         if self.stop_at is not None and step >= self.stop_at:
             return True
+        if _interrupt["asked"]:
+            return True
         # without a deadline no rank can be late: no broadcast on every step
         return self.stop_by is not None and agree(time.monotonic() >= self.stop_by, device)
+
+
+_interrupt = {"asked": False}
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C asked the run (inside ``stop_on_ctrl_c``) to stop at the next step."""
+    return _interrupt["asked"]
+
+
+@contextmanager
+def stop_on_ctrl_c() -> Iterator[None]:
+    """The first Ctrl-C (SIGINT) stops the run before its next step, with a checkpoint, rather than losing
+    the steps since the last one (up to ``checkpoint_minutes`` of work) to a KeyboardInterrupt mid-step; a
+    second one interrupts at once. One process only: torchrun's ranks would not stop at the same step."""
+
+    def ask(signum, frame):
+        if _interrupt["asked"]:
+            raise KeyboardInterrupt
+        _interrupt["asked"] = True
+        print(
+            "\nstopping before the next step, with a checkpoint (Ctrl-C again to stop now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started to ignore it (as Python itself keeps it)
+        yield
+        return
+    before = signal.signal(signal.SIGINT, ask)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        _interrupt["asked"] = False
 
 
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -131,6 +171,46 @@ class CheckpointTimer:
 
     def reset(self) -> None:
         self.last = time.monotonic()
+
+
+class RunMismatch(ValueError):
+    """The run directory's checkpoint was written by another recipe than the one asked for now: resuming
+    (or skipping it as finished) would mix two runs in one, or pass one off as the other."""
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) if value else "(none)"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_resumable(
+    run_dir: Path, ckpt: dict[str, Any], part: str, preset: Any, seed: int, data: dict[str, Any] | None = None
+) -> None:
+    """Raise ``RunMismatch`` unless ``ckpt`` was written by ``preset``'s recipe for ``part`` ("tokenizer" or
+    "generator"), ``seed`` and (a generator) the pre-tokenized ``data``. Only what the checkpoint records is
+    compared: checkpoints from before a field was recorded are not refused for it."""
+    old = ckpt.get("preset", {})
+    changes = []
+    if old.get("name") not in (None, preset.name):
+        changes.append(f"preset {old['name']} (now {preset.name})")
+    new = preset.to_dict()[part]
+    for key, was in old.get(part, {}).items():
+        if key in new and _shown(was) != _shown(new[key]):
+            changes.append(f"{key} {_shown(was)} (now {_shown(new[key])})")
+    if ckpt.get("seed", seed) != seed:
+        changes.append(f"seed {ckpt['seed']} (now {seed})")
+    was_data = ckpt.get("meta") or {}
+    for key in ("num_images", "size", "seed", "shards", "codebook_size", "residual_std", "tokenizer"):
+        if data is not None and key in was_data and key in data and was_data[key] != data[key]:
+            what = "tokenizer (encoder and codebook digest)" if key == "tokenizer" else f"data {key}"
+            changes.append(f"{what} {_shown(was_data[key])} (now {_shown(data[key])})")
+    if changes:
+        state = "finished" if is_done(run_dir) else "its checkpoint"
+        raise RunMismatch(
+            f"{run_dir} ({state}) was trained with another recipe: {'; '.join(changes)}. Rerun it with the "
+            "flags it started with, add --fresh to start it over, or give another --out"
+        )
 
 
 def mark_done(run_dir: Path, summary: dict[str, Any]) -> None:

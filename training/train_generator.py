@@ -38,12 +38,13 @@ from dcar.training.distributed import Dist
 from dcar.training.lineage import DATA_META, write_lineage
 from dcar.training.losses import arccos_mask, masked_token_loss
 from dcar.training.presets import TrainPreset
-from dcar.training.pretokenize import load_pretokenized, pretokenize
+from dcar.training.pretokenize import META, load_pretokenized, pretokenize, tokens_fingerprint
 from dcar.training.runlog import (
     CheckpointTimer,
     CsvLog,
     RunOptions,
     autocast,
+    check_resumable,
     is_done,
     load_checkpoint,
     lr_at,
@@ -149,7 +150,11 @@ class GeneratorTrainer:
         self.grid = tuple(self.meta["grid"])
         self.data = TokenData(tokens, residuals, scenes, opts.seed, d.rank, d.world)
         self.cfg = generator_config(preset, self.meta["residual_std"])
-        init = _initial_weights(Path(r.init_from), self.tok, self.cfg, preset) if r.init_from else None
+        init = (
+            _initial_weights(Path(r.init_from), self.tok, tokenizer_dir, self.cfg, preset)
+            if r.init_from
+            else None
+        )
         if init is not None:
             self.cfg = init[0]  # the head keeps the vae_scale it was trained with
         with torch.random.fork_rng(devices=[]):
@@ -189,6 +194,7 @@ class GeneratorTrainer:
         state = {
             "kind": "generator",
             "preset": self.preset.to_dict(),
+            "seed": self.opts.seed,
             "generator_config": self.cfg.to_dict(),
             "step": self.step,
             "generator": self.gen.state_dict(),
@@ -228,10 +234,12 @@ class GeneratorTrainer:
     def run(self) -> dict[str, Any]:
         r, d, opts = self.recipe, self.d, self.opts
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = load_checkpoint(self.run_dir)
+        if ckpt is not None:  # refused before data_meta.json is overwritten when the data are others
+            check_resumable(self.run_dir, ckpt, "generator", self.preset, opts.seed, self.meta)
         if d.main:
             (self.run_dir / DATA_META).write_text(json.dumps(self.meta, indent=1) + "\n")
             write_lineage(self.run_dir, "generator", r.init_from)
-        ckpt = load_checkpoint(self.run_dir)
         if ckpt is not None:
             self.load_state_dict(ckpt)
         resume = self.step if ckpt is not None else None
@@ -346,25 +354,36 @@ def train_generator(
 
     ``tokenizer_dir`` is a finished tokenizer run or a weights directory (its encoder and codebook).
     """
-    run_dir = Path(run_dir)
+    run_dir, tokenizer_dir = Path(run_dir), Path(tokenizer_dir)
+    usable = is_weights_dir(tokenizer_dir) or is_done(tokenizer_dir)
+    # Refused before pre-tokenizing (minutes) when the recipe, the data or the tokenizer's ids say another
+    # run, finished or not; the data are compared again once pre-tokenized (a dataset still to be written).
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is not None:
+        meta = Path(data_dir) / META
+        data = json.loads(meta.read_text()) if meta.is_file() else {}
+        if usable:
+            data["tokenizer"] = tokens_fingerprint(load_trained_tokenizer(tokenizer_dir, preset))
+        check_resumable(run_dir, ckpt, "generator", preset, opts.seed, data)
+        del ckpt  # the trainer loads it again after pre-tokenizing; no need to hold it meanwhile
     if is_done(run_dir):
         return {"skipped": "done"}
-    if not is_weights_dir(Path(tokenizer_dir)) and not is_done(Path(tokenizer_dir)):
+    if not usable:
         raise FileNotFoundError(
             f"{tokenizer_dir}: neither a finished tokenizer run (no 'done' file) nor a weights directory"
         )
-    return GeneratorTrainer(preset, Path(tokenizer_dir), Path(data_dir), run_dir, d, opts).run()
+    return GeneratorTrainer(preset, tokenizer_dir, Path(data_dir), run_dir, d, opts).run()
 
 
 def _initial_weights(
-    path: Path, tok: DCHT, cfg: GeneratorConfig, preset: TrainPreset
+    path: Path, tok: DCHT, tokenizer_dir: Path, cfg: GeneratorConfig, preset: TrainPreset
 ) -> tuple[GeneratorConfig, nn.Module, nn.Module]:
     """(config, generator, text encoder) of a weights directory or a generator run (EMA weights), checked
     against the architecture being trained and, for a weights directory, against the tokenizer: the
     generator learnt that tokenizer's ids, which must keep their meaning."""
     from dcar.model.loading import LoadError
     from dcar.model.pipeline import Pipeline
-    from dcar.training.export import check_same_tokens
+    from dcar.training.export import check_same_tokens, check_trained_on
 
     if is_weights_dir(path):
         pipe = Pipeline.from_pretrained(path, dtype=torch.float32)
@@ -375,6 +394,7 @@ def _initial_weights(
             gen, text, init_cfg = load_trained_generator(path, preset)
         except FileNotFoundError as e:
             raise LoadError(f"init_from {path}: neither a weights directory nor a generator run ({e})") from e
+        check_trained_on(path, tok, tokenizer_dir)
     if replace(init_cfg, head=replace(init_cfg.head, vae_scale=cfg.head.vae_scale)) != cfg:
         raise LoadError(f"init_from {path}: its generator's architecture differs from the preset's")
     return init_cfg, gen, text

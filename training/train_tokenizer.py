@@ -45,6 +45,7 @@ from dcar.training.runlog import (
     CsvLog,
     RunOptions,
     autocast,
+    check_resumable,
     is_done,
     load_checkpoint,
     lr_at,
@@ -139,6 +140,7 @@ class TokenizerTrainer:
         return {
             "kind": "tokenizer",
             "preset": self.preset.to_dict(),
+            "seed": self.opts.seed,
             "stage": self.stage,
             "step": self.step,
             "model": self.tok.state_dict(),
@@ -200,9 +202,11 @@ class TokenizerTrainer:
     def run(self) -> dict[str, Any]:
         r, d, opts = self.recipe, self.d, self.opts
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = load_checkpoint(self.run_dir)
+        if ckpt is not None:  # refused before anything is written when the recipe is another
+            check_resumable(self.run_dir, ckpt, "tokenizer", self.preset, opts.seed)
         if d.main:
             write_lineage(self.run_dir, "tokenizer", r.init_from)
-        ckpt = load_checkpoint(self.run_dir)
         if ckpt is not None:
             self.load_state_dict(ckpt)
         elif self.opt is None:
@@ -425,6 +429,9 @@ def train_tokenizer(preset: TrainPreset, run_dir: str | Path, d: Dist, opts: Run
     """Run (or resume, or skip when already done) the three stages into ``run_dir``."""
     run_dir = Path(run_dir)
     if is_done(run_dir):
+        ckpt = load_checkpoint(run_dir)
+        if ckpt is not None:  # finished with these flags, or refused: not skipped as if it were their run
+            check_resumable(run_dir, ckpt, "tokenizer", preset, opts.seed)
         return {"skipped": "done"}
     trainer = TokenizerTrainer(preset, run_dir, d, opts)
     try:

@@ -255,7 +255,7 @@ def test_generator_continues_from_a_weights_directory_on_the_same_ids(
 ):
     from dcar.training.train_generator import train_generator
 
-    preset = replace(ci_preset, generator=replace(ci_preset.generator, init_from=str(ci_weights)))
+    preset = replace(ci_preset, generator=replace(ci_preset.generator, init_from=str(ci_weights), steps=2))
     run = tmp_path / "g"
     assert train_generator(preset, ci_tokenizer_run, ci_data, run, SINGLE, ci_options(stop_at=0)) == {
         "stopped_at": 0
@@ -267,14 +267,7 @@ def test_generator_continues_from_a_weights_directory_on_the_same_ids(
     shipped_cfg = json.loads((ci_weights / "generator" / "config.json").read_text())
     assert ckpt["generator_config"]["head"]["vae_scale"] == shipped_cfg["head"]["vae_scale"]
     # then it trains on: two steps move the weights
-    train_generator(
-        replace(preset, generator=replace(preset.generator, steps=2)),
-        ci_tokenizer_run,
-        ci_data,
-        run,
-        SINGLE,
-        ci_options(),
-    )
+    train_generator(preset, ci_tokenizer_run, ci_data, run, SINGLE, ci_options())
     after = torch.load(run / "checkpoint.pt", weights_only=False)["generator"]
     assert any(not torch.equal(after[k], shipped[k]) for k in shipped)
 
