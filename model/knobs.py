@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -94,6 +95,11 @@ class SamplingKnobs:
 
     def __post_init__(self) -> None:
         check_knobs(knob_values(self))
+        # Stored as the knob's own Python type: steps=12.0 stayed a float in the params (and in everything
+        # derived from them), a NumPy number would reach torch.tensor and json.dumps as it came.
+        for k in KNOBS:
+            if k.type in (int, float):
+                object.__setattr__(self, k.name, k.type(getattr(self, k.name)))
 
 
 KNOBS: tuple[Knob, ...] = tuple(
@@ -146,22 +152,26 @@ def check_knob(name: str, value: Any, cap: float | None = None) -> None:
         if not isinstance(value, bool):
             raise KnobError(name, f"{name} must be true or false, got {value!r}")
         return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (k.type is int and value != int(value))
-    ):
-        raise KnobError(
-            name, f"{name} must be {'an integer' if k.type is int else 'a number'}, got {value!r}"
-        )
-    if not math.isfinite(value):  # inf passed "at least 0" and reached the logits
+    # numbers.Real, not (int, float): NumPy's integers and float32 are numbers too, and "steps must be an
+    # integer, got np.int64(2)" was wrong; bools are refused although they are ints.
+    kind = "an integer" if k.type is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise KnobError(name, f"{name} must be {kind}, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float (10**400)
+        number = math.inf
+    # Before the integer test: int(inf) raised OverflowError and int(nan) a ValueError naming no knob.
+    if not math.isfinite(number):  # inf passed "at least 0" and reached the logits
         raise KnobError(name, f"{name} must be a finite number, got {value!r}")
+    if k.type is int and not number.is_integer():
+        raise KnobError(name, f"{name} must be {kind}, got {value!r}")
     high = k.high if cap is None else cap if k.high is None else min(k.high, cap)
     low = -math.inf if k.low is None else k.low
     if high is None:
-        if not value >= low:  # also refuses NaN
+        if not number >= low:  # also refuses NaN
             raise KnobError(name, f"{name} must be at least {low:g}, got {value!r}")
-    elif not low <= value <= high:
+    elif not low <= number <= high:
         raise KnobError(name, f"{name} must be between {low:g} and {high:g}, got {value!r}")
 
 

@@ -98,17 +98,49 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
+    """The model's dtype from its name or a ``torch.dtype``; ValueError for any other than these three.
+
+    A torch.dtype used to pass unchecked: torch.int8 failed inside ``nn.Module.to`` with a TypeError, and
+    torch.float64 ran a precision nothing here is checked in.
+    """
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise ValueError(
+                f"dtype={name} is not supported; expected torch.float32, torch.float16 or torch.bfloat16"
+            )
         return name
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if name not in table:
-        raise ValueError(f"dtype={name!r} is not supported; expected one of {sorted(table)}")
-    return table[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is not supported; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """The device to load onto: ``auto`` resolved, and ValueError naming it when it is no device name or
+    this machine lacks it (torch itself answered "cuda" on a CPU-only build with an AssertionError only
+    at the first tensor moved, and "gpu" with a RuntimeError listing its internal device types)."""
+    from dcar.model.devices import device_problem, resolve_device
+
+    name = resolve_device(device) if isinstance(device, str) else device
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device={device!r} is not a device; expected auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    problem = device_problem(str(dev))
+    if problem:
+        raise ValueError(f"device={device!r}: {problem}")
+    return dev

@@ -5,6 +5,7 @@ The server validates user input into these (model/ never sees pydantic); the CLI
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -40,10 +41,13 @@ class SamplingParams(SamplingKnobs):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise KnobError(name, f"{name} must be a positive integer (pixels), got {value!r}")
+        for name in ("seed", "height", "width"):  # a NumPy integer is stored as a Python int
+            object.__setattr__(self, name, int(getattr(self, name)))
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numbers.Integral: a seed drawn with NumPy (np.int64) was refused as "not an integer".
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, eq=False)

@@ -40,6 +40,7 @@ from dcar.model.loading import (
     default_dtype,
     find_weights,
     load_strict,
+    parse_device,
     parse_dtype,
     read_state_dict,
 )
@@ -113,6 +114,42 @@ def _config(cls: Callable[..., T], values: object, key: str) -> T:
     return cls(**values)
 
 
+def _image_tensor(image: object) -> torch.Tensor:
+    """An edit's input image given as a tensor, checked: (3, H, W) floats in [-1, 1]."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(
+            f"image must be a PIL image or a tensor (3, H, W) in [-1, 1], got {type(image).__name__}"
+        )
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image tensor must have shape (3, H, W), got {tuple(image.shape)}")
+    # A uint8 image (0..255) or one in [0, 1] scaled by 255 was tokenized as it stood: no error, a wrong edit.
+    if not image.is_floating_point():
+        raise ValueError(f"image tensor must hold floats in [-1, 1], got dtype {image.dtype}")
+    if image.numel() and not (torch.isfinite(image).all() and image.min() >= -1 and image.max() <= 1):
+        raise ValueError(
+            f"image tensor values must lie in [-1, 1], got {image.min().item():g}..{image.max().item():g}"
+        )
+    return image.float()
+
+
+def _mask_tensor(mask: object) -> torch.Tensor:
+    """An edit's mask given as a tensor, checked: (H, W) or (1, H, W), values in [0, 1] -> (1, H, W) float."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"mask must be a PIL image or a tensor (1, H, W) in [0, 1], got {type(mask).__name__}"
+        )
+    if not (mask.ndim == 2 or (mask.ndim == 3 and mask.shape[0] == 1)):
+        raise ValueError(f"mask tensor must have shape (H, W) or (1, H, W), got {tuple(mask.shape)}")
+    m = mask.float()
+    # A 0/255 mask marked the right tokens, then blended as 255 * generated - 254 * input: pixels far
+    # outside [0, 1] in a result documented to lie there.
+    if m.numel() and not (torch.isfinite(m).all() and m.min() >= 0 and m.max() <= 1):
+        raise ValueError(
+            f"mask tensor values must lie in [0, 1] (1 = regenerate), got {m.min().item():g}..{m.max().item():g}"
+        )
+    return m.reshape(1, *m.shape[-2:])
+
+
 class Pipeline:
     """Text-to-image and inpainting with DC-AR. Build with ``from_pretrained`` or ``from_config``."""
 
@@ -129,7 +166,7 @@ class Pipeline:
     ):
         self.config = config
         self.name = name
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         self.dtype = parse_dtype(dtype) or default_dtype(self.device)
         self.tokenizer = tokenizer.to(self.device, self.dtype).eval().requires_grad_(False)
         self.generator = generator.to(self.device, self.dtype).eval().requires_grad_(False)
@@ -151,6 +188,7 @@ class Pipeline:
         options: SamplerOptions | None = None,
     ) -> Pipeline:
         """Randomly initialised modules (tests, training). The global RNG is left as it was."""
+        device, _ = parse_device(device), parse_dtype(dtype)  # refused before the modules are built
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # module initialisers only know the global generator
             tok, gen = DCHT(config.tokenizer), DCARTransformer(config.generator)
@@ -189,6 +227,7 @@ class Pipeline:
         ``official_generator`` supplies it (the dc-ar-512 preset by default). ``official_autoencoder``
         overrides the DC-AE structure that DC-HT's ``model_name`` selects (small official-format test models).
         """
+        device, _ = parse_device(device), parse_dtype(dtype)  # refused before the weights are read
         path = Path(path)
         if not path.is_dir():
             raise LoadError(f"{path}: weights directory not found")
@@ -303,11 +342,13 @@ class Pipeline:
     ) -> EditSpec:
         """Tokenize the input image and map the pixel mask (1 = regenerate) to tokens.
 
+        ``image``: a PIL image, or a float tensor (3, H, W) in [-1, 1] (a ``RowResult.image`` is in [0, 1]:
+        pass ``res.image * 2 - 1``). ``mask``: a PIL image (white = regenerate, see ``mask_to_tensor``), or
+        a tensor (H, W) or (1, H, W) in [0, 1], 1 = regenerate; fractions blend the input back partially.
         A token is regenerated when any pixel of its patch is marked.
         """
-        x = pil_to_tensor(image) if isinstance(image, Image.Image) else image
-        m = mask_to_tensor(mask) if isinstance(mask, Image.Image) else mask.float()
-        m = m.reshape(1, *m.shape[-2:])
+        x = pil_to_tensor(image) if isinstance(image, Image.Image) else _image_tensor(image)
+        m = mask_to_tensor(mask) if isinstance(mask, Image.Image) else _mask_tensor(mask)
         if x.shape[-2:] != m.shape[-2:]:
             raise ValueError(f"mask size {tuple(m.shape[-2:])} differs from image size {tuple(x.shape[-2:])}")
         q = self.tokenizer.encode(x.unsqueeze(0).to(self.device, self.dtype))

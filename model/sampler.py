@@ -61,6 +61,29 @@ def _restore_rng_on_error(state: BatchState):
         raise
 
 
+def _check_params(params: object) -> list[SamplingParams]:
+    """``params`` as a list of SamplingParams, or an error saying what was passed instead."""
+    if isinstance(params, (SamplingParams, str)) or not isinstance(params, Sequence):
+        raise TypeError(
+            f"params must be a list of SamplingParams (one per image), got {type(params).__name__}"
+        )
+    if not params:
+        raise ValueError("params is empty: give at least one SamplingParams (one per image)")
+    for i, p in enumerate(params):
+        if not isinstance(p, SamplingParams):
+            raise TypeError(
+                f"params[{i}] must be a SamplingParams (pipe.params(prompt, ...)), got {type(p).__name__}"
+            )
+    return list(params)
+
+
+def _per_row(name: str, values: Sequence[Any], n: int) -> list[Any]:
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries for {n} rows: give one per row")
+    return values
+
+
 class _Clock:
     """Stage boundaries without a host sync: CUDA events on a GPU (read only after the caller's own sync),
     ``perf_counter`` elsewhere. The first mark is taken at construction."""
@@ -148,16 +171,22 @@ class Sampler:
         text: tuple[torch.Tensor, torch.Tensor] | None = None,
         noise: RowNoise | OfficialOrderNoise | None = None,
     ) -> BatchState:
-        """Encode the prompts and set up rows at step 0. ``text`` = (states, mask) skips the T5 encoder."""
-        if not params:
-            raise ValueError("start() needs at least one row")
+        """Encode the prompts and set up rows at step 0. ``text`` = (states, mask) skips the T5 encoder.
+
+        ``edits`` and ``tags``, when given, hold one entry per row (an edit of None: a plain generation).
+        """
+        params = _check_params(params)
         grids = {self.grid_for(p.height, p.width) for p in params}
         if len(grids) != 1:
             raise ValueError(f"rows of one batch must share a token grid, got {sorted(grids)}")
         grid = grids.pop()
         n, length, dev = len(params), grid[0] * grid[1], self.device
-        edits = list(edits) if edits is not None else [None] * n
-        tags = list(tags) if tags is not None else list(range(n))
+        # zip() below would silently drop the rows past the shorter list (2 params and 1 edit gave 1 image).
+        edits = _per_row("edits", edits, n) if edits is not None else [None] * n
+        tags = _per_row("tags", tags, n) if tags is not None else list(range(n))
+        for i, (p, e) in enumerate(zip(params, edits)):
+            if e is not None:
+                self._check_edit(i, p, e, length)
         rows = [Row(p, e, t) for p, e, t in zip(params, edits, tags)]
 
         t0 = time.perf_counter()
@@ -185,13 +214,37 @@ class Sampler:
         ids = torch.full((n, length), mask_id, dtype=torch.long, device=dev)
         for i, e in enumerate(edits):
             if e is not None:
-                if e.tokens.shape != (length,):
-                    raise ValueError(f"edit tokens have shape {tuple(e.tokens.shape)}, expected ({length},)")
                 tm = e.token_mask.to(dev).bool()
                 ids[i] = torch.where(tm, torch.full_like(ids[i], mask_id), e.tokens.to(dev))
         if noise is None:
             noise = RowNoise([torch.Generator(device=dev).manual_seed(p.seed) for p in params])
         return BatchState(grid, rows, ids, kv, noise, ids.clone(), RowKnobs.of(params, dev))
+
+    def _check_edit(self, i: int, p: SamplingParams, e: object, length: int) -> None:
+        """Refuse, before any work, an edit that does not fit row ``i``.
+
+        The token count alone let through an edit of a 64x96 image on a 96x64 row (same count, another
+        grid): its tokens were laid out in the wrong grid, and the blend failed only after every step.
+        """
+        if not isinstance(e, EditSpec):
+            raise TypeError(
+                f"edits[{i}] must be an EditSpec (pipe.prepare_edit) or None, got {type(e).__name__}"
+            )
+        for name in ("image", "pixel_mask"):
+            t = getattr(e, name)
+            if t is not None and tuple(t.shape[-2:]) != (p.height, p.width):
+                h, w = t.shape[-2:]
+                raise ValueError(
+                    f"edits[{i}] was prepared from a {w}x{h} {name.replace('_', ' ')}, but its row is "
+                    f"{p.width}x{p.height} (width x height): an edit keeps its image's size"
+                )
+        c = self.generator.cfg.token_size
+        for name, shape in (("tokens", (length,)), ("token_mask", (length,)), ("residual", (length, c))):
+            got = tuple(getattr(e, name).shape)
+            if got != shape:
+                raise ValueError(
+                    f"edits[{i}].{name} has shape {got}, expected {shape} for a {p.width}x{p.height} row"
+                )
 
     # --- 2. one unmasking step -------------------------------------------------------------------
 
@@ -401,6 +454,7 @@ class Sampler:
         **start_kwargs,
     ) -> list[RowResult]:
         """Sample a static batch to completion, results in input order; ``callback(events, state)`` per step."""
+        params = _check_params(params)
         state = self.start(params, edits, tags=list(range(len(params))), **start_kwargs)
         results: list[RowResult] = []
         while len(state):

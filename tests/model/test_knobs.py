@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 
 from dcar.model.config import SamplingDefaults
@@ -108,6 +109,30 @@ def test_pipeline_params_refuse_a_prompt_seed_or_size_of_the_wrong_kind(tiny_pip
     with pytest.raises(KnobError, match=text) as err:
         tiny_pipe.params(prompt, **kwargs)
     assert err.value.field == field
+
+
+def test_numpy_numbers_are_taken_and_every_number_is_stored_as_its_knobs_type(tiny_pipe):
+    """A seed or step count drawn with NumPy was refused as "must be an integer, got np.int64(3)";
+    steps=2.0 was taken but stayed a float in the params."""
+    p = tiny_pipe.params(
+        "x",
+        seed=np.int64(3),
+        steps=2.0,
+        residual_steps=np.int32(4),
+        guidance_scale=np.float32(2),
+        height=np.int64(64),
+    )
+    got = {k: getattr(p, k) for k in ("seed", "steps", "residual_steps", "guidance_scale", "height")}
+    assert got == {"seed": 3, "steps": 2, "residual_steps": 4, "guidance_scale": 2.0, "height": 64}
+    assert [type(v) for v in got.values()] == [int, int, int, float, int]
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_an_integer_knob_that_is_not_finite_is_a_knob_error(tiny_pipe, value):
+    """int(inf) raised OverflowError and int(nan) a ValueError that named no knob."""
+    with pytest.raises(KnobError, match="steps must be a finite number") as err:
+        tiny_pipe.params("x", steps=value)
+    assert err.value.field == "steps"
 
 
 def test_knob_text_is_parsed_by_the_knobs_type_then_checked():
