@@ -11,6 +11,7 @@ Two weight layouts go through the same code (weights/README.md):
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -297,7 +298,9 @@ class Pipeline:
                 for k, v in module.state_dict().items()
             }
             save_file(state, str(path / sub / "model.safetensors"))
-        self.text_encoder.float().save_pretrained(path / "text_encoder")
+        # A float32 copy: Module.float() converts in place, and a half-precision pipeline went on with a
+        # float32 T5 after it was saved (other caption states, so other images for the same seed).
+        copy.deepcopy(self.text_encoder).float().save_pretrained(path / "text_encoder")
         index = {
             "format": "dcar",
             "version": 1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dcar.model.loading import find_weights, read_state_dict
 from dcar.model.pipeline import Pipeline
 
 SIDE = 64  # 2x2 tokens of the tiny preset: nothing here needs more
@@ -103,3 +104,15 @@ def test_cuda_without_cuda_is_refused_and_auto_means_cpu():
     with pytest.raises(ValueError, match="device='cuda': cuda is not available"):
         Pipeline.load("preset:tiny", device="cuda")
     assert Pipeline.load("preset:tiny", device="auto").device == torch.device("cpu")
+
+
+def test_save_pretrained_leaves_a_half_precision_pipeline_as_it_was(tmp_path):
+    """save_pretrained wrote the text encoder with an in-place .float(): a bfloat16 pipeline went on with
+    a float32 T5 after saving, and its caption states (so its images) changed for the same seed."""
+    pipe = Pipeline.load("preset:tiny", dtype="bfloat16")
+    before = pipe.text_encoder(["a red circle"])[0]
+    pipe.save_pretrained(tmp_path / "m")
+    after = pipe.text_encoder(["a red circle"])[0]
+    assert after.dtype == torch.bfloat16 and torch.equal(before, after)
+    saved = read_state_dict(find_weights(tmp_path / "m" / "text_encoder"))
+    assert {v.dtype for v in saved.values()} == {torch.float32}  # still written in float32
