@@ -94,10 +94,11 @@ function parseEvents(buffer) {
   return [events, rest];
 }
 
-// POST with stream=true: calls onProgress(event) per unmasking step and resolves with the `images` body.
+// POST with stream=true: calls on.queued(event) while the request waits in the server's queue (its place,
+// again whenever it changes), on.progress(event) per unmasking step, and resolves with the `images` body.
 // `body` is a plain object (sent as JSON) or a FormData (multipart). `signal` aborts (the server then drops
 // the rows at its next step).
-export async function streamImages(path, body, onProgress, signal) {
+export async function streamImages(path, body, on, signal) {
   const isForm = body instanceof FormData;
   const init = {
     method: "POST",
@@ -127,7 +128,8 @@ export async function streamImages(path, body, onProgress, signal) {
       [events, buffer] = parseEvents(buffer);
       for (const { event, data } of events) {
         const payload = JSON.parse(data);
-        if (event === "progress") onProgress(payload);
+        if (event === "progress") on.progress(payload);
+        else if (event === "queued") on.queued?.(payload);
         else if (event === "images") return payload;
         else if (event === "error") {
           const err = payload.error || {};

@@ -202,7 +202,7 @@ async function generate(signal) {
   ui.genViewer.start(width, height);
   const t0 = performance.now();
   const body = await streamImages("/v1/generate", { ...k, size, stream: true, preview: true },
-                                  (ev) => ui.genViewer.progress(ev), signal);
+                                  ui.genViewer.listener(), signal);
   ui.genViewer.done(body, (performance.now() - t0) / 1000, k.prompt);
   remember("generate", body, k);
 }
@@ -221,7 +221,7 @@ async function edit(signal) {
   form.append("preview", "true");
   ui.editViewer.start(ui.edit.width, ui.edit.height);
   const t0 = performance.now();
-  const body = await streamImages("/v1/edit", form, (ev) => ui.editViewer.progress(ev), signal);
+  const body = await streamImages("/v1/edit", form, ui.editViewer.listener(), signal);
   ui.editViewer.done(body, (performance.now() - t0) / 1000, `edit: ${k.prompt}`);
   remember("edit", body, k);
 }

@@ -31,6 +31,19 @@ function shuffled(n) {
   return order;
 }
 
+// 1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st, 22nd, ...
+function ordinal(n) {
+  const suffix = n % 100 >= 11 && n % 100 <= 13 ? "th" : { 1: "st", 2: "nd", 3: "rd" }[n % 10] || "th";
+  return `${n}${suffix}`;
+}
+
+// The caption while the request waits in the server's queue: its place (1 = next to be admitted) and the
+// images waiting in all (its own included).
+export function queuedText(position, rows) {
+  const place = position === 1 ? "next in line" : `${ordinal(position)} in line`;
+  return `Queued: ${place} (${rows} ${rows === 1 ? "image" : "images"} waiting)`;
+}
+
 export class Viewer {
   constructor(root) {
     this.root = root;
@@ -42,6 +55,12 @@ export class Viewer {
     this.caption = root.querySelector(".v-caption");
     this.timings = root.querySelector(".v-timings");
     this.events = 0;
+    this.place = null;
+  }
+
+  // What streamImages calls per event.
+  listener() {
+    return { progress: (ev) => this.progress(ev), queued: (ev) => this.queued(ev) };
   }
 
   set state(value) {
@@ -65,7 +84,9 @@ export class Viewer {
     this.height = height;
     this.grid = null;
     this.events = 0;
+    this.place = null;
     this.root.dataset.progressEvents = "0";
+    this.root.dataset.queuedEvents = "0";
     this.kept = this.root.dataset.state !== "done" ? null
       : { caption: this.caption.textContent, aspect: this.frame.style.aspectRatio };
     this.frame.style.aspectRatio = `${width} / ${height}`;
@@ -73,6 +94,20 @@ export class Viewer {
     this.bar.value = 0;
     this.caption.textContent = "Waiting for the server…";
     this.state = "waiting";
+  }
+
+  // A `queued` event: the request's place in the server's queue, sent again when the place or the count of
+  // waiting rows changes. The caption (a polite live region) changes only with the place, so a screen reader
+  // is not told the same place again each time someone joins the queue behind it.
+  queued(ev) {
+    if (this.events > 0) return; // its first step is done: the steps say more than the place of other rows
+    const position = Number(ev.position);
+    const rows = Number(ev.queued_rows);
+    if (!Number.isInteger(position) || position < 1 || !Number.isInteger(rows)) return;
+    this.root.dataset.queuedEvents = String(Number(this.root.dataset.queuedEvents || 0) + 1);
+    if (position === this.place) return;
+    this.place = position;
+    this.caption.textContent = queuedText(position, rows);
   }
 
   progress(ev) {

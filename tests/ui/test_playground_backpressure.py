@@ -1,6 +1,7 @@
 """The page never hangs on backpressure: a full queue (429) shows the API's message and Retry-After and lets the
-user try again; a draining server (503) says so and lets the user retry. The engine is held by a step hook
-on the pipeline (the same fault injection the server tests use), never by mocking the server."""
+user try again; a draining server (503) says so and lets the user retry; a request waiting in the queue shows its
+place in line until its first step. The engine is held by a step hook on the pipeline (the same fault injection
+the server tests use), never by mocking the server."""
 
 from __future__ import annotations
 
@@ -33,7 +34,11 @@ def test_a_full_queue_shows_retry_after_and_the_user_can_try_again(browser, ui_p
             gate.wait(30)
 
     with (
-        live_server(ui_pipe, max_batch_size=1, max_queue=1, max_n=1, max_wait_ms=0) as (url, app),
+        # max_queue_delay_s: the forecast would otherwise refuse "waits" itself on a slow CPU (the warm-up
+        # measures seconds per image), and this test is about the max_queue bound
+        live_server(
+            ui_pipe, max_batch_size=1, max_queue=1, max_n=1, max_wait_ms=0, max_queue_delay_s=600
+        ) as (url, app),
         ThreadPoolExecutor(2) as pool,
     ):
         page, watch = open_page(browser, url)
@@ -89,4 +94,113 @@ def test_a_full_queue_shows_retry_after_and_the_user_can_try_again(browser, ui_p
             assert watch.errors == []
         finally:
             gate.set()
+            page.context.close()
+
+
+CAPTIONS = """() => {
+    const caption = document.querySelector('#gen-viewer .v-caption');
+    window.captions = [];
+    new MutationObserver(() => window.captions.push(caption.textContent))
+        .observe(caption, { childList: true, characterData: true, subtree: true });
+}"""
+
+
+def test_a_queued_generation_shows_its_place_until_its_first_step(browser, ui_pipe, step_hook, tmp_path):
+    """The stream's ``queued`` events on the page: the place in line while the batch slot is taken, changed
+    only when the place changes (the caption is a polite live region), then the steps and the image."""
+    gates = {"runs": threading.Event(), "waits": threading.Event()}
+
+    def hold(state):  # each held request keeps the one batch slot until its gate opens; the rest pass
+        gate = gates.get(state.rows[0].params.prompt)
+        if gate is not None:
+            gate.wait(30)
+
+    with (
+        # No warm-up (a full generation per size, most of this test's time on a busy CPU); max_queue_delay_s:
+        # the held rows would otherwise make the forecast refuse the queued ones.
+        live_server(
+            ui_pipe,
+            max_batch_size=1,
+            max_wait_ms=0,
+            max_queue_delay_s=600,
+            sse_keepalive_s=0.05,
+            warmup=False,
+        ) as (url, _app),
+        ThreadPoolExecutor(3) as pool,
+    ):
+        page, watch = open_page(browser, url)
+        try:
+            step_hook.fail = hold
+            body = {"prompt": "runs", "steps": 2}
+            running = pool.submit(httpx.post, f"{url}/v1/generate", json=body, timeout=60)
+            wait_until(lambda: status(url)["rows_running"] == 1)
+            ahead = pool.submit(
+                httpx.post, f"{url}/v1/generate", json={**body, "prompt": "waits"}, timeout=60
+            )
+            wait_until(lambda: status(url)["queue_size"] == 1)
+
+            page.evaluate(CAPTIONS)
+            page.fill("#prompt", "a patient square")
+            page.fill("#steps", "2")
+            page.click("#run")
+            caption = page.locator("#gen-viewer .v-caption")
+            page.wait_for_function(
+                "() => document.querySelector('#gen-viewer .v-caption').textContent.startsWith('Queued')"
+            )
+            assert caption.inner_text() == "Queued: 2nd in line (2 images waiting)"
+            assert caption.get_attribute("aria-live") == "polite"
+            page.screenshot(path=tmp_path / "1-queued.png", full_page=True)
+
+            # Someone joins behind it: the server sends the new count, the place (and the caption) stay.
+            behind = pool.submit(
+                httpx.post, f"{url}/v1/generate", json={**body, "prompt": "behind"}, timeout=60
+            )
+            page.wait_for_function(
+                "() => Number(document.getElementById('gen-viewer').dataset.queuedEvents) >= 2"
+            )
+            assert caption.inner_text() == "Queued: 2nd in line (2 images waiting)"
+
+            gates["runs"].set()  # the running request ends, the one ahead takes the slot: next in line
+            page.wait_for_function(
+                "() => document.querySelector('#gen-viewer .v-caption').textContent.includes('next')"
+            )
+            assert caption.inner_text() == "Queued: next in line (2 images waiting)"
+            page.screenshot(path=tmp_path / "2-next.png", full_page=True)
+
+            gates["waits"].set()
+            page.wait_for_selector("#gen-viewer[data-state=done]")
+            assert page.locator("#gen-result").get_attribute("src").startswith("data:image/png;base64,")
+            captions = page.evaluate("() => window.captions")
+            wordings = page.evaluate("""async () => {
+                const { queuedText } = await import('/ui/progress.js');
+                return [[1, 1], [2, 2], [3, 5], [4, 4], [11, 11], [12, 12], [13, 13], [21, 21], [22, 30],
+                        [23, 23], [101, 101], [111, 111], [112, 112]].map(([p, n]) => queuedText(p, n));
+            }""")
+            assert captions[:3] == [
+                "Waiting for the server…",
+                "Queued: 2nd in line (2 images waiting)",
+                "Queued: next in line (2 images waiting)",
+            ]
+            assert wordings == [
+                "Queued: next in line (1 image waiting)",
+                "Queued: 2nd in line (2 images waiting)",
+                "Queued: 3rd in line (5 images waiting)",
+                "Queued: 4th in line (4 images waiting)",
+                "Queued: 11th in line (11 images waiting)",
+                "Queued: 12th in line (12 images waiting)",
+                "Queued: 13th in line (13 images waiting)",
+                "Queued: 21st in line (21 images waiting)",
+                "Queued: 22nd in line (30 images waiting)",
+                "Queued: 23rd in line (23 images waiting)",
+                "Queued: 101st in line (101 images waiting)",
+                "Queued: 111th in line (111 images waiting)",
+                "Queued: 112th in line (112 images waiting)",
+            ]
+            assert captions[3].startswith("Step 1 of 2 · ") and "Queued" not in " ".join(captions[3:])
+            for f in (running, ahead, behind):
+                assert f.result().status_code == 200
+            assert watch.errors == []
+        finally:
+            for gate in gates.values():
+                gate.set()
             page.context.close()
