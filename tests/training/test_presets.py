@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shlex
 import subprocess
 from dataclasses import replace
@@ -101,10 +102,10 @@ def test_v2_recipe_at_toy_size_resumes_step_for_step(tmp_path):
         assert (broken / f"ceiling-stage{stage}.json").is_file()
 
 
-def _make_n(target: str) -> tuple[list[str], list[list[str]]]:
+def _make_n(target: str, *variables: str) -> tuple[list[str], list[list[str]]]:
     """The ``dcar train``/``dcar eval`` commands ``make -n target`` would run, and their kinds."""
     out = subprocess.run(
-        ["make", "-n", "--no-print-directory", target],
+        ["make", "-n", "--no-print-directory", target, *variables],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -128,6 +129,31 @@ def test_make_train_tiny_reproduces_the_committed_weights_recipe():
     assert _arg(export, "--generator") == _arg(gen, "--out")
     assert _arg(export, "--out") == "weights/dcar-tiny-shapes"
     assert _arg(export, "--name") == "dcar-tiny-shapes"
+
+
+def test_make_train_tiny_skips_finished_runs_and_a_card_newer_than_them(tmp_path):
+    """A rerun of a finished recipe started the export and the ~11 min evaluation again, which also moved
+    the committed card to previous/; each step now runs only when what it reads is newer than its output."""
+    runs, weights = tmp_path / "runs", tmp_path / "weights"
+    variables = (f"TINY_RUNS={runs}", f"TINY_WEIGHTS={weights}")
+
+    def planned() -> list[str]:
+        return _make_n("train-tiny", *variables)[0]
+
+    def finish(path: Path, when: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        os.utime(path, (when, when))
+
+    assert planned() == ["tokenizer", "generator", "export", "eval"]
+    finish(runs / "tokenizer" / "done", 1_000)
+    assert planned() == ["generator", "export", "eval"]
+    finish(runs / "generator" / "done", 2_000)
+    assert planned() == ["export", "eval"]
+    finish(weights / "eval.json", 3_000)
+    assert planned() == []  # finished and evaluated: nothing to do
+    finish(runs / "generator" / "done", 4_000)  # the generator was trained again (--fresh)
+    assert planned() == ["export", "eval"]
 
 
 def test_make_train_tiny_v2_continues_v1s_runs_and_leaves_the_committed_weights():
