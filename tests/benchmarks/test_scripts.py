@@ -45,7 +45,9 @@ def run_in_process(name: str, *args: str) -> str:
     """``python benchmarks/NAME.py ARGS`` inside this process; its stdout. A non-zero exit fails the test."""
     path = REPO / "benchmarks" / f"{name}.py"
     out, err = io.StringIO(), io.StringIO()
+    # what a script may set for its whole process (e.g. set_grad_enabled(False)), put back for the next test
     argv, sys_path, threads = sys.argv, list(sys.path), torch.get_num_threads()
+    grad, rng, dtype = torch.is_grad_enabled(), torch.get_rng_state(), torch.get_default_dtype()
     sys.argv, sys.path[:0] = [str(path), *args], [str(path.parent)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -55,7 +57,18 @@ def run_in_process(name: str, *args: str) -> str:
     finally:
         sys.argv, sys.path[:] = argv, sys_path
         torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+        torch.set_rng_state(rng)
+        torch.set_default_dtype(dtype)
     return out.getvalue()
+
+
+def test_a_script_run_in_process_leaves_the_process_as_it_found_it():
+    """gpu.py (like sampler.py, peers.py and device_check.py) turns autograd off for its process: in the
+    test's process that broke every training test run after it ("does not require grad")."""
+    rng = torch.get_rng_state()
+    run_in_process("gpu", "--tiny", "--device", "cpu", "--batches", "1", "--modes", "eager", "--repeat", "1")
+    assert torch.is_grad_enabled() and torch.equal(torch.get_rng_state(), rng)
 
 
 def table_rows(out: str, first_cell: str) -> list[list[str]]:
