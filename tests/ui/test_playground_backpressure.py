@@ -26,6 +26,19 @@ def status(url: str) -> dict:
     return httpx.get(f"{url}/v1/status").json()
 
 
+BODY = {"prompt": "runs", "steps": 2}
+
+
+def one_running_one_waiting(url: str, pool: ThreadPoolExecutor):
+    """Two API requests, "runs" (in the one batch slot, held there by the test's hook) and "waits" (queued
+    behind it); their futures, once the server reports them running and waiting."""
+    running = pool.submit(httpx.post, f"{url}/v1/generate", json=BODY, timeout=60)
+    wait_until(lambda: status(url)["rows_running"] == 1)
+    waiting = pool.submit(httpx.post, f"{url}/v1/generate", json={**BODY, "prompt": "waits"}, timeout=60)
+    wait_until(lambda: status(url)["queue_size"] == 1)
+    return running, waiting
+
+
 def test_a_full_queue_shows_retry_after_and_the_user_can_try_again(browser, ui_pipe, step_hook, tmp_path):
     gate = threading.Event()
 
@@ -44,13 +57,7 @@ def test_a_full_queue_shows_retry_after_and_the_user_can_try_again(browser, ui_p
         page, watch = open_page(browser, url)
         try:
             step_hook.fail = hold
-            body = {"prompt": "runs", "steps": 2}
-            running = pool.submit(httpx.post, f"{url}/v1/generate", json=body, timeout=60)
-            wait_until(lambda: status(url)["rows_running"] == 1)
-            queued = pool.submit(
-                httpx.post, f"{url}/v1/generate", json={**body, "prompt": "waits"}, timeout=60
-            )
-            wait_until(lambda: status(url)["queue_size"] == 1)
+            running, queued = one_running_one_waiting(url, pool)
 
             page.fill("#prompt", "one too many")
             page.fill("#steps", "2")
@@ -131,13 +138,7 @@ def test_a_queued_generation_shows_its_place_until_its_first_step(browser, ui_pi
         page, watch = open_page(browser, url)
         try:
             step_hook.fail = hold
-            body = {"prompt": "runs", "steps": 2}
-            running = pool.submit(httpx.post, f"{url}/v1/generate", json=body, timeout=60)
-            wait_until(lambda: status(url)["rows_running"] == 1)
-            ahead = pool.submit(
-                httpx.post, f"{url}/v1/generate", json={**body, "prompt": "waits"}, timeout=60
-            )
-            wait_until(lambda: status(url)["queue_size"] == 1)
+            running, ahead = one_running_one_waiting(url, pool)
 
             page.evaluate(CAPTIONS)
             page.fill("#prompt", "a patient square")
@@ -153,7 +154,7 @@ def test_a_queued_generation_shows_its_place_until_its_first_step(browser, ui_pi
 
             # Someone joins behind it: the server sends the new count, the place (and the caption) stay.
             behind = pool.submit(
-                httpx.post, f"{url}/v1/generate", json={**body, "prompt": "behind"}, timeout=60
+                httpx.post, f"{url}/v1/generate", json={**BODY, "prompt": "behind"}, timeout=60
             )
             page.wait_for_function(
                 "() => Number(document.getElementById('gen-viewer').dataset.queuedEvents) >= 2"
