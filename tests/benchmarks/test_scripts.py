@@ -63,11 +63,12 @@ def run_in_process(name: str, *args: str) -> str:
     return out.getvalue()
 
 
-def test_a_script_run_in_process_leaves_the_process_as_it_found_it():
+def test_a_script_run_in_process_leaves_the_process_as_it_found_it(tmp_path):
     """gpu.py (like sampler.py, peers.py and device_check.py) turns autograd off for its process: in the
     test's process that broke every training test run after it ("does not require grad")."""
     rng = torch.get_rng_state()
-    run_in_process("gpu", "--tiny", "--device", "cpu", "--batches", "1", "--modes", "eager", "--repeat", "1")
+    args = ["--tiny", "--device", "cpu", "--batches", "1", "--modes", "eager", "--repeat", "1"]
+    run_in_process("gpu", *args, "--plot", str(tmp_path / "gpu.png"))
     assert torch.is_grad_enabled() and torch.equal(torch.get_rng_state(), rng)
 
 
