@@ -83,9 +83,14 @@ def admit_or_refuse(
     if queued + req.rows - free > limits.max_queue:
         # Passes once the queue is down to max_queue - rows: after the shrink-th queued row is admitted.
         shrink = queued + req.rows - limits.max_queue
-        # the queued rows' own admission times (behind a priority request's place they are a little late)
-        others = [] if fc is None else fc.admitted[:at] + fc.admitted[at + req.rows :]
-        wait = others[shrink - 1] if 0 < shrink <= len(others) else 0.0
+        # the queued rows' admission times without the refused request: placed ahead of them (priority), its
+        # rows would delay them by its whole run and the Retry-After with them
+        ahead = (
+            fc
+            if at == queued
+            else forecast(running, waiting, costs, limits.max_batch_size, limits.cap, elapsed)
+        )
+        wait = ahead.admitted[shrink - 1] if ahead is not None and 0 < shrink <= queued else 0.0
         raise ApiError(
             429,
             "queue_full",

@@ -365,7 +365,10 @@ class Engine:
             if not self._running:
                 if self._stopping and not self._waiting:
                     return
-                delay = self.policy.start_delay(self._waiting, time.monotonic())
+                # the collection counts from the oldest row's arrival; under priority scheduling the head of
+                # the queue may be a later row that went ahead, whose arrival would start the wait again
+                oldest_first = sorted(self._waiting, key=lambda t: t.enqueued)
+                delay = self.policy.start_delay(oldest_first, time.monotonic())
                 if delay is None or delay > 0:
                     wake = self._wake
                     assert wake is not None  # made by start(), which runs this loop

@@ -176,3 +176,52 @@ def test_the_setting_takes_only_the_two_policies():
     assert Settings(scheduling_policy="priority").scheduling_policy == "priority"
     with pytest.raises(ValidationError, match="scheduling_policy"):
         Settings(scheduling_policy="lifo")
+
+
+async def test_a_full_queue_tells_a_priority_request_when_the_queued_rows_make_room(pipe, monkeypatch):
+    """max_queue=1 and one row waiting: a request of a lower value passes once that row is admitted, which
+    happens as the held row finishes (Retry-After: 1). The refusal's forecast counted the refused request's
+    20 steps (~3 s) ahead of that row, as if it were queued, and answered Retry-After: 3 or more."""
+    gate = threading.Event()
+
+    def hold(state):
+        if state.rows[0].params.prompt == "running":
+            gate.wait(30)
+
+    hook = StepHook(pipe, monkeypatch, delay=0.15, fail=hold)  # warm-up learns ~0.15 s a step
+    settings = dict(scheduling_policy="priority", max_batch_size=1, max_wait_ms=0, max_queue=1, max_n=1)
+    async with serve(pipe, **settings) as client:
+        hook.calls.clear()
+        running = asyncio.create_task(client.post("/v1/generate", json={"prompt": "running", "steps": 2}))
+        while not hook.calls:
+            await asyncio.sleep(0.01)
+        low = asyncio.create_task(
+            client.post("/v1/generate", json={"prompt": "low", "steps": 2, "priority": 5})
+        )
+        await queued(client, 1)
+        high = await client.post("/v1/generate", json={"prompt": "high", "steps": 20, "priority": -5})
+        gate.set()
+        assert high.status_code == 429 and high.json()["error"]["code"] == "queue_full", high.text
+        assert high.headers["Retry-After"] == "1", high.text
+        assert [r.status_code for r in await asyncio.gather(running, low)] == [200, 200]
+
+
+async def test_an_idle_engine_collects_from_its_oldest_waiting_row_not_from_the_head_of_the_queue(
+    pipe, monkeypatch
+):
+    """max_wait_ms counts from the oldest waiting row's arrival. A later row of a lower value goes to the
+    head of the queue; the engine took the head's arrival as the start of its collection, so the wait began
+    again (here it started after ~3.5 s instead of ~2 s)."""
+    hook = StepHook(pipe, monkeypatch)
+    started: list[float] = []
+    monkeypatch.setattr(hook, "fail", lambda state: started.append(time.monotonic()))
+    async with serve(pipe, scheduling_policy="priority", max_batch_size=4, max_wait_ms=2000) as client:
+        started.clear()
+        t0 = time.monotonic()
+        low = asyncio.create_task(
+            client.post("/v1/generate", json={"prompt": "low", "steps": 1, "priority": 5})
+        )
+        await asyncio.sleep(1.5)
+        high = asyncio.create_task(client.post("/v1/generate", json={"prompt": "high", "steps": 1}))
+        assert [r.status_code for r in await asyncio.gather(low, high)] == [200, 200]
+        assert started and started[0] - t0 < 2.8, started[0] - t0
