@@ -124,12 +124,14 @@ class Engine:
         self.metrics.set_ready(False)
         for job in list(self._jobs):
             self._close(job, "failed", ApiError(500, "internal_error", self.failure))
-        # No plan will drop the rows that were running: without this the gauge kept them for good.
-        if self._running:
-            self.metrics.rows_dropped(
-                "failed", len(self._running), sum(t.compute_s for t in self._running.values())
-            )
-            self._running.clear()
+        # No plan will drop the rows that were running: without this the gauge kept them for good. A job
+        # that had already ended (its client left, its deadline passed) keeps its reason, as a plan would.
+        wasted: dict[str, list[float]] = defaultdict(list)
+        for t in self._running.values():
+            wasted[t.job.closed or "failed"].append(t.compute_s)
+        for reason, costs in wasted.items():
+            self.metrics.rows_dropped(reason, len(costs), sum(costs))
+        self._running.clear()
         self._publish()
 
     async def call(self, fn: Callable[..., Any], *args) -> Any:
