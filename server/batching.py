@@ -36,7 +36,8 @@ class GroupView:
 
 
 class BatchPolicy:
-    """Admission between steps, first come first served.
+    """Admission between steps, in the order of the waiting rows (the engine keeps that order: arrival, or
+    priority then arrival under ``scheduling_policy=priority``); the policy only counts rows.
 
     * ``max_batch_size`` bounds the rows in flight (all groups together);
     * ``cap`` bounds the rows of one forward; it starts at ``max_batch_size`` and is halved below the size

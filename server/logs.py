@@ -130,6 +130,7 @@ def job_fields(job, prompts: bool) -> dict:
         "n": len(job.params),
         "size": f"{p.width}x{p.height}",
         "steps": p.steps,
+        "priority": job.priority,  # explains the wait of a request others overtook
         "queue_wait_s": round(max(waits), 6) if waits else None,
     }
     if prompts:

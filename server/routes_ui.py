@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 from dcar.model.knobs import knob_values
 from dcar.server.errors import ApiError
 from dcar.server.routes import Authorized, RuntimeDep
+from dcar.server.schemas import PRIORITY_MAX, PRIORITY_MIN
 
 router = APIRouter()
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -91,6 +92,10 @@ async def status(runtime: RuntimeDep, _: Authorized) -> dict:
             "max_prompt_chars": lim.max_prompt_chars,
             "max_prompt_tokens": lim.max_prompt_tokens,
             "request_timeout_s": lim.request_timeout_s,
+            # whether a request's priority is honoured, or refused unless 0 (fcfs)
+            "scheduling_policy": lim.scheduling_policy,
+            "min_priority": PRIORITY_MIN,
+            "max_priority": PRIORITY_MAX,
         }
     if runtime.engine is not None:
         body["admission"] = runtime.engine.admission_state()

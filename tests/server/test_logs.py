@@ -64,6 +64,7 @@ def test_json_logs_one_record_per_finished_request(tmp_path):
     assert (first["method"], first["route"], first["status"]) == ("POST", "/v1/generate", 200)
     assert (first["n"], first["size"], first["steps"], first["task"]) == (2, "128x128", 2, "generate")
     assert first["duration_s"] > 0 and first["queue_wait_s"] >= 0 and "prompt" not in first
+    assert first["priority"] == 0
     assert first["key_fingerprint"] == "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()[:12]
     assert by_id[openai.headers["x-request-id"]][0]["user"] == "user-7"
     for r in errors:

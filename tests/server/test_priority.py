@@ -159,6 +159,12 @@ async def test_priority_is_refused_by_name_under_fcfs_and_out_of_range(pipe):
         r = await client.post("/v1/generate", json={"prompt": "a", "steps": 2, "priority": 0})
         assert r.status_code == 200, r.text
     async with serve(pipe, scheduling_policy="priority") as client:
+        limits = (await client.get("/v1/status")).json()["limits"]  # how a client learns it is honoured
+        assert (limits["scheduling_policy"], limits["min_priority"], limits["max_priority"]) == (
+            "priority",
+            -100,
+            100,
+        )
         r = await client.post("/v1/generate", json={"prompt": "a", "steps": 2, "priority": 101})
         assert r.status_code == 400
         assert r.json()["error"]["message"] == "priority must be between -100 and 100, got 101"

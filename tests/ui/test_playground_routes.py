@@ -71,6 +71,12 @@ def test_status_reports_model_queue_and_images_per_second(ui_pipe, hook):
         assert set(before["defaults"]) == {*KNOB_NAMES, "size"}
         assert before["limits"]["max_steps"] == 50 and before["limits"]["sizes"] == [f"{native}x{native}"]
         assert before["limits"]["max_residual_steps"] > 0 and before["limits"]["request_timeout_s"] == 120
+        limits = before["limits"]
+        assert (limits["scheduling_policy"], limits["min_priority"], limits["max_priority"]) == (
+            "fcfs",
+            -100,
+            100,
+        )
         assert before["admission"] == {
             "max_queue": 256,
             "max_queue_delay_s": 2.0,
