@@ -330,6 +330,10 @@ class Engine:
         if removed:
             self._waiting = deque(t for t in self._waiting if t.job is not job)
             self.metrics.rows_dropped(reason, len(removed), 0.0)
+        # its finished images are never delivered: their work was wasted like that of the rows still running
+        finished = sum(r is not None for r in job.results)
+        if finished:
+            self.metrics.rows_dropped(reason, finished, job.results_compute_s)
         self._finish_job(job, error=error)
         self._publish()
 

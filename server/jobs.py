@@ -66,6 +66,7 @@ class Job:
     events: asyncio.Queue | None = None
     closed: str | None = None  # why it ended early: disconnected, deadline, failed, shutdown
     results: list[RowResult | None] = field(default_factory=list)
+    results_compute_s: float = 0.0  # the compute shares of the rows in ``results``: wasted if the job fails
     enqueued: float | None = None  # time.monotonic() when its rows entered the queue
     predicted_s: float | None = None  # admission's forecast of seconds from enqueued to done
     admitted: list[float | None] = field(default_factory=list)  # per row: when it entered the running batch

@@ -66,6 +66,7 @@ def deliver(
             metrics.rows_dropped(job.closed or "finished", 1, t.compute_s)
             continue
         job.results[t.index] = res
+        job.results_compute_s += t.compute_s
         metrics.row_finished(res.timings)
         if all(r is not None for r in job.results):
             finish(job, list(job.results))

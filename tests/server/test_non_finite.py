@@ -82,6 +82,9 @@ async def test_an_image_of_a_failed_request_is_not_counted_as_delivered(pipe, mo
         text = await metrics_text(client)
         assert metric(text, "dcar_images_generated_total", task="generate") == 2  # the second request's
         assert metric(text, "dcar_failed_rows_total", reason="non_finite_output") == 1
+        # the finished image of the failed request counts as dropped, its compute as wasted
+        assert metric(text, "dcar_dropped_rows_total", reason="failed") == 1
+        assert metric(text, "dcar_wasted_seconds_total", reason="failed") > 0
 
 
 def test_pipeline_marks_the_row_not_finite(pipe, monkeypatch):
