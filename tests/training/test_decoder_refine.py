@@ -83,8 +83,10 @@ def test_refine_from_a_run_changes_only_the_decoder_and_resumes_step_for_step(
     )
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train_tokenizer(preset, straight, SINGLE, ci_options())
-    assert train_tokenizer(preset, broken, SINGLE, ci_options(stop_at=2)) == {"stopped_at": 2}
-    train_tokenizer(preset, broken, SINGLE, ci_options())
+    # the interrupted run skips the stage-end ceiling (it only reads the model): the runs still agree
+    quiet = replace(preset, tokenizer=replace(preset.tokenizer, ceiling_seeds=()))
+    assert train_tokenizer(quiet, broken, SINGLE, ci_options(stop_at=2)) == {"stopped_at": 2}
+    train_tokenizer(quiet, broken, SINGLE, ci_options())
     rows = [
         {k: v for k, v in r.items() if k != "sec"} for r in csv.DictReader((straight / "losses.csv").open())
     ]
