@@ -57,7 +57,9 @@ class BatchPolicy:
         """For an idle engine: seconds to keep collecting (0 = start now); None when nothing waits."""
         if not waiting:
             return None
-        head = waiting[0]
+        # the oldest row, not the head of the queue: under priority scheduling the head may be a later row
+        # that went ahead, whose arrival would start the wait again
+        head = min(waiting, key=lambda w: w.enqueued)
         same_grid = sum(1 for w in waiting if w.grid == head.grid)
         if same_grid >= min(self.cap, self.max_batch_size):
             return 0.0

@@ -126,12 +126,7 @@ class Engine:
             self._close(job, "failed", ApiError(500, "internal_error", self.failure))
         # No plan will drop the rows that were running: without this the gauge kept them for good. A job
         # that had already ended (its client left, its deadline passed) keeps its reason, as a plan would.
-        wasted: dict[str, list[float]] = defaultdict(list)
-        for t in self._running.values():
-            wasted[t.job.closed or "failed"].append(t.compute_s)
-        for reason, costs in wasted.items():
-            self.metrics.rows_dropped(reason, len(costs), sum(costs))
-        self._running.clear()
+        self._drop_running(list(self._running), "failed")
         self._publish()
 
     async def call(self, fn: Callable[..., Any], *args) -> Any:
@@ -282,8 +277,9 @@ class Engine:
         running = [(t.grid, t.steps_left, t.params.steps) for t in self._running.values()]
         # its place: behind every waiting row of its priority or a lower value (always the end under fcfs,
         # where every priority is 0)
-        at = next((i for i, t in enumerate(self._waiting) if t.job.priority > job.priority), None)
-        at = len(self._waiting) if at is None else at
+        at = next(
+            (i for i, t in enumerate(self._waiting) if t.job.priority > job.priority), len(self._waiting)
+        )
         predicted = admit_or_refuse(
             Request(grid, n, p.steps, job.timeout, job.deadline - now),
             running,
@@ -303,14 +299,10 @@ class Engine:
         self._jobs.add(job)
         # a deadline may pass while the job's rows wait and the worker keeps stepping the running batch
         job.expiry = self._loop.call_later(max(0.0, job.deadline - now), self._expire, job)
-        tickets = [Ticket(next(self._row_ids), job, i, grid, now) for i in range(n)]
-        if at == len(self._waiting):
-            self._waiting.extend(tickets)
-        else:
-            for t in itertools.islice(self._waiting, at, None):
-                t.job.overtaken = True
-            queue = list(self._waiting)
-            self._waiting = deque(queue[:at] + tickets + queue[at:])
+        for t in itertools.islice(self._waiting, at, None):  # none under fcfs, where ``at`` is the end
+            t.job.overtaken = True
+        for i in range(n):
+            self._waiting.insert(at + i, Ticket(next(self._row_ids), job, i, grid, now))
         self._attention.set()
         self._wake.set()  # type: ignore[union-attr]  # submit() comes after start()
         self._publish()
@@ -371,10 +363,7 @@ class Engine:
             if not self._running:
                 if self._stopping and not self._waiting:
                     return
-                # the collection counts from the oldest row's arrival; under priority scheduling the head of
-                # the queue may be a later row that went ahead, whose arrival would start the wait again
-                oldest_first = sorted(self._waiting, key=lambda t: t.enqueued)
-                delay = self.policy.start_delay(oldest_first, time.monotonic())
+                delay = self.policy.start_delay(self._waiting, time.monotonic())
                 if delay is None or delay > 0:
                     wake = self._wake
                     assert wake is not None  # made by start(), which runs this loop
@@ -422,12 +411,7 @@ class Engine:
                 self._close(t.job, "deadline", self.deadline_error(t.job))
         # 2. drop rows of ended jobs (client gone, deadline, failed sibling), counting the work they cost.
         drop = [rid for rid, t in self._running.items() if t.job.done]
-        wasted: dict[str, list[float]] = defaultdict(list)
-        for rid in drop:
-            t = self._running.pop(rid)
-            wasted[t.job.closed or "finished"].append(t.compute_s)
-        for reason, costs in wasted.items():
-            self.metrics.rows_dropped(reason, len(costs), sum(costs))
+        self._drop_running(drop, "finished")
         # 3. admit waiting rows, first come first served, into the free slots.
         admit = []
         for _ in range(self.policy.admit(self._waiting, len(self._running))):
@@ -445,6 +429,16 @@ class Engine:
         self._trimmer.saw(Counter(t.grid for t in self._running.values()))
         self._publish()
         return Plan(self.policy.cap, tuple(admit), frozenset(drop), release)
+
+    def _drop_running(self, rids: list[int], default: str) -> None:
+        """Take rows out of the running batch, counting them and their compute under their job's reason
+        (``default`` for a job that ended without one)."""
+        wasted: dict[str, list[float]] = defaultdict(list)
+        for rid in rids:
+            t = self._running.pop(rid)
+            wasted[t.job.closed or default].append(t.compute_s)
+        for reason, costs in wasted.items():
+            self.metrics.rows_dropped(reason, len(costs), sum(costs))
 
     def _learn(self, out: Outcome, count: bool = True) -> None:
         """Feed the measured costs into the cost model (and, for real work, the metrics and rows' shares)."""
