@@ -76,12 +76,10 @@ async def status(runtime: RuntimeDep, _: Authorized) -> dict:
         body.update(model=info["name"], device=info["device"], dtype=info["dtype"], compute=info["compute"])
         lim = runtime.limits
         defaults = knob_values(runtime.pipeline.config.sampling)
-        # What a request that leaves a knob out gets: the model's default lowered to the setting's cap (as
-        # schemas.to_params does). The page fills its inputs from these, and the model's own 12 steps under
-        # DCAR_MAX_STEPS=8 made every Generate a 400 for a value the user never typed.
-        for name, cap in lim.caps.items():
-            if name in defaults and defaults[name] > cap:
-                defaults[name] = type(defaults[name])(cap)
+        # What a request that leaves a knob out gets: the model's default lowered to the setting's cap, as
+        # schemas.to_params lowers it. The page fills its inputs from these, and the model's own 12 steps
+        # under DCAR_MAX_STEPS=8 made every Generate a 400 for a value the user never typed.
+        defaults.update(lim.capped(defaults))
         body["defaults"] = {**defaults, "size": f"{lim.native[0]}x{lim.native[1]}"}
         body["limits"] = {
             "sizes": [f"{w}x{h}" for w, h in lim.sizes],

@@ -162,6 +162,14 @@ class Limits:
         """Each knob's upper bound from the settings (``Knob.cap`` names the setting, e.g. max_steps)."""
         return {k.name: getattr(self, k.cap) for k in KNOBS if k.cap}
 
+    def capped(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Those of ``values`` above their setting's cap, lowered to it (each keeps its type: 8, not 8.0)."""
+        return {
+            name: type(values[name])(cap)
+            for name, cap in self.caps.items()
+            if name in values and values[name] > cap
+        }
+
 
 def check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:  # also refuses NaN
@@ -254,9 +262,7 @@ def to_params(
     # A default the request did not set (the model's, or a quality preset's) is lowered to the settings' cap:
     # a cap bounds every request, and the client cannot be refused for a value it never sent.
     resolved = limits.defaults(k.prompt, seed=seed, height=height, width=width, **overrides)
-    for name, cap in limits.caps.items():
-        if name not in requested and getattr(resolved, name) > cap:
-            overrides[name] = type(getattr(resolved, name))(cap)
+    overrides.update(limits.capped({n: getattr(resolved, n) for n in limits.caps if n not in requested}))
     return [
         limits.defaults(k.prompt, seed=seed + i, height=height, width=width, **overrides) for i in range(k.n)
     ]
